@@ -1,0 +1,111 @@
+"""Packed rows -> a batch of tensors with per-segment positions and masked first labels.
+
+For a batch of ``B`` rows padded to ``L`` (the longest row, rounded up to ``pad_to_multiple_of``)
+the collator returns ``input_ids``, ``labels`` and ``position_ids``, each ``[B, L]`` int64, and **no
+``attention_mask``**. Example: one row with ``seq_lens=[3, 2]`` padded to 7 (``P`` = pad)::
+
+    input_ids     a0 a1 a2 b0 b1  P  P
+    position_ids   0  1  2  0  1  0  1      restart at every segment (and for the padding)
+    labels         ·  a1 a2  · b1  ·  ·      first label of each segment and all padding = -100
+
+How attention stays inside a segment: transformers (>= 5) derives a block-diagonal causal mask
+from ``position_ids`` that restart, when ``attention_mask`` is None and no KV cache is used
+(``transformers.masking_utils.find_packed_sequence_indices``); flash-attention 2 uses the same
+boundaries as varlen ``cu_seq_lens``. Padding forms its own block, so it never leaks into a segment.
+Training keeps ``use_cache=False`` (Trainer's default); custom forward passes must pass it too.
+
+Why the first label is masked: HF models shift labels inside the loss, so the logit at the last
+token of segment ``k`` is scored against ``labels[first token of k+1]``. Masking it means no
+example is trained from the end of the previous one (chat and raw text alike).
+
+With ``flash_attn_varlen=True`` (GPU, ``attn_implementation="flash_attention_2"``) rows are instead
+concatenated into one ``[1, T]`` row without padding and ``cu_seq_lens_q/k`` (int32, ``[S + 1]``) and
+``max_length_q/k`` are added, as ``transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
+does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from data_utils.types import IGNORE_INDEX
+
+
+@dataclass(frozen=True, slots=True)
+class PackedCollator:
+    """Collate packed rows (dicts with ``input_ids``, ``labels``, ``seq_lens``) into a batch.
+
+    Attributes:
+        pad_token_id: id written into padding positions (their labels are -100).
+        pad_to_multiple_of: round ``L`` up to a multiple of this (None: no rounding).
+        flash_attn_varlen: emit the flattened ``[1, T]`` layout with ``cu_seq_lens`` (see module doc).
+
+    >>> c = PackedCollator(pad_token_id=0)
+    >>> b = c([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lens": [3, 2]},
+    ...        {"input_ids": [4, 4], "labels": [-100, 4], "seq_lens": [2]}])
+    >>> b["position_ids"].tolist()
+    [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    >>> b["labels"].tolist()
+    [[-100, 6, 7, -100, 9], [-100, 4, -100, -100, -100]]
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    flash_attn_varlen: bool = False
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("PackedCollator got an empty batch")
+        for r in rows:
+            if sum(r["seq_lens"]) != len(r["input_ids"]) or len(r["labels"]) != len(r["input_ids"]):
+                raise ValueError(
+                    f"row is inconsistent: sum(seq_lens)={sum(r['seq_lens'])}, "
+                    f"len(input_ids)={len(r['input_ids'])}, len(labels)={len(r['labels'])}"
+                )
+        if self.flash_attn_varlen:
+            return self._flattened(rows)
+        length = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            input_ids[b, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
+            seq_lens = list(r["seq_lens"]) + ([length - n] if length > n else [])
+            position_ids[b] = _positions(seq_lens)
+            labels[b, _starts(r["seq_lens"])] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+    def _flattened(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        seq_lens = [n for r in rows for n in r["seq_lens"]]
+        input_ids = torch.as_tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long)[None]
+        labels = torch.as_tensor([t for r in rows for t in r["labels"]], dtype=torch.long)[None]
+        labels[0, _starts(seq_lens)] = IGNORE_INDEX
+        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.as_tensor(seq_lens, dtype=torch.int32), 0)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": _positions(seq_lens)[None],
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max(seq_lens),
+            "max_length_k": max(seq_lens),
+        }
+
+
+def _positions(seq_lens: Sequence[int]) -> torch.Tensor:
+    """``[0..n0-1, 0..n1-1, ...]`` as int64."""
+    return torch.cat([torch.arange(n, dtype=torch.long) for n in seq_lens])
+
+
+def _starts(seq_lens: Sequence[int]) -> torch.Tensor:
+    """Index of each segment's first token."""
+    starts = torch.zeros(len(seq_lens), dtype=torch.long)
+    starts[1:] = torch.cumsum(torch.as_tensor(seq_lens[:-1], dtype=torch.long), 0)
+    return starts

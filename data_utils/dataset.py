@@ -1,0 +1,257 @@
+"""records -> tokenised segments -> packed rows, as cached ``datasets.Dataset`` objects.
+
+Tokenising and packing show ``datasets`` progress bars and are cached as Arrow files under
+``cache_dir``, keyed by a fingerprint of everything they depend on (file contents, tokenizer and
+chat template, ``max_seq_length``, overflow policy, hold-out draw), so a second run loads them
+instead of redoing the work. Nothing is lost silently: every dropped or split example is counted
+in the ``DataReport``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from data_utils.audit import audit_rows
+from data_utils.packing import best_fit_decreasing, packing_efficiency
+from data_utils.records import read_records
+from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat
+from data_utils.tokenize_text import split_segment, tokenize_text
+from data_utils.types import ChatRecord, Segment, TextRecord
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_VERSION = "1"  # bump when tokenisation or packing output changes, to invalidate caches
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packlora" / "datasets"
+
+
+class OverflowError_(ValueError):
+    """An example is longer than ``max_seq_length`` under ``overflow: error``."""
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What happened to the data (units in the field names' terms: records, examples, rows, tokens).
+
+    ``examples`` counts segments kept for training (a split text document counts once per chunk).
+    ``dropped`` maps a reason (``too_long``, ``no_trained_tokens``) to a count of examples.
+    """
+
+    records: int
+    heldout: int
+    examples: int
+    dropped: dict[str, int]
+    split_chunks: int
+    rows: int
+    packing_efficiency: float
+    supervised_tokens: int
+    role_markers_in_labels: int
+    turns_with_im_end_trained: int
+    assistant_turns: int
+    max_seq_length: int
+    cache_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Output of ``prepare_data``: packed training rows, held-out chats and the report."""
+
+    rows: "object"  # datasets.Dataset with columns input_ids, labels, seq_lens
+    heldout: list[ChatRecord]
+    report: DataReport
+
+
+def prepare_data(
+    files: list[str],
+    tokenizer,
+    *,
+    max_seq_length: int,
+    format: str = "auto",
+    overflow: str = "auto",
+    eval_holdout: int = 0,
+    seed: int = 42,
+    cache_dir: str | Path | None = None,
+) -> PreparedData:
+    """Read, tokenise (assistant-only labels), apply the overflow policy and pack.
+
+    Args:
+        files: JSONL paths (see ``records.read_records`` for formats).
+        tokenizer: HF tokenizer with a chat template (for chats).
+        max_seq_length: row length in tokens.
+        format: record format or ``auto``.
+        overflow: ``drop``, ``error``, ``split`` (text only) or ``auto`` (chats ``drop``, text ``split``).
+        eval_holdout: number of chat records held out of training, drawn with ``seed``.
+        seed: seed for the hold-out draw.
+        cache_dir: Arrow cache directory (default ``~/.cache/packlora/datasets``).
+
+    Raises:
+        RecordError: a malformed line (file:line in the message).
+        TemplateMismatchError: labels cannot be placed exactly for an example.
+        OverflowError_: an over-long example under ``overflow: error``.
+        ValueError: ``split`` asked for chats, too few records for the hold-out, or no example left.
+    """
+    import datasets
+
+    records: list[ChatRecord | TextRecord] = []
+    for f in files:
+        records.extend(read_records(f, format))
+    heldout_idx = _draw_heldout(records, eval_holdout, seed)
+    heldout = [records[i] for i in heldout_idx]
+    held = set(heldout_idx)
+    train_records = [r for i, r in enumerate(records) if i not in held]
+
+    cache = Path(cache_dir or DEFAULT_CACHE_DIR)
+    cache.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(files, tokenizer, max_seq_length, format, overflow, heldout_idx)
+    eot = end_of_turn_id(tokenizer)
+    raw = datasets.Dataset.from_dict(
+        {
+            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train_records],
+            "text": [r.text if isinstance(r, TextRecord) else "" for r in train_records],
+            "source": [str(r.source) for r in train_records],
+        }
+    )
+    tok_file = cache / f"tokenized-{fp}.arrow"
+    tokenized = raw.map(
+        _tokenize_batch,
+        batched=True,
+        remove_columns=raw.column_names,
+        fn_kwargs=dict(tokenizer=tokenizer, eot=eot, max_seq_length=max_seq_length, overflow=overflow),
+        cache_file_name=str(tok_file),
+        new_fingerprint=f"tok-{fp}",
+        desc="Tokenising",
+    )
+    drop_reasons = list(tokenized["drop_reason"])
+    reasons = Counter(drop_reasons)
+    kept_idx = [i for i, r in enumerate(drop_reasons) if r == ""]
+    if not kept_idx:
+        raise ValueError(
+            f"no example left to train on: {dict(reasons)} dropped of {len(train_records)} records in {files}. "
+            f"Check data.max_seq_length ({max_seq_length}) and the data"
+        )
+    kept = tokenized.select(kept_idx)
+    lengths = list(kept["length"])
+    bins = best_fit_decreasing(lengths, max_seq_length)
+    pack_file = cache / f"packed-{fp}.arrow"
+    packed = datasets.Dataset.from_dict({"members": bins}).map(
+        _pack_batch,
+        batched=True,
+        remove_columns=["members"],
+        fn_kwargs=dict(kept=kept),
+        cache_file_name=str(pack_file),
+        new_fingerprint=f"pack-{fp}",
+        desc="Packing",
+    )
+    audit = audit_rows(packed, tokenizer, eot, _pad_id(tokenizer))
+    split_chunks = sum(kept["chunks"])
+    report = DataReport(
+        records=len(records),
+        heldout=len(heldout),
+        examples=len(kept),
+        dropped={k: v for k, v in sorted(reasons.items()) if k},
+        split_chunks=split_chunks,
+        rows=len(packed),
+        packing_efficiency=round(packing_efficiency(lengths, len(packed), max_seq_length), 6),
+        supervised_tokens=audit.supervised_tokens,
+        role_markers_in_labels=audit.role_markers_in_labels,
+        turns_with_im_end_trained=audit.turns_with_im_end_trained,
+        assistant_turns=sum(kept["assistant_turns"]),
+        max_seq_length=max_seq_length,
+        cache_files=[str(tok_file), str(pack_file)],
+    )
+    for reason, n in report.dropped.items():
+        logger.warning("dropped %d example(s): %s (see data.overflow / data.max_seq_length)", n, reason)
+    return PreparedData(rows=packed, heldout=heldout, report=report)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _draw_heldout(records, n: int, seed: int) -> list[int]:
+    if n == 0:
+        return []
+    chats = [i for i, r in enumerate(records) if isinstance(r, ChatRecord)]
+    if n >= len(chats):
+        raise ValueError(f"data.eval_holdout={n} but there are only {len(chats)} chat records; lower it")
+    return sorted(random.Random(seed).sample(chats, n))
+
+
+def _tokenize_batch(batch, tokenizer, eot, max_seq_length, overflow):
+    out = {k: [] for k in ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks")}
+
+    def emit(seg: Segment | None, source, reason, turns, chunks):
+        out["input_ids"].append(list(seg.input_ids) if seg else [])
+        out["labels"].append(list(seg.labels) if seg else [])
+        out["length"].append(len(seg) if seg else 0)
+        out["source"].append(source)
+        out["drop_reason"].append(reason)
+        out["assistant_turns"].append(turns)
+        out["chunks"].append(chunks)
+
+    for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+        if messages:
+            msgs = json.loads(messages)
+            seg = tokenize_chat(msgs, tokenizer, eot, example=source)
+            turns = sum(m["role"] == "assistant" for m in msgs)
+            policy = "drop" if overflow == "auto" else overflow
+            if policy == "split":
+                raise ValueError(
+                    f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats"
+                )
+        else:
+            seg = tokenize_text(text, tokenizer, tokenizer.eos_token_id)
+            turns = 0
+            policy = "split" if overflow == "auto" else overflow
+        if len(seg) > max_seq_length:
+            if policy == "error":
+                raise OverflowError_(
+                    f"{source}: example has {len(seg)} tokens > data.max_seq_length={max_seq_length}; "
+                    "raise max_seq_length, or set data.overflow=drop (counted) or split (text only)"
+                )
+            if policy == "drop":
+                emit(None, source, "too_long", 0, 0)
+                continue
+            pieces = split_segment(seg, max_seq_length)
+            for k, piece in enumerate(pieces):
+                emit(piece, source, "", 0, 1 if k else 0)
+            continue
+        if seg.num_trained == 0:
+            emit(None, source, "no_trained_tokens", 0, 0)
+            continue
+        emit(seg, source, "", turns, 0)
+    return out
+
+
+def _pack_batch(batch, kept):
+    flat = [i for members in batch["members"] for i in members]
+    sub = kept.select(flat)
+    ids, labels, lens = sub["input_ids"], sub["labels"], sub["length"]
+    out = {"input_ids": [], "labels": [], "seq_lens": []}
+    k = 0
+    for members in batch["members"]:
+        m = len(members)
+        out["input_ids"].append([t for seq in ids[k : k + m] for t in seq])
+        out["labels"].append([t for seq in labels[k : k + m] for t in seq])
+        out["seq_lens"].append(list(lens[k : k + m]))
+        k += m
+    return out
+
+
+def _fingerprint(files, tokenizer, max_seq_length, format, overflow, heldout_idx) -> str:
+    h = hashlib.sha256()
+    h.update(PIPELINE_VERSION.encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps([max_seq_length, format, overflow, heldout_idx, tokenizer.eos_token_id]).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,5 @@
+import sys
+
+from packlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""The ``packlora`` console script: one entry point, one subcommand per job.
+
+    packlora launch  CONFIG [key.sub=value ...] [--nproc-per-node N] [--dry-run]   # start training
+    packlora train   CONFIG [key.sub=value ...]      # one process of a run (what `launch` starts)
+    packlora inspect CONFIG [key.sub=value ...] [--json]   # label audit and packing report
+    packlora decode  CHECKPOINT --input prompts.jsonl --output out.jsonl
+
+Each subcommand's own ``--help`` lists its flags.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported lazily so `packlora --help`
+# does not pay for torch/deepspeed imports.
+SUBCOMMANDS = {
+    "launch": ("launcher.cli", "build and run the deepspeed/torchrun command for a config"),
+    "train": ("training.train", "run one training process (started by `launch`)"),
+    "inspect": ("training.inspect_cli", "label audit: what is trained, packing efficiency"),
+    "decode": ("decoding.cli", "generate replies from a checkpoint, stopping at its stop IDs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: packlora SUBCOMMAND [args...]", "", "subcommands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"packlora: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

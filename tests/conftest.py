@@ -1,0 +1,53 @@
+"""Shared fixtures: a small ChatML tokenizer trained on the fly, the real Qwen2 tokenizer from
+``../shared``, and the ``gpu`` marker (skipped cleanly without CUDA)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_assets
+
+from tiny_assets import QWEN2_TOKENIZER, SHARED, build_chatml_tokenizer  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory) -> Path:
+    """Directory of the small ChatML tokenizer (``<|endoftext|>``=0, ``<|im_start|>``=1, ``<|im_end|>``=2)."""
+    d = tmp_path_factory.mktemp("chatml_tokenizer")
+    build_chatml_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(chatml_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer():
+    """The real Qwen2 tokenizer from ``../shared/assets/qwen2-tokenizer``."""
+    from transformers import AutoTokenizer
+
+    if not QWEN2_TOKENIZER.is_dir():
+        pytest.fail(f"real assets missing: {QWEN2_TOKENIZER} (shared/ must sit beside the project root)")
+    return AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return SHARED

@@ -1,0 +1,30 @@
+"""`packlora inspect` on the bundled default config: the real Qwen2 tokenizer and real chats."""
+import json
+from pathlib import Path
+
+from training.inspect_cli import JSON_KEYS, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_trains_no_role_marker_and_every_im_end(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repo root
+    rc = main(["configs/shishuo_tiny.yaml", f"data.cache_dir={tmp_path}", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert tuple(report) == JSON_KEYS
+    assert report["records"] == 3434  # ../shared/data/shishuo/stage2_rewrite.jsonl
+    assert report["examples"] == 3434 - 4 - sum(report["dropped"].values())  # 4 held out
+    assert report["role_markers_in_labels"] == 0
+    assert report["turns_with_im_end_trained"] == report["assistant_turns"] > report["examples"]  # some 2-turn chats
+    assert 0.95 < report["packing_efficiency"] <= 1.0
+
+
+def test_human_view_marks_trained_spans(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    rc = main(["configs/shishuo_tiny.yaml", f"data.cache_dir={tmp_path}", "data.max_seq_length=256", "--no-color"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "<|im_start|>assistant\n[[" in out and "<|im_end|>]]" in out
+    assert "[[<|im_start|>" not in out
+    assert "role_markers_in_labels     0" in out
