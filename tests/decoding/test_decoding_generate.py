@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from decoding_testutils import ENDOFTEXT, IM_END, IM_START, chatml_tok, random_model, tiny_model  # noqa: F401 (fixtures)
+from torch import nn
+
+from decoding.generate import Reply, generate_replies
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+CONVERSATIONS = [  # three prompt lengths, so a batch of them is left-padded
+    HELLO,
+    [{"role": "system", "content": "You are a scholar."},
+     {"role": "user", "content": "Rewrite this sentence in the style of an old novel, please."}],
+    [{"role": "user", "content": "The quick brown fox"}, {"role": "assistant", "content": "jumps."},
+     {"role": "user", "content": "over the lazy dog?"}],
+]
+
+
+class ScriptedHead(nn.Module):
+    """Replaces ``lm_head``: reads the current token back from the final hidden state and puts
+    all the probability on ``script[token]``.
+
+    With every attention ``o_proj`` and MLP ``down_proj`` zeroed, the residual stream at a position
+    is exactly that token's embedding (scaled by the final RMSNorm, whose weight is all ones), so
+    the nearest embedding by cosine is the current token.
+    """
+
+    def __init__(self, embedding: torch.Tensor, script: dict[int, int], filler: int):
+        super().__init__()
+        self.register_buffer("unit", F.normalize(embedding.detach(), dim=-1))
+        table = torch.full((embedding.shape[0],), filler, dtype=torch.long)
+        for current, following in script.items():
+            table[current] = following
+        self.register_buffer("table", table)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, V) float32
+        current = (F.normalize(hidden.float(), dim=-1) @ self.unit.T).argmax(-1)
+        return F.one_hot(self.table[current], self.unit.shape[0]).float() * 30.0
+
+
+@pytest.fixture
+def scripted_model(chatml_tok):
+    """A real tiny Qwen2 that, after the generation prompt's final newline, writes
+    ``Hello!<|im_end|><|im_start|>user\\n`` and then starts over: a chat model running on into
+    a new turn unless it stops at <|im_end|>."""
+    enc = lambda s: chatml_tok.encode(s, add_special_tokens=False)  # noqa: E731
+    assert [chatml_tok.decode([t]) for t in enc("Hello!")] == ["He", "ll", "o", "!"]
+    cycle = enc("Hello!") + [IM_END, IM_START] + enc("user\n")  # ends with "\n", as the prompt does
+    assert len(set(cycle)) == len(cycle) == 10
+    model = tiny_model(len(chatml_tok), tie_word_embeddings=False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    script = {a: b for a, b in zip(cycle[-1:] + cycle[:-1], cycle)}
+    model.lm_head = ScriptedHead(model.model.embed_tokens.weight, script, filler=enc("?")[0])
+    every_id = torch.arange(len(chatml_tok))[None]
+    assert torch.equal(model(every_id).logits.argmax(-1)[0], model.lm_head.table)  # reads back every token
+    return model
+
+
+def test_reply_stops_at_im_end_and_excludes_it(chatml_tok, scripted_model):
+    [reply] = generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=20)
+    assert reply == Reply(
+        text="Hello!", token_ids=tuple(chatml_tok.encode("Hello!")), stop_reason="stop_id", stop_id=IM_END,
+        num_new_tokens=5,
+    )
+
+
+@pytest.mark.parametrize("stop_ids", [[IM_END, ENDOFTEXT], [ENDOFTEXT, IM_END]])
+def test_generation_ends_at_the_stop_instead_of_running_to_max_new_tokens(chatml_tok, scripted_model, stop_ids):
+    calls = []
+    scripted_model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=stop_ids, max_new_tokens=50)
+    assert len(calls) == 5  # one forward per generated token: "He" "ll" "o" "!" <|im_end|>
+
+
+def test_without_im_end_in_stop_ids_it_runs_into_the_next_turn(chatml_tok, scripted_model):
+    # eos_token alone (<|endoftext|>, as in a Qwen2 base tokenizer) never fires: the reply runs on,
+    # and the role markers it writes stay visible in the text.
+    [reply] = generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=[ENDOFTEXT], max_new_tokens=14)
+    assert reply.text == "Hello!<|im_end|><|im_start|>user\nHello!"
+    assert (reply.stop_reason, reply.stop_id, reply.num_new_tokens, len(reply.token_ids)) == (
+        "max_new_tokens", None, 14, 14,
+    )
+
+
+def test_stop_as_first_token_gives_empty_reply(chatml_tok, scripted_model):
+    # "He" is the script's first reply token.
+    he = chatml_tok.encode("He")[0]
+    [reply] = generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=[he], max_new_tokens=5)
+    assert reply == Reply(text="", token_ids=(), stop_reason="stop_id", stop_id=he, num_new_tokens=1)
+
+
+def _manual_greedy(model, tokenizer, conversation, n: int) -> list[int]:
+    """Reference decoder: full forward pass per step, no cache, no padding, argmax of raw logits."""
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids, new = torch.tensor([ids]), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(ids).logits[0, -1].argmax().item()
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return new
+
+
+def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(chatml_tok, random_model):
+    n = 12
+    full = [_manual_greedy(random_model, chatml_tok, c, n) for c in CONVERSATIONS]
+    stop = full[0][3]  # row 0 stops at its 4th token; the others wherever (if ever) it shows up
+    assert stop not in full[0][:3]
+    expected = []
+    for row in full:
+        k = row.index(stop) if stop in row else None
+        expected.append((tuple(row[:k]), "stop_id", k + 1) if k is not None else (tuple(row), "max_new_tokens", n))
+    assert {e[1] for e in expected} == {"stop_id", "max_new_tokens"}  # the batch really mixes both
+
+    # Settings in model.generation_config must not leak into greedy decoding.
+    random_model.generation_config.repetition_penalty = 10.0
+    random_model.train()
+    chatml_tok.padding_side = "right"
+    for batch_size in (3, 2, 1):
+        replies = generate_replies(
+            random_model, chatml_tok, CONVERSATIONS, [stop], max_new_tokens=n, batch_size=batch_size
+        )
+        assert [(r.token_ids, r.stop_reason, r.num_new_tokens) for r in replies] == expected, batch_size
+        assert [r.text for r in replies] == [chatml_tok.decode(list(e[0])) for e in expected]
+    assert random_model.training and chatml_tok.padding_side == "right"  # both restored/untouched
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(chatml_tok, random_model):
+    kwargs = dict(stop_ids=[IM_END], max_new_tokens=10, do_sample=True, temperature=5.0, top_p=0.95)
+    rng = torch.get_rng_state()
+    a = generate_replies(random_model, chatml_tok, CONVERSATIONS, seed=0, **kwargs)
+    b = generate_replies(random_model, chatml_tok, CONVERSATIONS, seed=0, **kwargs)
+    c = generate_replies(random_model, chatml_tok, CONVERSATIONS, seed=1, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert a == b and a != c
+
+
+def test_no_conversations_gives_no_replies(chatml_tok, random_model):
+    assert generate_replies(random_model, chatml_tok, [], stop_ids=[IM_END]) == []
+
+
+def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tok, random_model):
+    convs = [HELLO, HELLO + [{"role": "assistant", "content": "Hi."}]]
+    with pytest.raises(ValueError, match=r"conversations\[1\] ends with an assistant message"):
+        generate_replies(random_model, chatml_tok, convs, stop_ids=[IM_END])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=0.7), "temperature=0.7 only applies when sampling"),
+        (dict(seed=3), "seed=3 only applies when sampling"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(max_new_tokens=0, batch_size=0), "max_new_tokens must be a positive int, got 0; batch_size"),
+        (dict(stop_ids=[]), "stop_ids is empty"),
+    ],
+)
+def test_bad_settings_raise(chatml_tok, random_model, kwargs, message):
+    kwargs = {"stop_ids": [IM_END], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate_replies(random_model, chatml_tok, [HELLO], **kwargs)
