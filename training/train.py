@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(cfg.model)
     stop_ids = stop_token_ids(tokenizer, cfg.decoding.stop_tokens)
-    with args.main_process_first(desc="tokenise, pack and build the base model"):
+    with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"):
         data = prepare_data(
             cfg.data.train, tokenizer, max_seq_length=cfg.data.max_seq_length, format=cfg.data.format,
             overflow=cfg.data.overflow, eval_holdout=cfg.data.eval_holdout, seed=cfg.seed, cache_dir=cfg.data.cache_dir,
         )
+    with args.main_process_first(local=False, desc="build the base model (shared output_dir)"):
         base_path = materialize_base(cfg, tokenizer, args)
     report = data.report
     if main_rank:
