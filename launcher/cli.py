@@ -4,6 +4,8 @@
     packlora launch configs/sft.yaml --nproc-per-node 2 --dry-run         # print the command only
     packlora launch configs/sft.yaml --launcher torchrun --nnodes 2 --node-rank 1 \\
         --master-addr 10.0.0.1 --master-port 29500                        # run on each node
+    packlora launch configs/sft.yaml --hostfile hosts --master-port 29500 # deepspeed over ssh
+    packlora launch configs/sft.yaml --launcher slurm --nnodes 2          # = packlora slurm --submit --wait
 
 This module holds the impure parts (CUDA detection, a free port, the environment, the
 subprocess); the command itself comes from the pure ``launcher.commands``.
@@ -13,15 +15,27 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 from launcher.commands import build_argv, format_command
+from launcher.hostfile import HostfileError, read_hostfile
+from launcher.ports import choose_port
 from launcher.spec import LAUNCHERS, LaunchSpec
 
 CPU_NPROC_PER_NODE = 2
 """Processes per node when no GPU is visible: CPU processes talking over gloo."""
+
+
+def _validate_config(args, parser) -> None:
+    """Load and validate the config with its overrides here, once, so a bad key fails in a second
+    instead of in every rank after start-up."""
+    from training.config import ConfigError, load_config
+
+    try:
+        load_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as err:
+        parser.error(str(err))
 
 
 def main(argv: list[str]) -> int:
@@ -38,6 +52,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config!r} (relative to {os.getcwd()})")
+    _validate_config(args, parser)
+    if args.launcher == "slurm":
+        return _slurm(args, parser)
 
     spec = _spec(args, parser)
     command = build_argv(spec)
@@ -52,15 +69,36 @@ def main(argv: list[str]) -> int:
 def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSpec:
     """Fill in the defaults that depend on this machine, then validate. Exits via ``parser.error``."""
     cuda = _cuda_device_count()
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else cuda or CPU_NPROC_PER_NODE
+    nproc = args.nproc_per_node
+    nnodes = args.nnodes if args.nnodes is not None else 1
+    master_addr = args.master_addr or "127.0.0.1"
+    if args.hostfile is not None and args.launcher == "deepspeed":
+        try:
+            hosts = read_hostfile(args.hostfile)
+        except HostfileError as err:
+            parser.error(str(err))
+        slots = sorted({h.slots for h in hosts})
+        if args.nnodes is not None and args.nnodes != len(hosts):
+            parser.error(f"--nnodes {args.nnodes} but {args.hostfile} lists {len(hosts)} host(s); drop --nnodes")
+        if len(slots) > 1 or (nproc is not None and slots != [nproc]):
+            parser.error(
+                f"{args.hostfile} gives slots={','.join(map(str, slots))}"
+                + (f" but --nproc-per-node is {nproc}" if nproc is not None else " (must be the same on every host)")
+                + "; give every host the same slots, one per GPU"
+            )
+        nnodes, nproc = len(hosts), slots[0]
+        if args.master_addr is None and nnodes > 1:
+            master_addr = hosts[0].name  # deepspeed starts rank 0 on the first host
+    if nproc is None:
+        nproc = cuda or CPU_NPROC_PER_NODE
     port = args.master_port
     if port is None:
-        if args.nnodes > 1:
+        if nnodes > 1:
             parser.error("--master-port is required with --nnodes > 1: every node must use the same port")
         try:
-            port = _free_port(args.master_addr)
-        except OSError as err:
-            parser.error(f"no free port on --master-addr {args.master_addr!r} ({err}); pass --master-port")
+            port = choose_port(addr=master_addr)
+        except (OSError, ValueError) as err:
+            parser.error(f"no free port on --master-addr {master_addr!r} ({err}); pass --master-port")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if args.launcher == "deepspeed" and cuda and visible:
         if [d.strip() for d in visible.split(",")][:nproc] != [str(i) for i in range(nproc)]:
@@ -74,12 +112,13 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSp
     try:
         return LaunchSpec(
             launcher=args.launcher,
-            nnodes=args.nnodes,
+            nnodes=nnodes,
             nproc_per_node=nproc,
             node_rank=args.node_rank,
-            master_addr=args.master_addr,
+            master_addr=master_addr,
             master_port=port,
             hostfile=args.hostfile,
+            no_ssh=args.no_ssh,
             config=args.config,
             overrides=tuple(args.overrides),
             env=env,
@@ -95,17 +134,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="training YAML config; must exist")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, passed on in order")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed", help="default: %(default)s")
-    p.add_argument("--nnodes", type=int, default=1, help="number of machines (default: %(default)s)")
+    p.add_argument(
+        "--launcher",
+        choices=(*LAUNCHERS, "slurm"),
+        default="deepspeed",
+        help="slurm: submit a batch job and wait, as `packlora slurm ... --submit --wait` (default: %(default)s)",
+    )
+    p.add_argument("--nnodes", type=int, help="number of machines (default: the hostfile's hosts, else 1)")
     p.add_argument(
         "--nproc-per-node",
         type=int,
         help=f"processes per machine (default: the number of visible CUDA GPUs, "
         f"or {CPU_NPROC_PER_NODE} CPU processes with gloo when there are none)",
     )
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, torchrun only (default: 0)")
-    p.add_argument("--hostfile", help="MPI-style hostfile, deepspeed only; required for --nnodes > 1")
-    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default: %(default)s)")
+    p.add_argument(
+        "--node-rank", type=int, default=0, help="this machine's index, torchrun or deepspeed --no-ssh (default: 0)"
+    )
+    p.add_argument(
+        "--hostfile",
+        help="deepspeed hostfile ('host slots=N' lines); required for deepspeed with --nnodes > 1. "
+        "--nnodes and --nproc-per-node default to its hosts and slots",
+    )
+    p.add_argument(
+        "--no-ssh",
+        action="store_true",
+        help="deepspeed: start only this node's processes (run the command on every node with --node-rank)",
+    )
+    p.add_argument(
+        "--master-addr", help="address of node 0 (default: the hostfile's first host, else 127.0.0.1)"
+    )
     p.add_argument(
         "--master-port",
         type=int,
@@ -122,13 +179,19 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _free_port(addr: str) -> int:
-    """A TCP port that is free on ``addr`` right now (the OS picks it when binding port 0).
+def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--launcher slurm``: the same job through ``packlora slurm``, one launcher task per node."""
+    from launcher import slurm_cli
 
-    Raises:
-        OSError: if ``addr`` is not an address of this machine.
-    """
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.bind(sockaddr)
-        return sock.getsockname()[1]
+    if args.hostfile is not None or args.no_ssh or args.node_rank != 0 or args.master_addr is not None:
+        parser.error(
+            "--hostfile, --no-ssh, --node-rank and --master-addr come from Slurm with --launcher slurm; drop them"
+        )
+    cuda = _cuda_device_count()
+    argv = [args.config, *args.overrides, "--nodes", str(args.nnodes or 1), "--gpus-per-node", str(cuda)]
+    if args.nproc_per_node is not None:
+        argv += ["--nproc-per-node", str(args.nproc_per_node)]
+    if args.master_port is not None:
+        argv += ["--master-port", str(args.master_port)]
+    argv += ["--dry-run"] if args.dry_run else ["--submit", "--wait"]
+    return slurm_cli.main(argv)

@@ -24,7 +24,8 @@ def deepspeed_argv(spec: LaunchSpec) -> list[str]:
     environment), and ``--module`` runs ``training.train`` as ``python -m`` would.
 
     Returns:
-        argv, starting with ``"deepspeed"``; ``--hostfile`` only when ``spec.hostfile`` is set.
+        argv, starting with ``"deepspeed"``; ``--hostfile`` only when ``spec.hostfile`` is set,
+        ``--no_ssh --node_rank R`` only when ``spec.no_ssh`` is.
 
     Raises:
         ValueError: if ``spec.launcher`` is not ``"deepspeed"``.
@@ -47,6 +48,8 @@ def deepspeed_argv(spec: LaunchSpec) -> list[str]:
     ]  # fmt: skip
     if spec.hostfile is not None:
         argv += ["--hostfile", spec.hostfile]
+    if spec.no_ssh:
+        argv += ["--no_ssh", "--node_rank", str(spec.node_rank)]
     return argv + ["--no_local_rank", "--module", TRAIN_MODULE, spec.config, *spec.overrides]
 
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 LAUNCHERS = ("deepspeed", "torchrun")
+"""Programs that start the processes of one node (or, deepspeed with ssh, of every node)."""
 
 _OVERRIDE = re.compile(r"\w+(\.\w+)*=.*", re.DOTALL)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -33,13 +34,16 @@ class LaunchSpec:
     nproc_per_node: int
     """Processes per machine, one per GPU, or CPU processes with gloo (``--nproc-per-node``)."""
     node_rank: int = 0
-    """Index of this machine in ``[0, nnodes)``; torchrun only, deepspeed starts all nodes from node 0."""
+    """Index of this machine in ``[0, nnodes)``; torchrun, or deepspeed with ``no_ssh``."""
     master_addr: str = "127.0.0.1"
     """Address of node 0, reachable from every node (``--master-addr``)."""
     master_port: int
     """TCP port on node 0 for the rendezvous, the same on every node (``--master-port``)."""
     hostfile: str | None = None
     """MPI-style hostfile (``worker-0 slots=8`` per line); deepspeed only, required for ``nnodes > 1``."""
+    no_ssh: bool = False
+    """deepspeed only: start just this node's processes (``--no_ssh --node_rank``), as when every node
+    runs its own launcher (Slurm); otherwise deepspeed starts all hostfile nodes from node 0 over ssh."""
     config: str
     """Path of the training YAML config passed to ``training.train``."""
     overrides: tuple[str, ...] = ()
@@ -87,10 +91,14 @@ class LaunchSpec:
                 f"--nnodes {self.nnodes} with --launcher deepspeed needs --hostfile (deepspeed starts every node "
                 "from node 0 over ssh); or use --launcher torchrun and run it on each node with --node-rank"
             )
-        if self.launcher == "deepspeed" and self.node_rank != 0:
+        if self.no_ssh and self.launcher != "deepspeed":
+            problems.append(f"--no-ssh is only read by --launcher deepspeed, got it with {self.launcher}")
+        if self.no_ssh and self.hostfile is None:
+            problems.append("--no-ssh needs --hostfile: deepspeed reads every node's slots from it")
+        if self.launcher == "deepspeed" and self.node_rank != 0 and not self.no_ssh:
             problems.append(
                 f"--node-rank is only used by --launcher torchrun, got {self.node_rank} with deepspeed, "
-                "which starts all hostfile nodes from node 0; drop --node-rank"
+                "which starts all hostfile nodes from node 0; drop --node-rank, or add --no-ssh and run it on each node"
             )
         if not self.config:
             problems.append("config must be the path of a YAML file, got ''")

@@ -14,11 +14,19 @@ answer unchanged.
 Also here, because it must happen before the first distributed init: DeepSpeed's CPU shared-memory
 all-reduce op (``deepspeed_shm_comm``, used only for inference all-reduce) is marked incompatible,
 so it is not JIT-compiled (about 82 s on 2 cores; ``../shared/ENVIRONMENT.md``).
+
+Where each process learns its place (``resolve_process_place``): from ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``
+when deepspeed or torchrun started it; from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS``
+when ``srun`` started it directly, one task per process. Counts that disagree (``SLURM_NTASKS`` vs the
+tasks srun really started, the world size the launch spec asked for in ``PACKLORA_WORLD_SIZE``, more
+processes per node than visible GPUs) stop the run before the process group is created.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 _PATCHED = False
@@ -46,11 +54,21 @@ def _cpu_comm_backend() -> str:
 
 
 def configure() -> None:
-    """Apply the CPU world-size fix and skip the shm-comm JIT build. Idempotent; call before
-    ``TrainingArguments`` is created."""
+    """Map an ``srun`` task's SLURM variables to RANK/LOCAL_RANK/WORLD_SIZE (checking every count),
+    apply the CPU world-size fix and skip the shm-comm JIT build. Idempotent; call before
+    ``TrainingArguments`` is created.
+
+    Raises:
+        LaunchEnvError: the launch environment is inconsistent (see ``resolve_process_place``).
+    """
     global _PATCHED
     import torch
 
+    place = resolve_process_place(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if place.source == "srun":
+        os.environ.update(
+            RANK=str(place.rank), LOCAL_RANK=str(place.local_rank), WORLD_SIZE=str(place.world_size)
+        )
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         import deepspeed.ops
@@ -79,3 +97,147 @@ def rank() -> int:
 def world_size() -> int:
     """World size from the launcher's environment (1 when not distributed)."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+EXPECTED_WORLD_SIZE_ENV = "PACKLORA_WORLD_SIZE"
+"""Set by ``packlora slurm`` to nodes x processes per node: the world size the launch spec asked for."""
+
+
+class LaunchEnvError(RuntimeError):
+    """The variables a launcher or srun set do not describe a consistent set of processes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessPlace:
+    """Where this process sits in the run."""
+
+    rank: int
+    """Global rank in ``[0, world_size)``."""
+    local_rank: int
+    """Rank on this machine; the index of its GPU among the visible ones."""
+    world_size: int
+    """Number of training processes in the run."""
+    source: str
+    """``"launcher"`` (deepspeed/torchrun set RANK), ``"srun"`` (one srun task per process) or ``"single"``."""
+
+
+def resolve_process_place(env: Mapping[str, str], cuda_devices: int = 0) -> ProcessPlace:
+    """This process's rank, local rank and world size from the launch environment, checked.
+
+    A launcher's ``RANK``/``WORLD_SIZE`` win (torchrun and deepspeed started under ``srun`` also
+    inherit the srun task's SLURM variables, which then describe the launcher, not this process).
+    Otherwise an ``srun`` step task (``SLURM_STEP_ID`` set; the batch script itself has none) maps
+    ``SLURM_PROCID`` -> rank, ``SLURM_LOCALID`` -> local rank, ``SLURM_STEP_NUM_TASKS`` -> world size.
+
+    Args:
+        env: the environment, e.g. ``os.environ``.
+        cuda_devices: CUDA devices this process sees (0 on CPU); local ranks must index them.
+
+    Raises:
+        LaunchEnvError: srun started a different number of tasks than ``SLURM_NTASKS``; the world
+            size differs from ``PACKLORA_WORLD_SIZE``; a rank is out of range; MASTER_ADDR/PORT are
+            missing for an srun task; or a local rank has no GPU of its own. The message names
+            the variables, their values and the fix.
+
+    Example:
+        >>> resolve_process_place({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+        ...                        "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
+        ...                        "MASTER_ADDR": "node01", "MASTER_PORT": "20417"})
+        ProcessPlace(rank=3, local_rank=1, world_size=4, source='srun')
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        place = ProcessPlace(
+            _int(env, "RANK"), _int(env, "LOCAL_RANK", 0), _int(env, "WORLD_SIZE"), "launcher"
+        )
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        started = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
+        requested = _int(env, "SLURM_NTASKS", started)
+        if started != requested:
+            raise LaunchEnvError(
+                f"srun started SLURM_STEP_NUM_TASKS={started} tasks but the job asked for SLURM_NTASKS={requested}; "
+                f"the world size would be wrong. Start one task per process with `srun --ntasks={requested}` "
+                "(or plain `srun` inside the batch script)"
+            )
+        place = ProcessPlace(_int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID", 0), started, "srun")
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+        if missing and started > 1:
+            raise LaunchEnvError(
+                f"started by srun as task {place.rank} of {started}, but {' and '.join(missing)} "
+                "not set; export them in the batch script before srun (`packlora slurm` writes such a script)"
+            )
+    else:
+        place = ProcessPlace(0, 0, 1, "single")
+
+    expected = env.get(EXPECTED_WORLD_SIZE_ENV)
+    if expected is not None and _int(env, EXPECTED_WORLD_SIZE_ENV) != place.world_size:
+        raise LaunchEnvError(
+            f"the launch asked for {EXPECTED_WORLD_SIZE_ENV}={expected} processes (nodes x processes per node) "
+            f"but this one was started as rank {place.rank} of {place.world_size} ({_describe(place, env)}); "
+            "make the srun task count / --nproc-per-node match the nodes and GPUs requested"
+        )
+    if not 0 <= place.rank < place.world_size or not 0 <= place.local_rank < place.world_size:
+        raise LaunchEnvError(
+            f"rank {place.rank} / local rank {place.local_rank} out of range for world size "
+            f"{place.world_size} ({_describe(place, env)})"
+        )
+    if cuda_devices and place.local_rank >= cuda_devices:
+        raise LaunchEnvError(
+            f"local rank {place.local_rank} but this process sees only {cuda_devices} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}): more processes per node "
+            "than GPUs. Start one process per GPU (--ntasks-per-node = --gpus-per-node, without --gpus-per-task)"
+        )
+    return place
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None:
+        if default is None:
+            raise LaunchEnvError(f"{name} is not set")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchEnvError(f"{name}={value!r} is not an integer") from None
+
+
+def _describe(place: ProcessPlace, env: Mapping[str, str]) -> str:
+    if place.source == "srun":
+        return f"SLURM_PROCID={env.get('SLURM_PROCID')}, SLURM_STEP_NUM_TASKS={env.get('SLURM_STEP_NUM_TASKS')}"
+    if place.source == "launcher":
+        return f"RANK={env.get('RANK')}, WORLD_SIZE={env.get('WORLD_SIZE')}"
+    return "no launcher variables: a single process"
+
+
+FAULT_ENV = "PACKLORA_TEST_FAULT"
+"""Test hook, off unless set: ``RANK:STEP:exit`` or ``RANK:STEP:hang`` makes that rank die
+(``os._exit(17)``) or stop answering collectives after optimizer step STEP."""
+
+
+def fault_injection_callbacks() -> list:
+    """``[callback]`` injecting the fault ``PACKLORA_TEST_FAULT`` names; ``[]`` when it is unset.
+    For the failure-behaviour tests only (a dead or hung rank must end the job, not hang it)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return []
+    try:
+        rank_s, step_s, action = spec.split(":")
+        fault_rank, fault_step = int(rank_s), int(step_s)
+        if action not in ("exit", "hang"):
+            raise ValueError
+    except ValueError:
+        raise LaunchEnvError(f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit or RANK:STEP:hang") from None
+    from transformers import TrainerCallback
+
+    class _Fault(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == fault_step and rank() == fault_rank:
+                print(f"{FAULT_ENV}: rank {fault_rank} {action}s after step {fault_step}", flush=True)
+                if action == "exit":
+                    os._exit(17)
+                import time
+
+                while True:
+                    time.sleep(60)
+
+    return [_Fault()]

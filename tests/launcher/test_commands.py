@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from launcher import cli
+from tiny_assets import QWEN2_TOKENIZER
 from launcher.commands import build_argv, deepspeed_argv, format_command, torchrun_argv
 from launcher.spec import LaunchSpec
 
@@ -180,8 +181,23 @@ def config_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "x.yaml").write_text("training:\n  max_steps: 10\n")
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "configs" / "x.yaml").write_text(
+        f"output_dir: out\nmodel: {{config: {{model_type: qwen2}}, tokenizer: {QWEN2_TOKENIZER}}}\n"
+        "data: {train: [d.jsonl]}\ntraining:\n  max_steps: 10\n"
+    )
     return "configs/x.yaml"
+
+
+def test_a_bad_config_fails_before_anything_is_launched(config_file, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([config_file, "--dry-run", "training.warmup_ratio=0.1", "lora.r=0"])
+
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2
+    assert "training.warmup_ratio: not a transformers.TrainingArguments field" in err
+    assert "lora.r: must be an integer >= 1, got 0" in err
+    assert "deepspeed" not in capsys.readouterr().out
 
 
 def test_dry_run_on_cpu_prints_deepspeed_command_with_overrides_and_one_thread(config_file, capsys):
@@ -255,11 +271,11 @@ def test_launch_runs_the_printed_command_and_returns_its_exit_code(config_file, 
     monkeypatch.setattr(cli.shutil, "which", lambda name: f"/venv/bin/{name}")
     monkeypatch.setenv("PACKLORA_TEST_MARKER", "kept")
 
-    code = cli.main([config_file, "--launcher", "torchrun", "--master-port", "29511", "a.b=1"])
+    code = cli.main([config_file, "--launcher", "torchrun", "--master-port", "29511", "lora.r=4"])
 
     assert code == 3
     [(argv, env)] = calls
-    assert argv[0] == "torchrun" and argv[-2:] == ["configs/x.yaml", "a.b=1"]
+    assert argv[0] == "torchrun" and argv[-2:] == ["configs/x.yaml", "lora.r=4"]
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["PACKLORA_TEST_MARKER"] == "kept"
     assert capsys.readouterr().out.startswith("OMP_NUM_THREADS=1 torchrun ")

@@ -1,0 +1,135 @@
+"""``packlora slurm``: write the sbatch script for a config, print the ``sbatch`` command, submit it.
+
+    packlora slurm configs/sft.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 04:00:00
+    packlora slurm configs/sft.yaml --nodes 1 --gpus-per-node 0 --dry-run        # print the script only
+    packlora slurm configs/sft.yaml --nodes 2 --gpus-per-node 8 --submit --wait  # block until it ends
+
+The config is loaded (and validated) here, before anything is queued; its ``output_dir`` must be
+on a file system every node sees (checkpoints and TensorBoard logs go there). The script, the
+hostfile (deepspeed) and the Slurm log ``slurm-<jobid>.out`` go to ``--output``, by default
+``<output_dir>/slurm``. The script text comes from the pure ``launcher.slurm.sbatch_script``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.slurm import SLURM_LAUNCHERS, SlurmSpec, sbatch_script
+
+SCRIPT_NAME = "packlora.sbatch"
+
+
+def main(argv: list[str]) -> int:
+    """Run ``packlora slurm ARGV``.
+
+    Returns:
+        0 after writing (and, with ``--submit``, queueing) the job; with ``--wait``, the job's
+        exit code as ``sbatch --wait`` reports it.
+
+    Raises:
+        SystemExit: (code 2, message on stderr) for bad flags, a bad config, or no ``sbatch``.
+    """
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.wait and not args.submit:
+        parser.error("--wait needs --submit")
+    spec = build_spec(args, parser)
+    script = sbatch_script(spec)
+    path = Path(spec.output) / SCRIPT_NAME
+    sbatch = ["sbatch", "--parsable", *(["--wait"] if args.wait else []), str(path)]
+    if args.dry_run:
+        print(script, end="")
+        print(f"# then: {shlex.join(sbatch)}", flush=True)
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script, encoding="utf-8")
+    print(f"wrote {path}\n{shlex.join(sbatch)}", flush=True)
+    if not args.submit:
+        return 0
+    if shutil.which("sbatch") is None:
+        parser.error("sbatch is not on PATH: run this on a Slurm login node (or set SLURM_CONF), or drop --submit")
+    with subprocess.Popen(sbatch, stdout=subprocess.PIPE, text=True) as proc:
+        # --parsable prints "jobid[;cluster]" as soon as the job is queued, --wait then blocks
+        job = (proc.stdout.readline() if proc.stdout else "").strip().split(";")[0]
+        log = Path(spec.output) / f"slurm-{job}.out"
+        if job:
+            print(f"job {job} queued: Slurm log {log}; {_paths(spec)}", flush=True)
+        rest = proc.communicate()[0]
+    if rest:
+        print(rest, end="")
+    if args.wait:
+        print(f"job {job} ended with exit code {proc.returncode}: {_paths(spec)}", flush=True)
+        if proc.returncode != 0 and log.is_file():
+            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+            print("\n".join(["last lines of the Slurm log:", *tail]), file=sys.stderr)
+    return proc.returncode
+
+
+def _paths(spec: SlurmSpec) -> str:
+    return f"checkpoints in {spec.output_dir}, TensorBoard logs in {spec.output_dir}/runs"
+
+
+def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SlurmSpec:
+    """The ``SlurmSpec`` for parsed flags: loads the config for its ``output_dir``; exits via
+    ``parser.error`` on a bad config or bad flags."""
+    from training.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as err:
+        parser.error(str(err))
+    output_dir = str(Path(cfg.output_dir).resolve())
+    output = str(Path(args.output).resolve()) if args.output else f"{output_dir}/slurm"
+    try:
+        return SlurmSpec(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            nproc_per_node=args.nproc_per_node,
+            launcher=args.launcher,
+            master_port=args.master_port,
+            partition=args.partition,
+            time=args.time,
+            account=args.account,
+            job_name=args.job_name,
+            config=args.config,
+            overrides=tuple(args.overrides),
+            output=output,
+            workdir=os.getcwd(),
+            bin_dir=str(Path(sys.executable).parent),
+            output_dir=output_dir,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="packlora slurm",
+        description="Write an sbatch script that trains CONFIG on --nodes machines; print or submit it.",
+    )
+    p.add_argument("config", help="training YAML config; relative paths are read from the current directory")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, passed on in order")
+    p.add_argument("--nodes", type=int, required=True, help="machines to allocate")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per machine; 0: CPU processes (gloo)")
+    p.add_argument("--nproc-per-node", type=int, help="CPU processes per machine when --gpus-per-node 0 (default 2)")
+    p.add_argument(
+        "--launcher",
+        choices=SLURM_LAUNCHERS,
+        default="torchrun",
+        help="per-node launcher started by srun, or srun itself one task per process (default: %(default)s)",
+    )
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: chosen on the first node at start)")
+    p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00 (default: the partition's)")
+    p.add_argument("--account", help="Slurm account to charge (default: yours)")
+    p.add_argument("--job-name", default="packlora", help="default: %(default)s")
+    p.add_argument("--output", help="directory for the script and the Slurm log (default: <output_dir>/slurm)")
+    p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; write nothing")
+    p.add_argument("--submit", action="store_true", help="submit the script with sbatch")
+    p.add_argument("--wait", action="store_true", help="with --submit: wait for the job, return its exit code")
+    return p
