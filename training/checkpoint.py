@@ -7,19 +7,36 @@ A packlora checkpoint directory (``output_dir/checkpoint-N`` and the final ``out
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     generation_config.json       eos_token_id = the stop IDs, e.g. [151645, 151643]
     packlora_config.yaml         the resolved run config
+    packlora_complete.json       written last, checkpoint-N only: {"global_step": N}
 
 It loads with plain ``PeftModel.from_pretrained`` and decodes with ``packlora decode``.
+
+Checkpoints are atomic. ``PackloraTrainer`` writes everything of step N (adapter, DeepSpeed's
+``global_stepN/`` shards from every rank, optimizer/scheduler/RNG state, trainer state, the extras
+above) into ``output_dir/tmp-checkpoint-N``, waits for every rank, verifies the adapter, writes
+``packlora_complete.json`` and only then renames the directory to ``checkpoint-N`` (one
+``os.replace``, atomic on a POSIX file system). A crash before the rename leaves a
+``tmp-checkpoint-N`` that nothing resumes from (and the next save of step N replaces); a
+crash after it leaves a complete checkpoint. ``training.resume_from_checkpoint: auto`` picks the
+newest ``checkpoint-N`` that holds the marker (``find_resume_checkpoint``), and rotation under
+``save_total_limit`` only ever deletes older complete checkpoints (``rotate_checkpoints``).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import yaml
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "packlora_config.yaml"
+COMPLETE_MARKER = "packlora_complete.json"
+TMP_PREFIX = "tmp-checkpoint"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class IncompleteAdapterError(RuntimeError):
@@ -94,3 +111,137 @@ def read_config(ckpt_dir: str | Path) -> dict:
 def adapter_base(ckpt_dir: str | Path) -> str:
     """``base_model_name_or_path`` of a checkpoint's adapter."""
     return json.loads((Path(ckpt_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    """True when ``ckpt_dir`` is a directory holding packlora's completion marker."""
+    return (Path(ckpt_dir) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` directory in ``output_dir``, oldest step first."""
+    out = []
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _CHECKPOINT_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir``, or None when there is none.
+
+    A ``checkpoint-N`` without the marker (a foreign or hand-made directory) and every
+    ``tmp-checkpoint-N`` (a save cut short) are skipped with a warning.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for n, done in ((2, True), (4, True), (6, False)):
+    ...     (d / f"checkpoint-{n}").mkdir()
+    ...     if done:
+    ...         _ = (d / f"checkpoint-{n}" / COMPLETE_MARKER).write_text("{}")
+    >>> (d / "tmp-checkpoint-8").mkdir()
+    >>> find_resume_checkpoint(d).name
+    'checkpoint-4'
+    """
+    for step, path in reversed(checkpoint_dirs(output_dir)):
+        if is_complete(path):
+            return path
+        logger.warning("%s has no %s (not a complete packlora checkpoint); not resuming from it", path, COMPLETE_MARKER)
+    return None
+
+
+def resolve_resume(value, output_dir: str | Path) -> str | None:
+    """``training.resume_from_checkpoint`` -> the checkpoint directory to resume from, or None.
+
+    Args:
+        value: None/False (start fresh), ``"auto"`` or True (the newest complete checkpoint in
+            ``output_dir``; start fresh when there is none), or a checkpoint directory.
+        output_dir: the run's output directory.
+
+    Raises:
+        FileNotFoundError: an explicit directory does not exist.
+        ValueError: an explicit directory is not a complete checkpoint.
+    """
+    if value is None or value is False or value == "":
+        return None
+    if value is True or value == "auto":
+        found = find_resume_checkpoint(output_dir)
+        if found is None:
+            logger.info("resume_from_checkpoint=auto: no complete checkpoint in %s; starting from step 0", output_dir)
+            return None
+        logger.info("resume_from_checkpoint=auto: resuming from %s", found)
+        return str(found)
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"training.resume_from_checkpoint: {value!r} does not exist")
+    if not (path / "trainer_state.json").is_file() or (_CHECKPOINT_RE.match(path.name) and not is_complete(path)):
+        raise ValueError(
+            f"training.resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json or "
+            f"no {COMPLETE_MARKER}: its save was cut short); use an older checkpoint or resume_from_checkpoint=auto"
+        )
+    return str(path.resolve())
+
+
+def commit_checkpoint(tmp_dir: str | Path, final_dir: str | Path, global_step: int) -> Path:
+    """Mark ``tmp_dir`` complete and rename it to ``final_dir`` (the atomic step of a save).
+
+    An existing ``final_dir`` (a run resumed from an older checkpoint reaches step N again) is
+    moved aside first and deleted only after the rename, so a complete ``checkpoint-N`` exists at
+    every moment.
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    (tmp_dir / COMPLETE_MARKER).write_text(json.dumps({"global_step": global_step}) + "\n")
+    _fsync_dir(tmp_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f"{TMP_PREFIX}-replaced-{final_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final_dir
+
+
+def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, keep: tuple[str | Path, ...] = ()) -> list[Path]:
+    """Delete the oldest complete checkpoints until at most ``save_total_limit`` remain.
+
+    The newest complete checkpoint and every path in ``keep`` (e.g. the best one) are never
+    deleted; incomplete ``checkpoint-N`` directories are neither counted nor deleted.
+
+    Returns:
+        The deleted directories.
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    complete = [p for _, p in checkpoint_dirs(output_dir) if is_complete(p)]
+    if not complete:
+        return []
+    protected = {complete[-1].resolve()} | {Path(k).resolve() for k in keep if k}
+    deleted = []
+    for p in complete:
+        if len(complete) - len(deleted) <= save_total_limit:
+            break
+        if p.resolve() in protected:
+            continue
+        logger.info("save_total_limit=%d: deleting %s", save_total_limit, p)
+        shutil.rmtree(p)
+        deleted.append(p)
+    return deleted
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,48 +1,105 @@
-"""``transformers.Trainer`` plus packlora's checkpoint extras and an optional per-rank batch log."""
+"""``transformers.Trainer`` plus atomic checkpoints with packlora's extras, and an optional per-rank batch log."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
+import shutil
+import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
-from training.checkpoint import verify_adapter, write_checkpoint_extras
+from training.loss import LossNormalizationMixin
+from training.checkpoint import (
+    TMP_PREFIX,
+    commit_checkpoint,
+    rotate_checkpoints,
+    verify_adapter,
+    write_checkpoint_extras,
+)
 from training.model import lora_shapes
 
 logger = logging.getLogger(__name__)
 
 
 class CheckpointExtrasCallback(TrainerCallback):
-    """After every save (rank 0): write tokenizer, stop IDs and resolved config next to the
-    adapter, then verify the adapter holds every LoRA tensor at full shape."""
+    """Holds what ``finish`` writes next to every adapter: tokenizer, stop IDs and resolved config,
+    then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
+    ``finish`` on rank 0 inside each atomic save, before the checkpoint becomes visible."""
 
     def __init__(self, tokenizer, config: dict, stop_ids: list[int], max_new_tokens: int, model):
         self.tokenizer, self.config, self.stop_ids, self.max_new_tokens = tokenizer, config, stop_ids, max_new_tokens
         self.expected = lora_shapes(model)
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.finish(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
     def finish(self, ckpt_dir: Path) -> None:
         write_checkpoint_extras(ckpt_dir, self.tokenizer, self.config, self.stop_ids, self.max_new_tokens)
+        if not self.expected:  # full-parameter training (lora: null): no adapter to verify
+            logger.info("checkpoint %s: full model, stop ids %s", ckpt_dir, self.stop_ids)
+            return
         n = verify_adapter(ckpt_dir, self.expected)
         logger.info("checkpoint %s: %d LoRA tensors at full shape, stop ids %s", ckpt_dir, n, self.stop_ids)
 
 
-class PackloraTrainer(Trainer):
-    """Trainer that can log a digest of each batch per rank (``log_batch_digests: true``)."""
+class PackloraTrainer(LossNormalizationMixin, Trainer):
+    """Trainer with atomic checkpoints (see ``training.checkpoint``) that can log a digest of each
+    batch per rank (``log_batch_digests: true``).
 
-    def __init__(self, *args, batch_digest_dir: Path | None = None, **kwargs):
+    A save of step N: rank 0 clears leftover ``output_dir/tmp-checkpoint-*`` dirs; every rank writes
+    its part (adapter, ``global_stepN/`` DeepSpeed shards, RNG state...) through the stock
+    ``Trainer._save_checkpoint`` into ``tmp-checkpoint-N/checkpoint-N``; after a barrier rank 0
+    writes the extras, verifies the adapter, marks it complete, renames it to
+    ``output_dir/checkpoint-N`` and rotates old checkpoints under ``save_total_limit``.
+    """
+
+    def __init__(self, *args, batch_digest_dir: Path | None = None, packing_stats: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._packing_stats = dict(packing_stats or {})  # constant figures logged with every loss
+        self._tokens = [0, 0]  # supervised labels, label slots since the last log (this rank)
+        self._last_log_time = None
         self._digest_file = None
         if batch_digest_dir is not None:
             self._digest_file = Path(batch_digest_dir) / f"batches.rank{self.args.process_index}.jsonl"
 
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, point the stock save at the staging directory.
+        staging = getattr(self, "_packlora_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        step = self.state.global_step
+        staging = run_dir / f"{TMP_PREFIX}-{step}"
+        if self.args.should_save:
+            for stale in run_dir.glob(f"{TMP_PREFIX}-*"):  # left by a save cut short (any step)
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._packlora_staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # rotation inside sees only the staging dir
+        finally:
+            self._packlora_staging = None
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        if self.args.should_save:
+            written, final = staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}"
+            extras = next((c for c in self.callback_handler.callbacks if isinstance(c, CheckpointExtrasCallback)), None)
+            if extras is not None:
+                extras.finish(written)  # raises IncompleteAdapterError before anything becomes visible
+            commit_checkpoint(written, final, step)
+            staging.rmdir()
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == written:
+                self.state.best_model_checkpoint = str(final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(self.state.best_model_checkpoint,))
+        self.accelerator.wait_for_everyone()
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        labels = inputs["labels"]
+        self._tokens[0] += int((labels[..., 1:] != -100).sum())  # what the loss sees (after the shift)
+        self._tokens[1] += labels[..., 1:].numel()
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
         if self._digest_file is not None:
             with open(self._digest_file, "a") as f:
                 f.write(json.dumps({
@@ -50,6 +107,25 @@ class PackloraTrainer(Trainer):
                     "world_size": self.args.world_size, "digest": batch_digest(inputs["input_ids"]),
                 }) + "\n")
         return super().training_step(model, inputs, num_items_in_batch)
+
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Add packing and throughput figures to every training-loss log (so TensorBoard shows them
+        next to the loss): ``supervised_tokens_per_s`` and ``supervised_token_fraction`` summed over
+        all ranks since the previous log, plus the constant ``packing_efficiency`` and ``rows_per_epoch``.
+        Runs on every rank (Trainer logs collectively), so the all-reduce is safe."""
+        if "loss" in logs and self._last_log_time is not None:
+            counts = torch.tensor(self._tokens, dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(counts)
+            now = time.perf_counter()
+            elapsed = now - self._last_log_time
+            logs["supervised_tokens_per_s"] = round(float(counts[0]) / elapsed, 2) if elapsed > 0 else 0.0
+            logs["supervised_token_fraction"] = round(float(counts[0] / counts[1]), 4) if counts[1] else 0.0
+            logs.update(self._packing_stats)
+            self._tokens = [0, 0]
+            self._last_log_time = now
+        super().log(logs, *args, **kwargs)
 
 
 def batch_digest(input_ids) -> str:

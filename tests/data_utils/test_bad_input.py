@@ -1,0 +1,207 @@
+"""The bad-input corpus (``tests/data_utils/bad_inputs/``): every kind of broken record gets an
+error naming file, line and field under ``data.on_error: error``, or a counted skip under ``skip``;
+over-long examples follow the overflow policy and are never half-trained; a run left with no
+example stops before training.
+
+Each corpus file holds good lines (distinct across files) and one bad line, given below with
+its 1-based line number, a piece of the expected message (the field at fault) and the reason
+slug the data report counts it under.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_utils.dataset import NoExampleError, OverflowError_, prepare_data
+from data_utils.records import REASONS, RecordError, read_records
+from data_utils.types import IGNORE_INDEX
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# file -> (bad line, message piece naming the field/problem, reason, good lines in the file)
+BAD = {
+    "truncated_json.jsonl": (2, "invalid JSON (Unterminated string", "invalid_json", 1),
+    # the Latin-1 byte of "caf\xe9" sits at 0-based byte 14 + 17 + 12 + 3 = 46 of the line
+    "non_utf8.jsonl": (2, "not valid UTF-8 (invalid continuation byte at byte 46)", "not_utf8", 1),
+    "empty_line.jsonl": (2, "blank line; remove it", "blank_line", 2),
+    "missing_messages.jsonl": (2, "cannot tell the format from keys ['conversation', 'id']", "unknown_format", 1),
+    "unknown_role.jsonl": (2, "messages[1].role is 'bot'", "unknown_role", 1),
+    "content_not_string.jsonl": (2, "messages[0] content must be a string, got list", "content_not_string", 1),
+    "no_assistant_turn.jsonl": (2, "messages: the chat has no assistant turn", "no_assistant_turn", 1),
+    "empty_assistant_turn.jsonl": (2, "messages[1] is an assistant turn with empty content", "empty_assistant_turn", 1),
+    "consecutive_user_turns.jsonl": (
+        2, "messages[1] is a second consecutive 'user' turn; merge it into messages[0]", "consecutive_same_role", 1,
+    ),
+    "system_not_first.jsonl": (2, "messages[1] is a system message; only the first", "system_not_first", 1),
+}
+DUPLICATE = "duplicate_record.jsonl"  # line 3 repeats line 1 up to whitespace; lines 1-2 are good
+
+
+def _chat(u, a):
+    return {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+
+
+def _write(path: Path, objs) -> Path:
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+def test_corpus_has_one_file_per_kind():
+    assert sorted(p.name for p in CORPUS.glob("*.jsonl")) == sorted([*BAD, DUPLICATE])
+    assert {reason for _, _, reason, _ in BAD.values()} <= set(REASONS)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_record_error_names_file_line_and_field(name):
+    line, piece, reason, _ = BAD[name]
+    path = CORPUS / name
+    with pytest.raises(RecordError) as err:
+        read_records(path)
+    assert str(err.value).startswith(f"{path}:{line}: "), str(err.value)
+    assert piece in str(err.value)
+    assert (err.value.source.line, err.value.reason) == (line, reason)
+
+
+def test_missing_messages_under_an_explicit_format_names_the_field():
+    with pytest.raises(RecordError, match=r"missing_messages\.jsonl:2: field 'messages' must be a list .*got missing"):
+        read_records(CORPUS / "missing_messages.jsonl", format="messages")
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_record_is_skipped_and_reported_under_on_error_skip(name):
+    line, _, reason, good = BAD[name]
+    skipped: list[RecordError] = []
+    records = read_records(CORPUS / name, on_error="skip", skipped=skipped)
+    assert len(records) == good
+    assert line not in [r.source.line for r in records]
+    assert [(e.source.line, e.reason) for e in skipped] == [(line, reason)]
+
+
+def test_unknown_on_error_is_refused():
+    with pytest.raises(ValueError, match="unknown on_error 'ignore'; choose one of error, skip"):
+        read_records(CORPUS / "empty_line.jsonl", on_error="ignore")
+
+
+def test_duplicate_record_is_an_error_naming_both_lines(chatml_tokenizer, tmp_path):
+    path = CORPUS / DUPLICATE
+    with pytest.raises(RecordError) as err:
+        prepare_data([str(path)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert str(err.value).startswith(f"{path}:3: duplicate record: same content as {path}:1 ")
+    assert err.value.reason == "duplicate"
+
+
+def test_whole_corpus_under_skip_keeps_every_good_line_and_counts_each_bad_one(chatml_tokenizer, tmp_path):
+    files = [str(CORPUS / n) for n in sorted([*BAD, DUPLICATE])]
+    data = prepare_data(files, chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
+    r = data.report
+    good = sum(g for *_, g in BAD.values()) + 2  # the duplicate file has 2 good lines
+    assert good == 13
+    # 11 bad lines each counted once under its reason; every good line is trained
+    assert r.dropped == {reason: 1 for *_, reason, _ in BAD.values()} | {"duplicate": 1}
+    assert (r.lines_read, r.records, r.examples) == (good + 11, good, good)
+    assert r.assistant_turns == good == r.turns_with_im_end_trained
+    saved = json.loads(json.dumps(r.to_dict()))
+    assert saved["dropped"]["duplicate"] == 1 and saved["lines_read"] == 24
+
+
+def test_every_line_skipped_stops_with_the_reasons(chatml_tokenizer, tmp_path):
+    bad = tmp_path / "all_bad.jsonl"
+    bad.write_bytes(b'{"messages": [\n\n{"text": 3}\n')
+    with pytest.raises(NoExampleError) as err:
+        prepare_data([str(bad)], chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
+    msg = str(err.value)
+    assert msg.startswith(
+        "no example left to train on: {'blank_line': 1, 'content_not_string': 1, 'invalid_json': 1} dropped of 3 lines"
+    )
+    assert "set data.on_error=error" in msg
+    assert err.value.report == {
+        "lines_read": 3, "records": 0, "examples": 0,
+        "dropped": {"blank_line": 1, "content_not_string": 1, "invalid_json": 1},
+    }
+
+
+# --------------------------------------------------------------------------- over-long examples
+
+LONG_USER = "Hello! " * 40  # ~80 tokens with the tiny tokenizer: over 64 on its own
+
+
+@pytest.fixture
+def long_chats(tmp_path):
+    return _write(tmp_path / "long.jsonl", [_chat("Short question?", "Short answer."), _chat(LONG_USER, "Hi.")])
+
+
+def test_overlong_chat_under_error_names_the_line(long_chats, chatml_tokenizer, tmp_path):
+    with pytest.raises(OverflowError_, match=r"long\.jsonl:2: example has \d+ tokens > data.max_seq_length=64"):
+        prepare_data([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow="error", cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("overflow", ["drop", "auto"])
+def test_overlong_chat_under_drop_is_counted(long_chats, chatml_tokenizer, tmp_path, overflow):
+    data = prepare_data([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow=overflow, cache_dir=tmp_path / "c")
+    assert (data.report.records, data.report.examples, data.report.dropped) == (2, 1, {"too_long": 1})
+
+
+def test_overlong_chat_under_split_is_refused(long_chats, chatml_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"long\.jsonl:1: data.overflow=split would cut a chat mid-answer"):
+        prepare_data([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow="split", cache_dir=tmp_path / "c")
+
+
+def test_overlong_text_under_split_becomes_counted_chunks(chatml_tokenizer, tmp_path):
+    f = _write(tmp_path / "t.jsonl", [{"text": "The quick brown fox. " * 12}])
+    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=32, overflow="split", cache_dir=tmp_path / "c")
+    n = len(chatml_tokenizer("The quick brown fox. " * 12, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert n > 32
+    assert (data.report.examples, data.report.split_chunks, data.report.dropped) == (-(-n // 32), -(-n // 32) - 1, {})
+
+
+def test_answer_that_would_be_cut_is_dropped_whole_never_half_trained(chatml_tokenizer, tmp_path):
+    """The prompt fits in 64 tokens, the answer pushes the chat past it: no row holds any part of it."""
+    answer = "Once upon a time there lived a scholar who loved wine and poems. " * 3
+    prompt_ids = chatml_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell a story."}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert len(prompt_ids) < 64
+    f = _write(tmp_path / "cut.jsonl", [_chat("Short question?", "Short answer."), _chat("Tell a story.", answer)])
+    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert data.report.dropped == {"too_long": 1} and data.report.examples == 1
+    story = chatml_tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    for row in data.rows:
+        trained = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert not _contains(row["input_ids"], story) and not _contains(trained, story)
+
+
+def _contains(seq, sub) -> bool:
+    return any(list(seq[i : i + len(sub)]) == list(sub) for i in range(len(seq) - len(sub) + 1))
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def test_training_run_with_every_example_dropped_stops_before_training_and_writes_the_report(
+    chatml_tokenizer_dir, tmp_path
+):
+    data = _write(tmp_path / "long.jsonl", [_chat(LONG_USER, "Hi."), _chat(LONG_USER + "Again.", "Hi.")])
+    out = tmp_path / "run"
+    cfg = {
+        "output_dir": str(out), "deepspeed": None,
+        "model": {"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "num_key_value_heads": 1},
+                  "tokenizer": str(chatml_tokenizer_dir)},
+        "data": {"train": [str(data)], "max_seq_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "training": {"max_steps": 1, "report_to": []},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", str(tmp_path / "run.yaml")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "NoExampleError: no example left to train on: {'too_long': 2} dropped of 2 records" in proc.stderr
+    assert json.loads((out / "data_report.json").read_text()) == {
+        "lines_read": 2, "records": 2, "examples": 0, "dropped": {"too_long": 2}
+    }
+    assert not (out / "base_model").exists(), "the model was built although there was nothing to train"
