@@ -1,0 +1,236 @@
+"""``packlora subset``: a reproducible, length-stratified correction subset of a JSONL file.
+
+    packlora subset --input ../shared/data/zhanghenshui/stage2_continue.jsonl \\
+        --output runs/zhanghenshui/correction_subset.jsonl --ratio 0.2 --seed 1 \\
+        --tokenizer ../shared/assets/qwen2-tokenizer
+
+How records are drawn (``--stratify length``, the default):
+
+1. Each record gets a length: tokens of its text (``--tokenizer DIR``: the message contents, or
+   the ``text``, tokenised without special tokens and summed), or characters without a tokenizer.
+2. Records are grouped by their number of assistant turns (0 for ``{"text"}``), so multi-turn
+   chats are never under-drawn: each group gets ``ratio`` of its records, rounded by largest
+   remainder so the total is ``round(ratio * N)``.
+3. Inside a group, records are ranked by length and cut into ``--bins`` equal-count length bins
+   (deciles by default); each bin gets its share the same way. The subset's length quantiles
+   therefore track the source's.
+4. Each bin is drawn with ``random.Random(seed)`` in a fixed order; the chosen lines are written
+   byte for byte, in source order. Same input, ratio, seed and tokenizer -> byte-identical output.
+
+``--stratify none`` draws ``round(ratio * N)`` records uniformly instead. A manifest goes next to
+the output (``OUT.manifest.json`` for ``OUT.jsonl``): source path and sha256, ratio, seed, length
+unit, counts (total and by turns) and length quantiles before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from data_utils.records import read_records
+from data_utils.types import ChatRecord
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+STRATIFY = ("length", "none")
+
+
+def largest_remainder(sizes: list[int], total: int) -> list[int]:
+    """Split ``total`` over groups in proportion to ``sizes``, each share at most its size.
+
+    Floors first, then one more to the groups with the largest remainders (ties: earlier group).
+
+    >>> largest_remainder([10, 5, 5], 4)
+    [2, 1, 1]
+    >>> largest_remainder([3, 3, 3], 2)
+    [1, 1, 0]
+    """
+    n = sum(sizes)
+    if n == 0:
+        return [0] * len(sizes)
+    exact = [s * total / n for s in sizes]
+    shares = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def quantiles(values: list[int]) -> dict[str, float]:
+    """Nearest-rank quantiles (``p10`` ... ``p99``) plus ``min``, ``max`` and ``mean``.
+
+    >>> quantiles(list(range(1, 101)))["p50"], quantiles([7])["p99"]
+    (50, 7)
+    """
+    if not values:
+        return {}
+    s = sorted(values)
+    out: dict[str, float] = {"min": s[0]}
+    for q in QUANTILES:
+        out[f"p{round(q * 100)}"] = s[max(0, math.ceil(round(q * len(s), 9)) - 1)]
+    out["max"] = s[-1]
+    out["mean"] = round(sum(s) / len(s), 3)
+    return out
+
+
+def draw_subset(lengths: list[int], turns: list[int], ratio: float, seed: int,
+                stratify: str = "length", bins: int = 10) -> list[int]:
+    """Indices of the records to keep, sorted (see the module docstring for the scheme).
+
+    Ten records, eight single-turn and two two-turn; half of them, two length bins per group:
+    the single-turn group gives 4 (2 of its 4 shortest, 2 of its 4 longest), the two-turn group 1.
+
+    >>> lengths, turns = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10], [1] * 8 + [2] * 2
+    >>> keep = draw_subset(lengths, turns, 0.5, seed=0, bins=2)
+    >>> len(keep), sum(turns[i] == 2 for i in keep), sorted(lengths[i] <= 4 for i in keep if turns[i] == 1)
+    (5, 1, [False, False, True, True])
+    """
+    n = len(lengths)
+    k = round(ratio * n)
+    rng = random.Random(seed)
+    if stratify == "none":
+        return sorted(rng.sample(range(n), k))
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(turns):
+        groups.setdefault(t, []).append(i)
+    keys = sorted(groups)
+    chosen: list[int] = []
+    for key, share in zip(keys, largest_remainder([len(groups[t]) for t in keys], k)):
+        ranked = sorted(groups[key], key=lambda i: (lengths[i], i))
+        nb = max(1, min(bins, len(ranked)))
+        cuts = [len(ranked) * b // nb for b in range(nb + 1)]
+        cells = [ranked[cuts[b] : cuts[b + 1]] for b in range(nb)]
+        for cell, take in zip(cells, largest_remainder([len(c) for c in cells], share)):
+            chosen += rng.sample(cell, take)
+    return sorted(chosen)
+
+
+def record_lengths(records, tokenizer=None) -> list[int]:
+    """Length of each record: tokens of its contents with ``tokenizer``, else characters."""
+    texts = [
+        [m.content for m in r.messages] if isinstance(r, ChatRecord) else [r.text] for r in records
+    ]
+    if tokenizer is None:
+        return [sum(len(t) for t in ts) for ts in texts]
+    flat = [t for ts in texts for t in ts]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
+    out, k = [], 0
+    for ts in texts:
+        out.append(sum(len(x) for x in ids[k : k + len(ts)]))
+        k += len(ts)
+    return out
+
+
+def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, seed: int,
+                stratify: str = "length", tokenizer_dir: str | None = None, bins: int = 10) -> dict:
+    """Write the subset of ``input_path`` to ``output_path`` and its manifest; return the manifest.
+
+    Raises:
+        FileNotFoundError: no input file or tokenizer directory.
+        ValueError: ``ratio`` not in (0, 1], a subset that would be empty, ``output_path`` equal
+            to ``input_path``, a bad ``stratify``/``bins``, or a malformed line (``RecordError``).
+    """
+    problems = []
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        problems.append(f"--ratio must be in (0, 1], e.g. 0.2 for a 20% subset; got {ratio!r}")
+    if stratify not in STRATIFY:
+        problems.append(f"--stratify must be one of {list(STRATIFY)}, got {stratify!r}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        problems.append(f"--bins must be an integer >= 1, got {bins!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"--input {input_path} does not exist")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError(f"--output {output_path} is the input file; write the subset somewhere else")
+    tokenizer = None
+    if tokenizer_dir is not None:
+        if not Path(tokenizer_dir).is_dir():
+            raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is not a directory")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    raw = input_path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    records = read_records(input_path)
+    if len(records) != len(lines):
+        raise ValueError(f"{input_path}: {len(lines)} lines but {len(records)} records; remove stray line breaks")
+    if round(ratio * len(records)) < 1:
+        raise ValueError(
+            f"--ratio {ratio} of {len(records)} records rounds to 0; raise the ratio to at least {0.5 / len(records):.4g}"
+        )
+    lengths = record_lengths(records, tokenizer)
+    turns = [sum(m.role == "assistant" for m in r.messages) if isinstance(r, ChatRecord) else 0 for r in records]
+    chosen = draw_subset(lengths, turns, ratio, seed, stratify, bins)
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    body = b"".join(lines[i] if lines[i].endswith(b"\n") else lines[i] + b"\n" for i in chosen)
+    output_path.write_bytes(body)
+    manifest = {
+        "source": str(input_path),
+        "source_sha256": hashlib.sha256(raw).hexdigest(),
+        "output": str(output_path),
+        "output_sha256": hashlib.sha256(body).hexdigest(),
+        "ratio": ratio,
+        "seed": seed,
+        "stratify": stratify,
+        "bins": bins,
+        "length_unit": f"tokens ({tokenizer_dir})" if tokenizer is not None else "characters",
+        "counts": {
+            "source": len(records),
+            "subset": len(chosen),
+            "source_by_assistant_turns": _by_turns(turns),
+            "subset_by_assistant_turns": _by_turns([turns[i] for i in chosen]),
+        },
+        "length_quantiles": {"source": quantiles(lengths), "subset": quantiles([lengths[i] for i in chosen])},
+    }
+    manifest_path(output_path).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def manifest_path(output_path: str | Path) -> Path:
+    """``runs/x/subset.jsonl`` -> ``runs/x/subset.manifest.json``.
+
+    >>> str(manifest_path("runs/x/subset.jsonl"))
+    'runs/x/subset.manifest.json'
+    """
+    p = Path(output_path)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".manifest.json")
+
+
+def _by_turns(turns: list[int]) -> dict[str, int]:
+    return {str(t): c for t, c in sorted(Counter(turns).items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``packlora subset``: 0 ok, 1 bad input, 2 bad flags."""
+    p = argparse.ArgumentParser(prog="packlora subset", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="JSONL records (chats or {\"text\"})")
+    p.add_argument("--output", required=True, help="JSONL to write; the manifest goes beside it")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of records to keep, in (0, 1], e.g. 0.2")
+    p.add_argument("--seed", type=int, required=True, help="seed of the draw (same seed -> same bytes)")
+    p.add_argument("--stratify", choices=STRATIFY, default="length",
+                   help="length (default): by assistant turns and length bins; none: uniform")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory to measure length in tokens "
+                   "(default: characters)")
+    p.add_argument("--bins", type=int, default=10, help="length bins per turn count (default 10 = deciles)")
+    args = p.parse_args(argv)
+    try:
+        m = make_subset(args.input, args.output, args.ratio, args.seed, args.stratify, args.tokenizer, args.bins)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"packlora subset: error: {e}", file=sys.stderr)
+        return 1
+    q0, q1 = m["length_quantiles"]["source"], m["length_quantiles"]["subset"]
+    print(f"wrote {m['counts']['subset']} of {m['counts']['source']} records to {args.output} "
+          f"(by assistant turns {m['counts']['subset_by_assistant_turns']}); median length "
+          f"{q0['p50']} -> {q1['p50']} {m['length_unit']}; manifest {manifest_path(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

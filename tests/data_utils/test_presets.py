@@ -1,0 +1,133 @@
+"""Style presets: bundled files match the real data, never override a record's system message unless
+asked, reach the tokenised training rows and the config; stage 1 text: stage check, EOS placement."""
+import json
+
+import pytest
+
+from data_utils.dataset import prepare_data
+from presets import PresetError, apply_preset, available_presets, load_preset
+from tiny_assets import SHARED
+from training.config import ConfigError, config_from_dict
+
+GUARD = "你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。"
+
+
+def _first_system(path):
+    with open(path, encoding="utf-8") as f:
+        return json.loads(f.readline())["messages"][0]["content"]
+
+
+def test_bundled_presets_use_the_real_data_system_prompts_and_the_guard():
+    assert available_presets() == ["none", "shishuo", "zhang_henshui"]
+    zh, ss = load_preset("zhang_henshui"), load_preset("shishuo")
+    assert zh.system_prompt == _first_system(SHARED / "data/zhanghenshui/stage2_continue.jsonl")
+    assert zh.system_prompt == "你是一个文学创作助手，擅长张恨水的章回小说文风。"
+    assert ss.system_prompt == _first_system(SHARED / "data/shishuo/stage2_rewrite.jsonl")
+    assert zh.guard == ss.guard == GUARD
+    assert ss.system_message() == "你是一个文学创作助手，擅长《世说新语》的文言笔法。" + GUARD
+    assert zh.stop_tokens == ss.stop_tokens == ("<|im_end|>", "<|endoftext|>")
+    assert load_preset("none").system_message() == ""
+
+
+def test_preset_fills_a_missing_system_message_and_keeps_an_existing_one_unless_override():
+    p = load_preset("shishuo")
+    user = {"role": "user", "content": "改写"}
+    own = {"role": "system", "content": "mine"}
+    assert apply_preset([user], p) == [{"role": "system", "content": p.system_message()}, user]
+    assert apply_preset([own, user], p) == [own, user]
+    assert apply_preset([own, user], p, override=True) == [{"role": "system", "content": p.system_message()}, user]
+
+
+def test_unknown_or_malformed_preset_is_a_clear_error(tmp_path):
+    with pytest.raises(PresetError, match=r"'shishou' is neither a bundled preset \['none', 'shishuo', 'zhang_henshui'\]"):
+        load_preset("shishou")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("system_prompt: hi\nguard: 3\nstop_tokens: []\ncolour: red\n")
+    with pytest.raises(PresetError) as e:
+        load_preset(str(bad))
+    assert "unknown key 'colour'" in str(e.value) and "guard must be a string" in str(e.value)
+    assert "stop_tokens must be a non-empty list" in str(e.value)
+
+
+def test_preset_reaches_training_rows_only_for_chats_without_a_system_message(chatml_tokenizer, tmp_path):
+    f = tmp_path / "chats.jsonl"
+    f.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hello Ann"}, {"role": "assistant", "content": "Hi."}]}) + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello Bo"},
+                                   {"role": "assistant", "content": "Yes."}]}) + "\n"
+    )
+    preset = load_preset("shishuo")
+    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=512, cache_dir=tmp_path / "c", preset=preset)
+    text = "".join(chatml_tokenizer.decode(row["input_ids"]) for row in data.rows)
+    assert text.count(preset.system_message()) == 1  # Ann's chat got it, Bo's kept "Be brief."
+    assert "Be brief." in text and "You are a helpful assistant" not in text
+    over = prepare_data([str(f)], chatml_tokenizer, max_seq_length=512, cache_dir=tmp_path / "c",
+                        preset=preset, preset_overrides_system=True)
+    text = "".join(chatml_tokenizer.decode(row["input_ids"]) for row in over.rows)
+    assert text.count(preset.system_message()) == 2 and "Be brief." not in text
+
+
+def test_pretrain_stage_refuses_a_chat_naming_its_line(chatml_tokenizer, tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(json.dumps({"text": "Once upon a time."}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: a chat under data.stage=pretrain"):
+        prepare_data([str(f)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c", stage="pretrain")
+
+
+@pytest.mark.parametrize("text_eos, eos_count", [("document", 1), ("chunk", 4)])
+def test_long_document_is_split_into_counted_chunks_with_eos_where_asked(chatml_tokenizer, tmp_path, text_eos, eos_count):
+    # "9876543210" is 10 tokens of the tiny tokenizer (no merges: the corpus counts up), so a 30-token
+    # body + EOS = 31 tokens. document: chunks of 10 -> 10, 10, 10, 1 (EOS alone). chunk: 9 + EOS each
+    # -> 9+1, 9+1, 9+1, 3+1. Both: 4 chunks, 3 of them counted as extra split chunks.
+    body = "9876543210" * 3
+    assert len(chatml_tokenizer(body, add_special_tokens=False)["input_ids"]) == 30
+    f = tmp_path / "doc.jsonl"
+    f.write_text(json.dumps({"text": body}) + "\n")
+    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=10, cache_dir=tmp_path / "c",
+                        stage="pretrain", text_eos=text_eos)
+    lens = sorted(n for row in data.rows for n in row["seq_lens"])
+    assert lens == ([1, 10, 10, 10] if text_eos == "document" else [4, 10, 10, 10])
+    assert (data.report.examples, data.report.split_chunks) == (4, 3)
+    eos = chatml_tokenizer.eos_token_id
+    assert sum(row["input_ids"].count(eos) for row in data.rows) == eos_count
+
+
+def _raw(tmp_path, **top):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"text": "x"}) + "\n")
+    return {"output_dir": str(tmp_path / "o"), "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(tmp_path)},
+            "data": {"train": [str(f)]}, **top}
+
+
+def test_config_names_bad_preset_init_from_and_init_mode(tmp_path):
+    raw = _raw(tmp_path, preset="shishou", init_from=str(tmp_path / "nowhere"), init_mode="fuse")
+    raw["data"]["stage"] = "cpt"
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    problems = "\n".join(e.value.problems)
+    assert "preset: preset 'shishou' is neither a bundled preset" in problems
+    assert "init_from: " in problems and "is not a checkpoint directory" in problems
+    assert "init_mode: 'fuse' is not one of ['merge', 'continue']" in problems
+    assert "data.stage: 'cpt' is not one of ['auto', 'pretrain', 'sft']" in problems
+
+
+def test_config_records_preset_and_init_from(tmp_path):
+    ckpt = tmp_path / "stage1"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text("{}")
+    cfg = config_from_dict(_raw(tmp_path, preset="zhang_henshui", init_from=str(ckpt), init_mode="continue"))
+    d = cfg.to_dict()
+    assert (d["preset"], d["preset_overrides_system"], d["init_from"], d["init_mode"]) == (
+        "zhang_henshui", False, str(ckpt), "continue")
+
+
+def test_presets_load_by_name_outside_the_source_tree(tmp_path):
+    # package_data: the YAML files travel with the installed `presets` package
+    import subprocess
+    import sys
+
+    code = "import presets; print(presets.load_preset('zhang_henshui').system_prompt)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "你是一个文学创作助手，擅长张恨水的章回小说文风。"

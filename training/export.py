@@ -1,0 +1,105 @@
+"""``packlora export CHECKPOINT --merge OUT_DIR``: a LoRA checkpoint -> a standard merged model.
+
+    packlora export runs/zhanghenshui/stage2 --merge runs/zhanghenshui/stage2-merged
+
+``OUT_DIR`` gets what plain ``AutoModelForCausalLM.from_pretrained`` and serving engines (vLLM,
+TGI, llama.cpp's converter) expect, and nothing that needs PEFT or packlora::
+
+    config.json, model.safetensors       base weights with W + (alpha / r) * B @ A merged in,
+                                         stored in the base's own dtype
+    generation_config.json               eos_token_id = the checkpoint's stop IDs, e.g. [151645, 151643]
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+    packlora_config.yaml                 the run's resolved config (when the checkpoint has one)
+    packlora_export.json                 source checkpoint, its base and the adapter's sha256
+
+Merging is done in float32 on the CPU, then cast back to the base's dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Merge the adapter of ``checkpoint`` into its base and write a standard model directory.
+
+    Args:
+        checkpoint: a packlora (or plain PEFT) LoRA checkpoint directory.
+        out_dir: where to write (created; must be empty or absent unless ``overwrite``).
+        overwrite: allow writing into a non-empty ``out_dir``.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is not a LoRA checkpoint, or its base is missing.
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+        ValueError: bad stop tokens in the checkpoint (see ``decoding.stopping.resolve_stop_ids``).
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from decoding.generate import _packlora_decoding_section
+    from decoding.stopping import format_stop_ids, resolve_stop_ids
+    from training.init_from import merge_adapter, stage1_base
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / "adapter_config.json").is_file():
+        hint = " (it is already a full model: load it directly)" if (checkpoint / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{checkpoint} has no adapter_config.json, so there is no adapter to merge{hint}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
+    base = stage1_base(checkpoint)
+    model, dtype = merge_adapter(checkpoint, base)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    gen_path = checkpoint / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    decoding = _packlora_decoding_section(checkpoint)
+    stop_ids = resolve_stop_ids(tokenizer, gen, decoding.get("stop_tokens") or ())
+    max_new_tokens = decoding.get("max_new_tokens") or gen.get("max_new_tokens")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(dtype)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    model.generation_config = GenerationConfig(
+        eos_token_id=list(stop_ids), pad_token_id=pad, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if (checkpoint / "packlora_config.yaml").is_file():
+        shutil.copyfile(checkpoint / "packlora_config.yaml", out_dir / "packlora_config.yaml")
+    with open(checkpoint / "adapter_model.safetensors", "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    (out_dir / "packlora_export.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint.resolve()), "base_model": str(base), "adapter_sha256": sha,
+         "dtype": str(dtype).removeprefix("torch."), "stop_ids": list(stop_ids)}, indent=1))
+    logger.info("merged %s (base %s) -> %s; stop ids %s", checkpoint, base, out_dir, format_stop_ids(tokenizer, stop_ids))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``packlora export``; 0 on success, 1 on a bad checkpoint or output directory."""
+    p = argparse.ArgumentParser(prog="packlora export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a LoRA checkpoint directory written by packlora (or PEFT)")
+    p.add_argument("--merge", required=True, metavar="OUT_DIR", help="write the merged model to OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
+    args = p.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="packlora export: %(message)s")
+    try:
+        out = export_merged(args.checkpoint, args.merge, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"packlora export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote merged model {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Stage 2 from stage 1: ``init_from: <stage-1 checkpoint>`` with ``init_mode: merge | continue``.
+
+======== =========================================== =============================================
+mode     what training starts from                   what the stage-2 checkpoint is
+======== =========================================== =============================================
+merge    stage-1 base + stage-1 adapter, merged into  a fresh LoRA adapter on
+         new dense weights, saved once (rank 0,       ``output_dir/base_model`` (the merged base,
+         without ZeRO-3 ``zero.Init``) to             with tokenizer); it decodes stand-alone,
+         ``output_dir/base_model``; a fresh LoRA      with no reference to the stage-1 directory.
+         (``lora:``) is attached on top.
+continue the stage-1 base, and the stage-1 adapter    the stage-1 adapter trained further; its
+         loaded as trainable (its r / alpha /         ``adapter_config.json`` names the stage-1
+         target modules; ``lora:`` must match them).  base, which must stay where it is (or use
+                                                      ``packlora export --merge`` for a dense copy).
+======== =========================================== =============================================
+
+A stage-1 checkpoint that is a full model (``lora: null`` in stage 1) is itself the base in both
+modes (``continue`` is refused: there is no adapter to continue).
+
+    packlora launch configs/zhanghenshui/stage2.yaml          # init_from: runs/zhanghenshui/stage1
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+MARKER = "packlora_base.json"
+
+
+def stage1_base(checkpoint: str | Path) -> Path:
+    """The base model directory under a stage-1 checkpoint: its adapter's base, or itself for a
+    full model.
+
+    Raises:
+        FileNotFoundError: the adapter's base cannot be found (``decoding.generate.resolve_base_model``).
+    """
+    checkpoint = Path(checkpoint).resolve()
+    if (checkpoint / "adapter_config.json").is_file():
+        from decoding.generate import resolve_base_model
+
+        return resolve_base_model(checkpoint).resolve()
+    return checkpoint
+
+
+def init_adapter(cfg) -> str | None:
+    """The adapter directory to keep training (``init_mode: continue``), else None.
+
+    Raises:
+        ValueError: ``lora:`` differs from the stage-1 adapter's r / alpha / target modules.
+    """
+    if not cfg.init_from or cfg.init_mode != "continue":
+        return None
+    ckpt = Path(cfg.init_from).resolve()
+    saved = json.loads((ckpt / "adapter_config.json").read_text())
+    ours = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
+    theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": sorted(saved.get("target_modules") or [])}
+    diff = [f"lora.{'alpha' if k == 'lora_alpha' else k}: {ours[k]!r} here, {theirs[k]!r} in stage 1" for k in ours if ours[k] != theirs[k]]
+    if diff:
+        raise ValueError(
+            f"init_mode: continue keeps training the adapter of {ckpt}, but " + "; ".join(diff)
+            + ". Set lora: to the stage-1 values, or use init_mode: merge for a fresh LoRA"
+        )
+    return str(ckpt)
+
+
+def materialize_init_base(cfg, tokenizer, args) -> str:
+    """The base model directory for a run with ``init_from``. Call inside
+    ``args.main_process_first(local=False)``.
+
+    ``continue`` (or a full-model stage 1): the stage-1 base itself. ``merge``: rank 0 loads the
+    stage-1 base in float32 without ``zero.Init``, merges the adapter (W + alpha/r * B @ A), casts
+    back to the base's dtype and saves it with the tokenizer to ``output_dir/base_model``, with a
+    ``packlora_base.json`` that records where it came from (a resumed run reuses it).
+
+    Raises:
+        ValueError: ``output_dir/base_model`` was made from another checkpoint or adapter, or
+            ``model.name_or_path`` names a base other than the stage-1 one.
+        FileNotFoundError: the stage-1 base is missing.
+    """
+    ckpt = Path(cfg.init_from).resolve()
+    base = stage1_base(ckpt)
+    if cfg.model.name_or_path and Path(cfg.model.name_or_path).resolve() != base:
+        raise ValueError(
+            f"model.name_or_path={cfg.model.name_or_path!r} but init_from={cfg.init_from!r} was trained on {base}; "
+            "stage 2 starts from the stage-1 base: set model.name_or_path to it (or remove init_from)"
+        )
+    if cfg.init_mode == "continue" or not (ckpt / "adapter_config.json").is_file():
+        logger.info("init_from %s (%s): base %s", ckpt, cfg.init_mode, base)
+        return str(base)
+
+    from training.model import BASE_MODEL_DIR, _without_zero3_init
+
+    out = Path(cfg.output_dir).resolve() / BASE_MODEL_DIR
+    recipe = {"init_from": str(ckpt), "init_mode": "merge", "stage1_base": str(base),
+              "adapter_sha256": _sha256(ckpt / "adapter_model.safetensors")}
+    marker = out / MARKER
+    if marker.is_file():
+        if json.loads(marker.read_text()) != recipe:
+            raise ValueError(
+                f"{out} holds a base merged from another checkpoint ({json.loads(marker.read_text())}); "
+                "use a new output_dir or delete it"
+            )
+        return str(out)
+    if args.process_index == 0:
+        with _without_zero3_init(args):
+            merged, dtype = merge_adapter(ckpt, base)
+        merged.to(dtype).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        marker.write_text(json.dumps(recipe, indent=1))
+        logger.info("merged stage-1 adapter %s into %s -> %s (%s)", ckpt, base, out, str(dtype).removeprefix("torch."))
+    return str(out)
+
+
+def merge_adapter(checkpoint: str | Path, base: str | Path):
+    """Load ``base`` in float32, apply the adapter of ``checkpoint`` and merge it.
+
+    Returns:
+        ``(model, dtype)``: the merged ``AutoModelForCausalLM`` (float32, on CPU) and the dtype
+        the base was stored in (to cast back to before saving).
+    """
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    stored = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+    stored = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+    model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=False).merge_and_unload()
+    return model, stored
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
