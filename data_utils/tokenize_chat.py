@@ -98,3 +98,17 @@ def _prefix_len(tokenizer, prefix, add_generation_prompt, full_ids, example, i) 
             "(e.g. a reply starting with newlines)"
         )
     return len(ids)
+
+
+def tokenize_chat_full_sequence(messages: Sequence[dict], tokenizer) -> Segment:
+    """Bug reproduction only (``data.labels: legacy_full_sequence``): label the WHOLE rendered chat.
+
+    System and user text and every ``<|im_start|>role\\n`` header are trained, so the model learns
+    to write the next turn itself. Never use this for a real model; it exists so that
+    ``scripts/behaviour_boundary.py`` can measure the runaway it causes.
+
+    Returns:
+        ``Segment`` with ``labels == input_ids`` (every token trained).
+    """
+    ids = tuple(_ids(tokenizer, _render(tokenizer, list(messages), False)))
+    return Segment(ids, ids)

@@ -75,6 +75,10 @@ def decode_file(
     seed: int | None = None,
     dtype=None,
     device=None,
+    preset: str | None = None,
+    stop_strings: tuple[str, ...] | list[str] = (),
+    no_stop_ids: bool = False,
+    stream: bool = False,
 ) -> list[dict]:
     """Decode the prompts of ``input_path`` and write one JSON line per prompt to ``output_path``.
 
@@ -87,6 +91,14 @@ def decode_file(
         max_new_tokens: default: the checkpoint's (``LoadedCheckpoint.max_new_tokens``).
         batch_size, do_sample, temperature, top_p, seed: as in ``generate_replies``.
         dtype, device: as in ``load_checkpoint`` (ignored for a ``LoadedCheckpoint``).
+        preset: a style preset name or YAML path (``presets/``): prompts without a system message
+            get its system prompt + guard sentence, and its stop tokens join the stop ids.
+        stop_strings: multi-token stop strings (e.g. ``"\\nuser\\n"``); each reply is cut before
+            the first one (``decoding.stop_strings``).
+        no_stop_ids: EXPERIMENTS ONLY: stop at the tokenizer's eos token alone, ignoring the
+            checkpoint's stop ids (``decoding.runaway.naive_stop_ids``); replies run on.
+        stream: write each reply to stdout as it is generated (needs ``batch_size`` 1), never
+            showing a stop or the characters that may still become a stop string.
 
     Returns:
         The output rows, as written.
@@ -103,6 +115,12 @@ def decode_file(
     check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed)
     prompts = read_prompts(input_path, limit)
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, dtype, device)
+    if preset is not None:
+        prompts, ckpt = _apply_preset(prompts, ckpt, preset)
+    if no_stop_ids:
+        ckpt = _without_stop_ids(ckpt)
+    if stream and batch_size != 1:
+        raise ValueError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
     max_new_tokens = ckpt.max_new_tokens if max_new_tokens is None else max_new_tokens
     mode = f"sampling (temperature {temperature}, top_p {top_p}, seed {seed})" if do_sample else "greedy"
     logger.info(
@@ -119,10 +137,12 @@ def decode_file(
     with open(output_path, "w", encoding="utf-8") as out:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
+            streamer = _streamer(ckpt, stop_strings, chunk[0]) if stream else None
             replies = generate_replies(
                 ckpt.model, ckpt.tokenizer, [list(p.messages) for p in chunk], ckpt.stop_ids,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, seed=None if seed is None else seed + start,
+                stop_strings=stop_strings, streamer=streamer,
             )
             for prompt, reply in zip(chunk, replies, strict=True):
                 row = {
@@ -133,6 +153,8 @@ def decode_file(
                     "stop_reason": reply.stop_reason,
                     "num_new_tokens": reply.num_new_tokens,
                 }
+                if stop_strings:
+                    row["stop_string"] = reply.stop_string
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 rows.append(row)
             out.flush()
@@ -156,17 +178,27 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.do_sample,
             temperature=1.0 if args.temperature is None else args.temperature,
             top_p=1.0 if args.top_p is None else args.top_p,
-            seed=args.seed, dtype=args.dtype, device=args.device,
+            seed=args.seed, dtype=args.dtype, device=args.device, preset=args.preset,
+            stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream,
+        ) if not args.stream else decode_file(
+            args.checkpoint, args.input, args.output, args.limit,
+            max_new_tokens=args.max_new_tokens, batch_size=1, do_sample=args.do_sample,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            seed=args.seed, dtype=args.dtype, device=args.device, preset=args.preset,
+            stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=True,
         )
     except (FileNotFoundError, ValueError) as e:  # RecordError is a ValueError
         print(f"packlora decode: error: {e}", file=sys.stderr)
         return 1
     by_stop = sum(r["stop_reason"] == "stop_id" for r in rows)
+    by_string = sum(r["stop_reason"] == "stop_string" for r in rows)
     print(
         f"decoded {len(rows)} prompts: {by_stop} stopped at a stop id, "
-        f"{len(rows) - by_stop} hit max_new_tokens; wrote {args.output}"
+        + (f"{by_string} at a stop string, " if args.stop_string else "")
+        + f"{len(rows) - by_stop - by_string} hit max_new_tokens; wrote {args.output}"
     )
-    if len(rows) - by_stop:
+    if len(rows) - by_stop - by_string:
         print("  (replies that hit max_new_tokens are cut mid-answer: raise --max-new-tokens, "
               "or check that the checkpoint's stop ids are the ones it was trained to emit)")
     return 0
@@ -204,6 +236,50 @@ def _iter_prompts(path: Path) -> Iterator[Prompt]:
             if not messages:
                 raise RecordError(src, "the chat is a lone assistant turn; add the user message it answers")
             yield Prompt(tuple(messages), reference, src)
+
+
+def _without_stop_ids(ckpt):
+    """``ckpt`` decoding like a chat-unaware decoder (``--no-stop-ids``), with a loud warning."""
+    import dataclasses
+
+    from decoding.runaway import naive_stop_ids
+    from decoding.stopping import format_stop_ids
+
+    naive = tuple(naive_stop_ids(ckpt.tokenizer))
+    logger.warning(
+        "--no-stop-ids: EXPERIMENT ONLY. Ignoring the checkpoint's stop ids %s; stopping at %s alone, as a "
+        "chat-unaware decoder would. Replies are expected to run on into invented turns.",
+        format_stop_ids(ckpt.tokenizer, ckpt.stop_ids), format_stop_ids(ckpt.tokenizer, naive),
+    )
+    return dataclasses.replace(ckpt, stop_ids=naive)
+
+
+def _streamer(ckpt, stop_strings, prompt: Prompt):
+    from decoding.stop_strings import StopAwareStreamer, StopStringMatcher
+
+    sys.stdout.write(f"--- {prompt.source}\n")
+    return StopAwareStreamer(ckpt.tokenizer, ckpt.stop_ids, StopStringMatcher(stop_strings))
+
+
+def _apply_preset(prompts: list[Prompt], ckpt, preset: str):
+    """Prompts with the preset's system message (where they have none) and ``ckpt`` with its stop ids added.
+
+    Raises:
+        ValueError: unknown preset (``presets.PresetError``), or a stop token that is not one token.
+    """
+    import dataclasses
+
+    from presets import apply_preset, load_preset
+
+    p = load_preset(preset)
+    vocab = ckpt.tokenizer.get_vocab()
+    missing = [t for t in p.stop_tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"preset {p.name}: stop tokens {missing} are not single tokens of {ckpt.path}'s tokenizer")
+    stop_ids = tuple(dict.fromkeys([*ckpt.stop_ids, *(vocab[t] for t in p.stop_tokens)]))
+    logger.info("preset %s: system message %r for prompts without one", p.name, p.system_message())
+    prompts = [dataclasses.replace(q, messages=tuple(apply_preset(q.messages, p))) for q in prompts]
+    return prompts, dataclasses.replace(ckpt, stop_ids=stop_ids)
 
 
 def _with_placeholder_answer(obj: dict) -> tuple[dict, bool]:
@@ -246,4 +322,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
+                   help="multi-token stop string, repeatable (e.g. $'\\nuser\\n'); each reply is cut before it")
+    p.add_argument("--stream", action="store_true",
+                   help="print each reply as it is generated (one prompt at a time; --batch-size is ignored)")
+    p.add_argument("--no-stop-ids", action="store_true",
+                   help="EXPERIMENTS ONLY: ignore the checkpoint's stop ids and stop at the tokenizer's eos "
+                        "token alone, to see what the model does when nothing stops it at <|im_end|>")
+    p.add_argument("--preset", default=None, help="style preset (zhang_henshui, shishuo, none, or a YAML path): "
+                   "system prompt + guard for prompts without a system message, plus its stop tokens")
     return p

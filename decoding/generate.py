@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
+from decoding.stop_strings import StopStringCriteria, StopStringMatcher
 from decoding.stopping import cut_at_first_stop, format_stop_ids, resolve_stop_ids
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
-STOP_REASONS = ("stop_id", "max_new_tokens")
+STOP_REASONS = ("stop_id", "stop_string", "max_new_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +36,15 @@ class Reply:
     Attributes:
         text: ``token_ids`` decoded with ``skip_special_tokens=False``: the stop is not in it, but
             any other special token the model wrote (e.g. ``<|im_start|>``) stays visible.
-        token_ids: the generated ids before the first stop id (the stop is cut).
-        stop_reason: ``"stop_id"`` or ``"max_new_tokens"``.
-        stop_id: the stop id that ended the reply; None when ``stop_reason == "max_new_tokens"``.
-        num_new_tokens: tokens generated, counting the stop: ``len(token_ids) + 1`` after a stop,
+            After a stop string, ``text`` is cut exactly before the match.
+        token_ids: the generated ids before the first stop id (the stop is cut); after a stop
+            string, the ids whose text lies wholly before the match.
+        stop_reason: ``"stop_id"``, ``"stop_string"`` or ``"max_new_tokens"``.
+        stop_id: the stop id that ended the reply; None unless ``stop_reason == "stop_id"``.
+        num_new_tokens: tokens generated, counting the stop: ``len(token_ids) + 1`` after a stop
+            id, the tokens up to the one completing the match after a stop string,
             ``max_new_tokens`` otherwise.
+        stop_string: the stop string that ended the reply, else None.
     """
 
     text: str
@@ -47,6 +52,7 @@ class Reply:
     stop_reason: str
     stop_id: int | None
     num_new_tokens: int
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +143,11 @@ def load_checkpoint(
         from peft import PeftModel
 
         base_model_path = resolve_base_model(path)
-        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype, use_safetensors=True)
         model = PeftModel.from_pretrained(base, path, is_trainable=False)
         inner = model.get_base_model()
     elif (path / "config.json").is_file():
-        model = inner = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = inner = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     else:
         raise FileNotFoundError(
             f"{path} is not a checkpoint: it has neither adapter_config.json (LoRA adapter) nor "
@@ -187,6 +193,9 @@ def generate_replies(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    stop_strings: Sequence[str] = (),
+    streamer: Any = None,
+    synced_gpus: bool | None = None,
 ) -> list[Reply]:
     """Generate the next assistant turn of each conversation.
 
@@ -209,6 +218,11 @@ def generate_replies(
         temperature, top_p: sampling settings; must stay at 1.0 unless ``do_sample``.
         seed: seeds sampling in a forked RNG (the global torch RNG is left untouched); only
             with ``do_sample``.
+        stop_strings: multi-token stop strings (``decoding.stop_strings``), matched on the decoded
+            text of each row; the reply is cut before the match.
+        streamer: a ``generate`` streamer (``StopAwareStreamer``); needs ``batch_size`` 1.
+        synced_gpus: passed to ``generate``; None lets transformers decide (True under ZeRO-3
+            with several processes: every rank must then call with the same conversations).
 
     Returns:
         One ``Reply`` per conversation, in order (``[]`` for no conversations).
@@ -219,6 +233,9 @@ def generate_replies(
     """
     if not stop_ids:
         raise ValueError("stop_ids is empty; pass resolve_stop_ids(tokenizer, generation_config)")
+    matcher = StopStringMatcher(stop_strings)
+    if streamer is not None and batch_size != 1:
+        raise ValueError(f"streaming needs batch_size=1, got {batch_size}")
     check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed)
     if max_new_tokens is None:
         raise ValueError("max_new_tokens must be a positive int, got None")
@@ -251,6 +268,10 @@ def generate_replies(
         min_new_tokens=None,
         return_dict_in_generate=False,
     )
+    if streamer is not None:
+        gen_kwargs["streamer"] = streamer
+    if synced_gpus is not None:
+        gen_kwargs["synced_gpus"] = synced_gpus
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0)
 
@@ -267,18 +288,37 @@ def generate_replies(
             for start in range(0, len(prompt_ids), batch_size):
                 batch = prompt_ids[start : start + batch_size]
                 input_ids, attention_mask = _left_pad(batch, pad_id)
+                criteria = {}
+                if matcher:
+                    from transformers import StoppingCriteriaList
+
+                    criteria["stopping_criteria"] = StoppingCriteriaList(
+                        [StopStringCriteria(matcher, tokenizer, input_ids.shape[1])]
+                    )
                 out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs, **criteria
                 )
                 for row in out[:, input_ids.shape[1] :].tolist():
-                    replies.append(_to_reply(row, stop_ids, max_new_tokens, tokenizer))
+                    replies.append(_to_reply(row, stop_ids, max_new_tokens, tokenizer, matcher))
     finally:
         model.train(was_training)
     return replies
 
 
-def _to_reply(new_ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, tokenizer: Any) -> Reply:
+def _to_reply(
+    new_ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, tokenizer: Any,
+    matcher: StopStringMatcher | None = None,
+) -> Reply:
     kept, stop_id = cut_at_first_stop(new_ids, stop_ids)
+    if matcher:
+        hit = matcher.first_stop(
+            kept, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        )
+        if hit is not None:
+            return Reply(
+                text=hit.text, token_ids=tuple(kept[: hit.kept_tokens]), stop_reason="stop_string", stop_id=None,
+                num_new_tokens=hit.num_tokens, stop_string=hit.stop_string,
+            )
     if stop_id is None and len(new_ids) != max_new_tokens:
         raise RuntimeError(
             f"generate ended a row after {len(new_ids)} tokens without a stop id (max_new_tokens="

@@ -1,0 +1,208 @@
+"""Runaway metrics: does a chat model end its turn, or run on into a turn it invents?
+
+A reply *runs away* when, after its answer, the model goes on to write the next turn itself
+(``<|im_end|>\\n<|im_start|>user\\n...``, or, with special tokens skipped, a bare ``\\nuser\\n``)
+or never stops at all. Loss curves do not show it; these metrics do. For one prompt:
+
+``stopped_by_stop_id``
+    The decoder stopped at one of its stop ids (``Reply.stop_reason == "stop_id"``).
+``emitted_end_of_turn``
+    The model wrote ``<|im_end|>`` right after its answer, whether or not the decoder stopped
+    there: among the generated tokens (the stop token included), the first ChatML control token
+    (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``) is ``<|im_end|>``, and the text before it
+    has no role leak. This measures what training taught, independently of the stop ids.
+``hit_max_new_tokens``
+    The reply ended because ``max_new_tokens`` were generated, not at a stop.
+``role_leak``
+    The visible reply (the text the decoder returns, i.e. cut before the stop) contains a role
+    marker, checked twice: rendered with special tokens (``"<|im_start|>"`` anywhere) and with
+    special tokens skipped (a line that is exactly ``system``, ``user`` or ``assistant`` followed
+    by a newline, as ``<|im_start|>user\\n`` becomes once ``<|im_start|>`` is hidden).
+``runaway``
+    ``hit_max_new_tokens or role_leak``.
+``length_ratio``
+    Characters of the visible reply (special tokens skipped, whitespace stripped at both ends)
+    divided by the characters of the reference answer (stripped); only for prompts whose
+    reference is non-empty.
+
+The report gives each boolean as a rate over the prompts (a float in [0, 1]) and the mean of
+``length_ratio``. Example::
+
+    >>> has_role_leak("Hi!\\nuser\\nMore?"), has_role_leak("Hi!<|im_start|>"), has_role_leak("users\\n")
+    (True, True, False)
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from decoding.generate import Reply, generate_replies
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+ROLE_LINE = re.compile(r"(?:^|\n)(?:system|user|assistant)\n")
+"""A role name alone on a line: what ``<|im_start|>user\\n`` looks like with special tokens skipped."""
+NUM_WORST = 5
+
+
+def has_role_leak(text: str) -> bool:
+    """True if ``text`` contains ``<|im_start|>`` or a line that is just a role name."""
+    return IM_START in text or ROLE_LINE.search(text) is not None
+
+
+def naive_stop_ids(tokenizer: Any) -> list[int]:
+    """The stop ids of a decoder that knows nothing about chat turns: ``tokenizer.eos_token_id``
+    only (``<|endoftext|>`` for Qwen2 base tokenizers). What ``--no-stop-ids`` decodes with.
+
+    Raises:
+        ValueError: the tokenizer has no eos token, or its eos is ``<|im_end|>`` itself (then there
+            is no chat-unaware decoder to reproduce).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None or tokenizer.convert_ids_to_tokens(eos) == IM_END:
+        raise ValueError(
+            f"--no-stop-ids decodes with the tokenizer's eos token only, but it is {tokenizer.eos_token!r}; "
+            f"this experiment needs a tokenizer whose eos is not {IM_END} (e.g. a Qwen2 base tokenizer)"
+        )
+    return [eos]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptResult:
+    """The metrics of one prompt (see the module docstring for each definition)."""
+
+    source: str
+    reply: str
+    reference: str | None
+    stop_reason: str
+    num_new_tokens: int
+    stopped_by_stop_id: bool
+    emitted_end_of_turn: bool
+    hit_max_new_tokens: bool
+    role_leak: bool
+    runaway: bool
+    length_ratio: float | None
+
+
+@dataclass(frozen=True)
+class RunawayReport:
+    """Rates over ``num_prompts`` prompts (floats in [0, 1]) and the mean length ratio.
+
+    Attributes:
+        stop_ids: the ids the decoder stopped at.
+        no_stop_ids: True when decoded with ``naive_stop_ids`` (the bug's decoder), not the
+            checkpoint's stop ids.
+        worst: up to 5 ``PromptResult`` dicts, runaways first, then by length ratio.
+    """
+
+    num_prompts: int
+    max_new_tokens: int
+    stop_ids: list[int]
+    no_stop_ids: bool
+    stopped_by_stop_id: float
+    emitted_end_of_turn: float
+    hit_max_new_tokens: float
+    role_leak: float
+    runaway: float
+    mean_length_ratio: float | None
+    worst: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def scalars(self) -> dict[str, float]:
+        """The rates and mean ratio, named ``runaway/<metric>`` (for TensorBoard)."""
+        names = ("stopped_by_stop_id", "emitted_end_of_turn", "hit_max_new_tokens", "role_leak", "runaway",
+                 "mean_length_ratio")
+        return {f"runaway/{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def score_reply(reply: Reply, reference: str | None, tokenizer: Any, source: str = "") -> PromptResult:
+    """The per-prompt metrics of one ``Reply`` (definitions in the module docstring).
+
+    A reply that stopped at ``<|im_end|>`` emitted the end of turn; one decoded without chat stop
+    ids emitted it if ``<|im_end|>`` is the first control token among its ``token_ids``.
+    """
+    vocab = tokenizer.get_vocab()
+    control = {vocab[t]: t for t in (IM_START, IM_END, ENDOFTEXT) if t in vocab}
+    tokens = list(reply.token_ids) + ([reply.stop_id] if reply.stop_id is not None else [])
+    emitted_eot = False
+    for i, t in enumerate(tokens):
+        if t in control:
+            before = tokenizer.decode(tokens[:i], skip_special_tokens=False)
+            emitted_eot = control[t] == IM_END and not has_role_leak(before)
+            break
+    visible = tokenizer.decode(list(reply.token_ids), skip_special_tokens=True)
+    if reply.stop_reason == "stop_string":  # token_ids end before the match; text is cut exactly
+        visible = reply.text
+    leak = has_role_leak(reply.text) or has_role_leak(visible)
+    hit_max = reply.stop_reason == "max_new_tokens"
+    ratio = None
+    if reference and reference.strip():
+        ratio = len(visible.strip()) / len(reference.strip())
+    return PromptResult(
+        source=source, reply=reply.text, reference=reference, stop_reason=reply.stop_reason,
+        num_new_tokens=reply.num_new_tokens, stopped_by_stop_id=reply.stop_reason == "stop_id",
+        emitted_end_of_turn=emitted_eot, hit_max_new_tokens=hit_max, role_leak=leak, runaway=hit_max or leak,
+        length_ratio=ratio,
+    )
+
+
+def summarize(results: Sequence[PromptResult], stop_ids: Sequence[int], max_new_tokens: int,
+              no_stop_ids: bool) -> RunawayReport:
+    """Aggregate per-prompt results into a ``RunawayReport``.
+
+    Raises:
+        ValueError: no results.
+    """
+    if not results:
+        raise ValueError("no prompts to evaluate; give at least one held-out chat")
+    n = len(results)
+
+    def rate(name: str) -> float:
+        return sum(bool(getattr(r, name)) for r in results) / n
+
+    ratios = [r.length_ratio for r in results if r.length_ratio is not None]
+    worst = sorted(results, key=lambda r: (not r.runaway, -(r.length_ratio or 0.0)))[:NUM_WORST]
+    return RunawayReport(
+        num_prompts=n, max_new_tokens=max_new_tokens, stop_ids=list(stop_ids), no_stop_ids=no_stop_ids,
+        stopped_by_stop_id=rate("stopped_by_stop_id"), emitted_end_of_turn=rate("emitted_end_of_turn"),
+        hit_max_new_tokens=rate("hit_max_new_tokens"), role_leak=rate("role_leak"), runaway=rate("runaway"),
+        mean_length_ratio=sum(ratios) / len(ratios) if ratios else None,
+        worst=[asdict(r) for r in worst],
+    )
+
+
+def evaluate_runaway(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[tuple[Sequence[dict], str | None, str]],
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    no_stop_ids: bool = False,
+    batch_size: int = 8,
+    synced_gpus: bool | None = None,
+) -> RunawayReport:
+    """Decode every prompt greedily and measure the runaway metrics.
+
+    Args:
+        model, tokenizer: as for ``generate_replies``.
+        prompts: ``(messages, reference, source)`` triples; ``messages`` ends before the answer.
+        stop_ids: the checkpoint's stop ids; ignored when ``no_stop_ids``.
+        max_new_tokens: tokens per reply before it counts as ``hit_max_new_tokens``.
+        no_stop_ids: decode with ``naive_stop_ids(tokenizer)`` instead (experiments only).
+        batch_size: prompts per ``generate`` call.
+        synced_gpus: see ``generate_replies`` (ZeRO-3 with several ranks).
+
+    Returns:
+        The ``RunawayReport``.
+    """
+    used = naive_stop_ids(tokenizer) if no_stop_ids else list(stop_ids)
+    replies = generate_replies(
+        model, tokenizer, [list(m) for m, _, _ in prompts], used, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, synced_gpus=synced_gpus,
+    )
+    results = [score_reply(r, ref, tokenizer, src) for r, (_, ref, src) in zip(replies, prompts, strict=True)]
+    return summarize(results, used, max_new_tokens, no_stop_ids)

@@ -1,0 +1,162 @@
+"""Runaway metrics: per-reply scores on hand-written replies, rates over scripted-model batches,
+``packlora eval-runaway`` and ``decode --no-stop-ids`` on a checkpoint, and the stop-id round trip
+from training to decoding."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from decoding_testutils import ENDOFTEXT, IM_END, IM_START, adapter_ckpt, chatml_tok, scripted_lm  # noqa: F401
+
+from decoding.generate import Reply, load_checkpoint
+from decoding.runaway import evaluate_runaway, has_role_leak, naive_stop_ids, score_reply, summarize
+
+A = [{"role": "user", "content": "Hello!"}]
+B = [{"role": "user", "content": "The quick brown fox"}]
+
+
+def _enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _prompt(tok, messages):
+    return tuple(_enc(tok, tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
+
+
+def _reply(tok, ids, stop_id, max_new_tokens=10):
+    text = tok.decode(ids, skip_special_tokens=False)
+    if stop_id is None:
+        return Reply(text, tuple(ids), "max_new_tokens", None, max_new_tokens)
+    return Reply(text, tuple(ids), "stop_id", stop_id, len(ids) + 1)
+
+
+@pytest.mark.parametrize("text, leak", [
+    ("Hi!", False), ("Hi!\nuser\nMore", True), ("Hi!<|im_start|>", True), ("assistant\nHi", True),
+    ("the user\nsaid", False), ("Hi!\nusers\n", False), ("Hi!\nsystem\n", True),
+])
+def test_role_leak_is_a_bare_role_line_or_im_start(text, leak):
+    assert has_role_leak(text) is leak
+
+
+def test_reply_stopped_at_im_end_emitted_end_of_turn_and_did_not_run_away(chatml_tok):
+    r = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi there."), IM_END), "Hi there!!", chatml_tok)
+    assert (r.stopped_by_stop_id, r.emitted_end_of_turn, r.hit_max_new_tokens, r.role_leak, r.runaway) == (
+        True, True, False, False, False)
+    assert r.length_ratio == 9 / 10  # "Hi there." vs "Hi there!!"
+
+
+def test_reply_running_into_a_new_turn_leaks_a_role_whether_special_tokens_show_or_not(chatml_tok):
+    ids = [*_enc(chatml_tok, "Hi"), IM_END, *_enc(chatml_tok, "\n"), IM_START, *_enc(chatml_tok, "user\nMore")]
+    r = score_reply(_reply(chatml_tok, ids, ENDOFTEXT), "Hi", chatml_tok)
+    # <|im_end|> came first, right after "Hi": training taught the end of turn; the decoder ignored it
+    assert (r.emitted_end_of_turn, r.role_leak, r.runaway, r.stopped_by_stop_id) == (True, True, True, True)
+    assert r.length_ratio == len("Hi\nuser\nMore") / 2  # visible text skips special tokens
+
+
+def test_bare_role_line_without_special_tokens_is_a_leak_and_no_end_of_turn(chatml_tok):
+    ids = _enc(chatml_tok, "Hi\nuser\nMore")
+    r = score_reply(_reply(chatml_tok, ids, None), None, chatml_tok)
+    assert (r.emitted_end_of_turn, r.role_leak, r.hit_max_new_tokens, r.runaway, r.length_ratio) == (
+        False, True, True, True, None)
+
+
+def test_im_start_before_im_end_is_not_an_end_of_turn(chatml_tok):
+    ids = [*_enc(chatml_tok, "Hi"), IM_START, *_enc(chatml_tok, "user\n")]
+    assert score_reply(_reply(chatml_tok, ids, IM_END), "Hi", chatml_tok).emitted_end_of_turn is False
+
+
+def test_summary_rates_and_worst_first(chatml_tok):
+    good = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi"), IM_END), "Hi", chatml_tok, "f:1")
+    long = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi Hi Hi Hi"), None), "Hi", chatml_tok, "f:2")
+    leak = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi\nuser\n"), ENDOFTEXT), "Hi", chatml_tok, "f:3")
+    report = summarize([good, long, leak, good], stop_ids=[IM_END], max_new_tokens=10, no_stop_ids=False)
+    assert (report.stopped_by_stop_id, report.emitted_end_of_turn, report.hit_max_new_tokens, report.role_leak,
+            report.runaway) == (0.75, 0.5, 0.25, 0.25, 0.5)
+    # "Hi" 2/2; "Hi Hi Hi Hi" 11/2; "Hi\nuser\n" strips to "Hi\nuser", 7/2; "Hi" 2/2
+    assert report.mean_length_ratio == pytest.approx((1 + 5.5 + 3.5 + 1) / 4)
+    assert [w["source"] for w in report.worst] == ["f:2", "f:3", "f:1", "f:1"]
+    assert report.scalars()["runaway/runaway"] == 0.5
+
+
+def test_no_stop_ids_lets_a_model_that_ends_its_turn_run_on(chatml_tok):
+    script = [*_enc(chatml_tok, "Hi"), IM_END, *_enc(chatml_tok, "\n"), IM_START, *_enc(chatml_tok, "user\n"),
+              ENDOFTEXT]
+    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): script}, filler=ENDOFTEXT)
+    prompts = [(A, "Hi", "a:1")]
+    with_stops = evaluate_runaway(model, chatml_tok, prompts, [IM_END, ENDOFTEXT], max_new_tokens=20)
+    naive = evaluate_runaway(model, chatml_tok, prompts, [IM_END, ENDOFTEXT], max_new_tokens=20, no_stop_ids=True)
+    assert naive_stop_ids(chatml_tok) == [ENDOFTEXT] and naive.stop_ids == [ENDOFTEXT]
+    assert (with_stops.runaway, with_stops.emitted_end_of_turn, with_stops.mean_length_ratio) == (0.0, 1.0, 1.0)
+    assert (naive.runaway, naive.role_leak, naive.emitted_end_of_turn) == (1.0, 1.0, 1.0)
+
+
+def test_model_that_never_ends_hits_max_new_tokens_either_way(chatml_tok):
+    model = scripted_lm(len(chatml_tok), {}, filler=_enc(chatml_tok, "a")[0])
+    report = evaluate_runaway(model, chatml_tok, [(A, "Hi", "a:1"), (B, "x", "b:1")], [IM_END], max_new_tokens=4)
+    assert (report.hit_max_new_tokens, report.runaway, report.emitted_end_of_turn) == (1.0, 1.0, 0.0)
+    assert report.mean_length_ratio == pytest.approx((4 / 2 + 4 / 1) / 2)
+
+
+# ----------------------------------------------------------------------------- CLI and checkpoints
+
+
+def _held_out(tmp_path):
+    path = tmp_path / "held.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."}]},
+            {"messages": [{"role": "user", "content": "The quick brown fox"}, {"role": "assistant", "content": "ok"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_runaway_cli_writes_the_report(adapter_ckpt, tmp_path, capsys):
+    from decoding.eval_cli import main
+
+    out = tmp_path / "r.json"
+    assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(_held_out(tmp_path)), "--output", str(out),
+                 "--max-new-tokens", "6"]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_prompts"] == 2 and report["stop_ids"] == [IM_END, ENDOFTEXT] and not report["no_stop_ids"]
+    for key in ("stopped_by_stop_id", "emitted_end_of_turn", "hit_max_new_tokens", "role_leak", "runaway"):
+        assert report[key] in (0.0, 0.5, 1.0)
+    assert len(report["worst"]) == 2 and "runaway" in capsys.readouterr().out
+
+    assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(_held_out(tmp_path)), "--output", str(out),
+                 "--max-new-tokens", "6", "--no-stop-ids"]) == 0
+    assert "EXPERIMENT ONLY" in capsys.readouterr().err
+    assert json.loads(out.read_text())["stop_ids"] == [ENDOFTEXT]
+
+
+def test_eval_runaway_cli_reports_a_missing_input(adapter_ckpt, tmp_path, capsys):
+    from decoding.eval_cli import main
+
+    assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(tmp_path / "no.jsonl"), "--output",
+                 str(tmp_path / "r.json")]) == 1
+    assert "prompt file not found" in capsys.readouterr().err
+
+
+def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path, caplog):
+    from decoding.cli import main
+
+    with caplog.at_level("WARNING"):
+        assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(_held_out(tmp_path)), "--output",
+                     str(tmp_path / "o.jsonl"), "--max-new-tokens", "4", "--no-stop-ids"]) == 0
+    assert "EXPERIMENT ONLY" in caplog.text and "2 '<|im_end|>'" in caplog.text
+
+
+def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckpt, tmp_path, chatml_tok):
+    from training.checkpoint import stop_token_ids, write_checkpoint_extras
+
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(adapter_ckpt[0] / "ckpt", ckpt_dir)
+    (ckpt_dir / "generation_config.json").unlink()
+    for stop_tokens, expected in ((["<|endoftext|>", "<|im_end|>"], (ENDOFTEXT, IM_END)),
+                                  (["<|im_end|>", "!"], (IM_END, chatml_tok.get_vocab()["!"], ENDOFTEXT))):
+        written = stop_token_ids(chatml_tok, stop_tokens)
+        config = {"decoding": {"stop_tokens": stop_tokens, "max_new_tokens": 11}}
+        write_checkpoint_extras(ckpt_dir, chatml_tok, config, written, 11)
+        assert json.loads((ckpt_dir / "generation_config.json").read_text())["eos_token_id"] == written
+        ckpt = load_checkpoint(ckpt_dir)
+        # the written ids, in their order, then the tokenizer's own end-of-turn/eos if missing
+        assert ckpt.stop_ids == expected and ckpt.stop_ids[: len(written)] == tuple(written)
+        assert ckpt.model.generation_config.eos_token_id == list(expected) and ckpt.max_new_tokens == 11
