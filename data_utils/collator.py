@@ -41,6 +41,15 @@ class PackedCollator:
         pad_token_id: id written into padding positions (their labels are -100).
         pad_to_multiple_of: round ``L`` up to a multiple of this (None: no rounding).
         flash_attn_varlen: emit the flattened ``[1, T]`` layout with ``cu_seq_lens`` (see module doc).
+        isolate_segments: True (default): positions restart and first labels are masked per
+            segment. False reproduces the runaway bug (``data.labels: legacy_full_sequence``):
+            positions run on across the row and every label is kept, so segments attend to and
+            are trained from the ones before them.
+        loss_normalization: ``per_token`` (default) sends no weights: every trained token counts
+            once. ``per_example`` adds ``loss_weights`` (float32, same shape as ``labels``):
+            ``1 / n_e`` on each trained label of segment ``e`` with ``n_e`` trained labels, 0
+            elsewhere, so every example weighs the same whatever its length (see
+            ``training/loss.py``). Each segment's weights sum to 1.
 
     >>> c = PackedCollator(pad_token_id=0)
     >>> b = c([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lens": [3, 2]},
@@ -54,6 +63,8 @@ class PackedCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     flash_attn_varlen: bool = False
+    isolate_segments: bool = True
+    loss_normalization: str = "per_token"
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -64,8 +75,13 @@ class PackedCollator:
                     f"row is inconsistent: sum(seq_lens)={sum(r['seq_lens'])}, "
                     f"len(input_ids)={len(r['input_ids'])}, len(labels)={len(r['labels'])}"
                 )
+        if self.flash_attn_varlen and not self.isolate_segments:
+            raise ValueError("flash_attn_varlen isolates segments by construction; it cannot be combined with "
+                             "isolate_segments=False (legacy_full_sequence): use attn_implementation sdpa or eager")
+        if self.loss_normalization not in ("per_token", "per_example"):
+            raise ValueError(f"loss_normalization must be per_token or per_example, got {self.loss_normalization!r}")
         if self.flash_attn_varlen:
-            return self._flattened(rows)
+            return self._with_weights(self._flattened(rows), [n for r in rows for n in r["seq_lens"]])
         length = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -76,10 +92,23 @@ class PackedCollator:
             n = len(r["input_ids"])
             input_ids[b, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
+            if not self.isolate_segments:  # legacy: one long sequence, nothing masked
+                position_ids[b] = torch.arange(length, dtype=torch.long)
+                continue
             seq_lens = list(r["seq_lens"]) + ([length - n] if length > n else [])
             position_ids[b] = _positions(seq_lens)
             labels[b, _starts(r["seq_lens"])] = IGNORE_INDEX
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.loss_normalization == "per_example":
+            batch["loss_weights"] = torch.stack(
+                [_segment_weights(labels[b], list(r["seq_lens"])) for b, r in enumerate(rows)]
+            )
+        return batch
+
+    def _with_weights(self, batch: dict, seq_lens: list[int]) -> dict:
+        if self.loss_normalization == "per_example":
+            batch["loss_weights"] = _segment_weights(batch["labels"][0], seq_lens)[None]
+        return batch
 
     def _flattened(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         seq_lens = [n for r in rows for n in r["seq_lens"]]
@@ -97,6 +126,23 @@ class PackedCollator:
             "max_length_q": max(seq_lens),
             "max_length_k": max(seq_lens),
         }
+
+
+def _segment_weights(labels: torch.Tensor, seq_lens: Sequence[int]) -> torch.Tensor:
+    """``1 / n_e`` on the trained labels of each segment (``n_e`` of them), 0 elsewhere; float32 ``[L]``.
+
+    >>> _segment_weights(torch.tensor([-100, 5, 6, -100, 7, -100]), [3, 2]).tolist()
+    [0.0, 0.5, 0.5, 0.0, 1.0, 0.0]
+    """
+    weights = torch.zeros(labels.shape, dtype=torch.float32)
+    start = 0
+    for n in seq_lens:
+        trained = labels[start : start + n] != IGNORE_INDEX
+        count = int(trained.sum())
+        if count:
+            weights[start : start + n][trained] = 1.0 / count
+        start += n
+    return weights
 
 
 def _positions(seq_lens: Sequence[int]) -> torch.Tensor:

@@ -29,29 +29,32 @@ def test_every_item_is_placed_once_and_no_row_overflows():
     assert packing_efficiency(lengths, len(rows), 512) > 0.98
 
 
-def test_matches_a_naive_bfd_reference():
-    """The segment tree must pick the same rows as a quadratic best-fit scan."""
-    rng = random.Random(1)
-    lengths = [rng.randint(1, 64) for _ in range(400)]
+def _naive_bfd(lengths, cap):
+    """Quadratic per-item best-fit-decreasing: the fullest row that fits, ties to the row that
+    changed most recently (the rule best_fit_decreasing documents)."""
+    rows, free, changed, clock = [], [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: (free[r], -changed[r]))
+        else:
+            rows.append([])
+            free.append(cap)
+            changed.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+        clock += 1
+        changed[r] = clock
+    return rows
 
-    def naive(lengths, cap):
-        rows, free = [], []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            fits = [(free[r], r) for r in range(len(rows)) if free[r] >= lengths[i]]
-            if fits:
-                # smallest free capacity; among equals the most recently opened-or-updated row is
-                # taken by the tree (LIFO per capacity), so compare row totals instead of identities
-                _, r = min(fits)
-                rows[r].append(i)
-                free[r] -= lengths[i]
-            else:
-                rows.append([i])
-                free.append(cap - lengths[i])
-        return rows
 
-    ours, ref = best_fit_decreasing(lengths, 100), naive(lengths, 100)
-    assert len(ours) == len(ref)
-    assert sorted(sum(lengths[i] for i in r) for r in ours) == sorted(sum(lengths[i] for i in r) for r in ref)
+@pytest.mark.parametrize("seed", range(6))
+def test_grouped_bfd_places_every_item_exactly_like_per_item_bfd(seed):
+    rng = random.Random(seed)
+    cap = rng.choice([10, 64, 100])
+    lengths = [rng.randint(1, cap) for _ in range(rng.randint(1, 400))]
+    assert best_fit_decreasing(lengths, cap) == _naive_bfd(lengths, cap)
 
 
 @pytest.mark.parametrize("bad", [0, 9])

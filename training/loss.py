@@ -1,0 +1,72 @@
+"""Loss normalisation over a whole optimizer step (all accumulation micro-batches, all ranks).
+
+``per_token`` (default): every trained token weighs the same::
+
+    loss_step = sum_{t in step} ce_t / N_tokens,   N_tokens = trained labels in the step, all ranks
+
+transformers (>= 4.46) already does this: ``Trainer._get_num_items_in_batch`` counts the trained
+(shifted) labels of all micro-batches of the step and all-gathers them across ranks, the model's
+loss divides its summed cross-entropy by that count, and the Trainer multiplies by the number of
+processes to cancel DDP/DeepSpeed gradient averaging (``scale_wrt_gas=False`` under DeepSpeed).
+packlora keeps that path untouched.
+
+``per_example``: every example (packed segment) weighs the same, whatever its length::
+
+    loss_step = sum_{e in step} (1 / n_e) sum_{t in e} ce_t / N_examples
+
+where ``n_e`` is the number of trained labels of example ``e`` and ``N_examples`` the number of
+examples with at least one trained label in the step, over all ranks. The collator sends
+``loss_weights = 1 / n_e`` per trained label (so each example's weights sum to 1 and
+``N_examples = sum(loss_weights)``); this mixin uses the weights as the numerator and their
+gathered sum as the step's ``num_items_in_batch``. Both modes give the same gradient for
+``1 row x accumulation 4``, ``4 rows x accumulation 1``, ``2 ranks x 2 rows`` and unpacked padded
+batches (``tests/distributed/test_loss_invariance.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data_utils.types import IGNORE_INDEX
+
+LOSS_NORMALIZATIONS = ("per_token", "per_example")
+
+
+def weighted_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_items) -> torch.Tensor:
+    """``sum_t w_t * ce_t / num_items`` with the causal shift (logit ``t`` scores label ``t + 1``).
+
+    Args:
+        logits: ``[B, L, V]`` (any float dtype; computed in float32).
+        labels: ``[B, L]`` int64, ``-100`` where untrained.
+        weights: ``[B, L]`` float32, aligned with ``labels``.
+        num_items: the step's normaliser (a tensor or number).
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * weights[:, 1:].reshape(-1).to(ce.dtype)).sum() / num_items
+
+
+class LossNormalizationMixin:
+    """Trainer mixin: when a batch carries ``loss_weights`` (``per_example``), use them as above."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("loss_weights", None)
+        if weights is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        if num_items_in_batch is None:  # evaluation of a single batch
+            num_items_in_batch = weights.sum()
+        loss = weighted_causal_lm_loss(outputs.logits, labels, weights, num_items_in_batch)
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # cancels the ranks' gradient averaging
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        if batch_samples and "loss_weights" in batch_samples[0]:
+            n = sum(b["loss_weights"].sum() for b in batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                n = self.accelerator.gather(n).sum()
+            return n
+        return super()._get_num_items_in_batch(batch_samples, device)
