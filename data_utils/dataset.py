@@ -18,10 +18,10 @@ from pathlib import Path
 
 from data_utils.audit import audit_rows
 from data_utils.packing import best_fit_decreasing, packing_efficiency
-from data_utils.records import read_records
-from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat
+from data_utils.records import RecordError, read_records
+from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat, tokenize_chat_full_sequence
 from data_utils.tokenize_text import split_segment, tokenize_text
-from data_utils.types import ChatRecord, Segment, TextRecord
+from data_utils.types import ChatRecord, Message, Segment, TextRecord
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,25 @@ class OverflowError_(ValueError):
     """An example is longer than ``max_seq_length`` under ``overflow: error``."""
 
 
+class NoExampleError(ValueError):
+    """Every example was dropped or skipped; ``report`` holds the counts (a dict) for data_report.json."""
+
+    def __init__(self, message: str, report: dict):
+        self.report = report
+        super().__init__(message)
+
+
 @dataclass(frozen=True)
 class DataReport:
     """What happened to the data (units in the field names' terms: records, examples, rows, tokens).
 
-    ``examples`` counts segments kept for training (a split text document counts once per chunk).
-    ``dropped`` maps a reason (``too_long``, ``no_trained_tokens``) to a count of examples.
+    ``lines_read`` counts the lines of the input files; ``records`` the valid, unique ones among
+    them; ``examples`` the segments kept for training (a split text document counts once per chunk).
+    ``dropped`` maps a reason to a count: a bad line skipped under ``data.on_error: skip`` (one of
+    ``records.REASONS``), ``duplicate`` (a record equal to an earlier one after normalising
+    whitespace), ``too_long`` (over ``max_seq_length`` under ``overflow: drop``), ``no_trained_tokens``.
+    So ``lines_read = records + (line-level drops)`` and, for chats,
+    ``records - heldout = examples + too_long + no_trained_tokens``.
     """
 
     records: int
@@ -54,6 +67,7 @@ class DataReport:
     assistant_turns: int
     max_seq_length: int
     cache_files: list[str] = field(default_factory=list)
+    lines_read: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +92,13 @@ def prepare_data(
     eval_holdout: int = 0,
     seed: int = 42,
     cache_dir: str | Path | None = None,
+    stage: str = "auto",
+    text_eos: str = "document",
+    preset=None,
+    preset_overrides_system: bool = False,
+    labels: str = "assistant_only",
+    on_error: str = "error",
+    packing: bool = True,
 ) -> PreparedData:
     """Read, tokenise (assistant-only labels), apply the overflow policy and pack.
 
@@ -90,18 +111,42 @@ def prepare_data(
         eval_holdout: number of chat records held out of training, drawn with ``seed``.
         seed: seed for the hold-out draw.
         cache_dir: Arrow cache directory (default ``~/.cache/packlora/datasets``).
+        stage: ``pretrain`` (text records only), ``sft`` (chats only) or ``auto`` (any mix).
+        text_eos: ``document`` (EOS only at a document's true end) or ``chunk`` (every split chunk).
+        preset: a ``presets.Preset`` whose system message goes into chats without one (all of
+            them with ``preset_overrides_system``); held-out chats get it too.
+        labels: ``assistant_only``, or ``legacy_full_sequence`` (bug reproduction: chats are
+            labelled in full, role markers included; see ``data.labels`` in training/config.py).
+        on_error: ``error`` stops at the first bad or duplicate record; ``skip`` leaves it out and
+            counts it in ``report.dropped`` by reason.
+        packing: ``False`` puts every example in a row of its own (an unpacked baseline).
 
     Raises:
-        RecordError: a malformed line (file:line in the message).
+        RecordError: a malformed or duplicate line under ``on_error="error"`` (file:line in the message).
         TemplateMismatchError: labels cannot be placed exactly for an example.
         OverflowError_: an over-long example under ``overflow: error``.
-        ValueError: ``split`` asked for chats, too few records for the hold-out, or no example left.
+        NoExampleError: no example left (every record was bad, a duplicate, too long or untrained).
+        ValueError: ``split`` asked for chats or too few records for the hold-out.
     """
     import datasets
 
     records: list[ChatRecord | TextRecord] = []
+    skipped: list[RecordError] = []
     for f in files:
-        records.extend(read_records(f, format))
+        records.extend(read_records(f, format, on_error, skipped))
+    records, duplicates = _drop_duplicates(records, on_error)
+    skipped += duplicates
+    line_drops = Counter(e.reason for e in skipped)
+    for e in skipped[:5]:
+        logger.warning("skipped (data.on_error=skip): %s", e)
+    lines_read = len(records) + len(skipped)
+    if not records:
+        raise NoExampleError(
+            f"no example left to train on: {dict(sorted(line_drops.items()))} dropped of {lines_read} lines in "
+            f"{files}. Every line was skipped; set data.on_error=error to stop at the first bad line and see why",
+            {"lines_read": lines_read, "records": 0, "examples": 0, "dropped": dict(sorted(line_drops.items()))},
+        )
+    records = _apply_stage_and_preset(records, stage, preset, preset_overrides_system)
     heldout_idx = _draw_heldout(records, eval_holdout, seed)
     heldout = [records[i] for i in heldout_idx]
     held = set(heldout_idx)
@@ -110,6 +155,10 @@ def prepare_data(
     cache = Path(cache_dir or DEFAULT_CACHE_DIR)
     cache.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(files, tokenizer, max_seq_length, format, overflow, heldout_idx)
+    if (stage, text_eos, preset, preset_overrides_system) != ("auto", "document", None, False):  # defaults keep caches
+        fp = hashlib.sha256(f"{fp}-{stage}-{text_eos}-{preset!r}-{preset_overrides_system}".encode()).hexdigest()[:16]
+    if labels != "assistant_only":  # keep assistant_only fingerprints (and caches) unchanged
+        fp = hashlib.sha256(f"{fp}-{labels}".encode()).hexdigest()[:16]
     eot = end_of_turn_id(tokenizer)
     raw = datasets.Dataset.from_dict(
         {
@@ -123,7 +172,7 @@ def prepare_data(
         _tokenize_batch,
         batched=True,
         remove_columns=raw.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, eot=eot, max_seq_length=max_seq_length, overflow=overflow),
+        fn_kwargs=dict(tokenizer=tokenizer, eot=eot, max_seq_length=max_seq_length, overflow=overflow, labels=labels, text_eos=text_eos),
         cache_file_name=str(tok_file),
         new_fingerprint=f"tok-{fp}",
         desc="Tokenising",
@@ -132,21 +181,23 @@ def prepare_data(
     reasons = Counter(drop_reasons)
     kept_idx = [i for i, r in enumerate(drop_reasons) if r == ""]
     if not kept_idx:
-        raise ValueError(
+        all_drops = dict(sorted((Counter({k: v for k, v in reasons.items() if k}) + line_drops).items()))
+        raise NoExampleError(
             f"no example left to train on: {dict(reasons)} dropped of {len(train_records)} records in {files}. "
-            f"Check data.max_seq_length ({max_seq_length}) and the data"
+            f"Check data.max_seq_length ({max_seq_length}), data.overflow and the data",
+            {"lines_read": lines_read, "records": len(records), "examples": 0, "dropped": all_drops},
         )
     kept = tokenized.select(kept_idx)
     lengths = list(kept["length"])
-    bins = best_fit_decreasing(lengths, max_seq_length)
-    pack_file = cache / f"packed-{fp}.arrow"
+    bins = best_fit_decreasing(lengths, max_seq_length) if packing else [[i] for i in range(len(lengths))]
+    pack_file = cache / (f"packed-{fp}.arrow" if packing else f"unpacked-{fp}.arrow")
     packed = datasets.Dataset.from_dict({"members": bins}).map(
         _pack_batch,
         batched=True,
         remove_columns=["members"],
         fn_kwargs=dict(kept=kept),
         cache_file_name=str(pack_file),
-        new_fingerprint=f"pack-{fp}",
+        new_fingerprint=f"pack-{fp}" if packing else f"unpack-{fp}",
         desc="Packing",
     )
     audit = audit_rows(packed, tokenizer, eot, _pad_id(tokenizer))
@@ -155,7 +206,7 @@ def prepare_data(
         records=len(records),
         heldout=len(heldout),
         examples=len(kept),
-        dropped={k: v for k, v in sorted(reasons.items()) if k},
+        dropped=dict(sorted((Counter({k: v for k, v in reasons.items() if k}) + line_drops).items())),
         split_chunks=split_chunks,
         rows=len(packed),
         packing_efficiency=round(packing_efficiency(lengths, len(packed), max_seq_length), 6),
@@ -165,14 +216,76 @@ def prepare_data(
         assistant_turns=sum(kept["assistant_turns"]),
         max_seq_length=max_seq_length,
         cache_files=[str(tok_file), str(pack_file)],
+        lines_read=lines_read,
     )
     for reason, n in report.dropped.items():
-        logger.warning("dropped %d example(s): %s (see data.overflow / data.max_seq_length)", n, reason)
+        hint = "data.on_error" if reason in line_drops else "data.overflow / data.max_seq_length"
+        logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
     return PreparedData(rows=packed, heldout=heldout, report=report)
+
+
+def record_key(record: ChatRecord | TextRecord) -> str:
+    """Hash of a record after normalising whitespace (strip, runs of whitespace -> one space).
+
+    >>> from data_utils.types import Message, Source
+    >>> a = ChatRecord((Message("user", "Hi  there"), Message("assistant", "Yes.")), Source("a", 1))
+    >>> b = ChatRecord((Message("user", " Hi there"), Message("assistant", "Yes.\\n")), Source("a", 2))
+    >>> record_key(a) == record_key(b), record_key(a) == record_key(TextRecord("Hi there Yes.", Source("a", 3)))
+    (True, False)
+    """
+    norm = lambda t: " ".join(t.split())  # noqa: E731
+    if isinstance(record, ChatRecord):
+        payload = [[m.role, norm(m.content)] for m in record.messages]
+    else:
+        payload = norm(record.text)
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def _drop_duplicates(records, on_error: str):
+    """Keep the first of each set of equal records; the others are errors (or, under skip, returned)."""
+    first: dict[str, ChatRecord | TextRecord] = {}
+    kept, dups = [], []
+    for r in records:
+        key = record_key(r)
+        if key in first:
+            err = RecordError(
+                r.source,
+                f"duplicate record: same content as {first[key].source} (after normalising whitespace); "
+                "remove one copy, or set data.on_error=skip to drop it (counted as 'duplicate')",
+                "duplicate",
+            )
+            if on_error == "error":
+                raise err
+            dups.append(err)
+        else:
+            first[key] = r
+            kept.append(r)
+    return kept, dups
 
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _apply_stage_and_preset(records, stage: str, preset, override: bool):
+    """Refuse records of the wrong kind for ``stage``; give chats the preset's system message."""
+    wrong = {"pretrain": ChatRecord, "sft": TextRecord}.get(stage)
+    for r in records:
+        if wrong is not None and isinstance(r, wrong):
+            kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
+            raise ValueError(
+                f"{r.source}: {kind} under data.stage={stage}; stage 1 (pretrain) trains on {{'text'}} records, "
+                "stage 2 (sft) on chats. Fix data.train or set data.stage: auto"
+            )
+    if preset is None:
+        return records
+    from presets import apply_preset
+
+    return [
+        ChatRecord(tuple(Message(m["role"], m["content"]) for m in apply_preset(r.as_dicts(), preset, override)), r.source)
+        if isinstance(r, ChatRecord) else r
+        for r in records
+    ]
 
 
 def _draw_heldout(records, n: int, seed: int) -> list[int]:
@@ -184,7 +297,7 @@ def _draw_heldout(records, n: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(chats, n))
 
 
-def _tokenize_batch(batch, tokenizer, eot, max_seq_length, overflow):
+def _tokenize_batch(batch, tokenizer, eot, max_seq_length, overflow, labels="assistant_only", text_eos="document"):
     out = {k: [] for k in ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks")}
 
     def emit(seg: Segment | None, source, reason, turns, chunks):
@@ -199,7 +312,10 @@ def _tokenize_batch(batch, tokenizer, eot, max_seq_length, overflow):
     for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
         if messages:
             msgs = json.loads(messages)
-            seg = tokenize_chat(msgs, tokenizer, eot, example=source)
+            if labels == "legacy_full_sequence":
+                seg = tokenize_chat_full_sequence(msgs, tokenizer)
+            else:
+                seg = tokenize_chat(msgs, tokenizer, eot, example=source)
             turns = sum(m["role"] == "assistant" for m in msgs)
             policy = "drop" if overflow == "auto" else overflow
             if policy == "split":
@@ -219,7 +335,7 @@ def _tokenize_batch(batch, tokenizer, eot, max_seq_length, overflow):
             if policy == "drop":
                 emit(None, source, "too_long", 0, 0)
                 continue
-            pieces = split_segment(seg, max_seq_length)
+            pieces = split_segment(seg, max_seq_length, tokenizer.eos_token_id if text_eos == "chunk" else None)
             for k, piece in enumerate(pieces):
                 emit(piece, source, "", 0, 1 if k else 0)
             continue

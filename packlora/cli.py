@@ -1,9 +1,13 @@
 """The ``packlora`` console script: one entry point, one subcommand per job.
 
     packlora launch  CONFIG [key.sub=value ...] [--nproc-per-node N] [--dry-run]   # start training
+    packlora slurm   CONFIG [key.sub=value ...] --nodes N --gpus-per-node G [--submit [--wait]]
     packlora train   CONFIG [key.sub=value ...]      # one process of a run (what `launch` starts)
     packlora inspect CONFIG [key.sub=value ...] [--json]   # label audit and packing report
-    packlora decode  CHECKPOINT --input prompts.jsonl --output out.jsonl
+    packlora decode  CHECKPOINT --input prompts.jsonl --output out.jsonl [--preset NAME]
+    packlora subset  --input IN.jsonl --output OUT.jsonl --ratio 0.2 --seed S [--tokenizer DIR]
+    packlora export  CHECKPOINT --merge OUT_DIR        # merged model for AutoModelForCausalLM / serving
+    packlora eval-runaway CHECKPOINT --input held_out.jsonl [--no-stop-ids] --output report.json
 
 Each subcommand's own ``--help`` lists its flags.
 """
@@ -16,15 +20,19 @@ import sys
 # does not pay for torch/deepspeed imports.
 SUBCOMMANDS = {
     "launch": ("launcher.cli", "build and run the deepspeed/torchrun command for a config"),
+    "slurm": ("launcher.slurm_cli", "write (and submit) an sbatch script: one launcher task per node"),
     "train": ("training.train", "run one training process (started by `launch`)"),
     "inspect": ("training.inspect_cli", "label audit: what is trained, packing efficiency"),
     "decode": ("decoding.cli", "generate replies from a checkpoint, stopping at its stop IDs"),
+    "subset": ("data_utils.subset", "reproducible length-stratified subset of a JSONL file, with a manifest"),
+    "export": ("training.export", "merge a LoRA checkpoint into a standard model directory"),
+    "eval-runaway": ("decoding.eval_cli", "rate of replies that run on past the end of their turn"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: packlora SUBCOMMAND [args...]", "", "subcommands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -31,10 +31,15 @@ from typing import Any
 
 import yaml
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("sdpa", "packed_sdpa", "eager", "flash_attention_2", "flex_attention")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OVERFLOW_POLICIES = ("auto", "drop", "error", "split")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "text")
+ON_ERROR_POLICIES = ("error", "skip")
+DATA_STAGES = ("auto", "pretrain", "sft")
+TEXT_EOS = ("document", "chunk")
+INIT_MODES = ("merge", "continue")
+LABEL_MODES = ("assistant_only", "legacy_full_sequence")
 # TrainingArguments keys that packlora sets itself, and where the user sets them instead.
 OWNED_TRAINING_KEYS = {
     "output_dir": "output_dir",
@@ -67,7 +72,9 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer directory; defaults to ``name_or_path``."""
     attn_implementation: str = "sdpa"
-    """One of ``sdpa``, ``eager`` (CPU or GPU), ``flash_attention_2`` (GPU), ``flex_attention``."""
+    """``sdpa`` (block-diagonal mask from the restarting positions), ``packed_sdpa`` (SDPA per
+    segment, no mask: faster, see training/packed_attention.py), ``eager``, ``flash_attention_2``
+    (GPU, varlen) or ``flex_attention`` (GPU for training: torch has no flex backward on CPU)."""
     dtype: str = "auto"
     """Weights and compute dtype. ``auto``: bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
@@ -105,6 +112,26 @@ class DataConfig:
     """Records held out of training (drawn with ``seed``) and decoded after training."""
     cache_dir: str | None = None
     """Where tokenised/packed datasets are cached; default ``~/.cache/packlora/datasets``."""
+    on_error: str = "error"
+    """A bad line (invalid JSON or UTF-8, missing field, unknown role...) or a duplicate record:
+    ``error`` stops before training, naming file, line and field; ``skip`` leaves it out and
+    counts it by reason in ``output_dir/data_report.json``."""
+    packing: bool = True
+    """Pack examples into rows of ``max_seq_length`` (best-fit-decreasing). ``false``: one example
+    per row, padded per batch (a baseline; the same labels and loss)."""
+    stage: str = "auto"
+    """``pretrain`` (stage 1: ``{"text"}`` records only, every token trained, long documents split
+    into counted chunks of at most ``max_seq_length``), ``sft`` (chats only, assistant-only labels),
+    or ``auto`` (each record by its kind). A record of the wrong kind is an error naming its line."""
+    text_eos: str = "document"
+    """Where EOS goes in raw text: ``document`` (only at the true end of a document, so only the last
+    chunk of a split document ends with EOS) or ``chunk`` (every chunk ends with EOS)."""
+    labels: str = "assistant_only"
+    """``assistant_only`` (the default and the only sound choice): train assistant replies and their
+    ``<|im_end|>``, each packed segment isolated. ``legacy_full_sequence`` reproduces the runaway
+    bug on purpose, never use it for a real model: labels cover the whole ChatML text, role
+    markers included, and segments are packed WITHOUT isolation (positions run on, first labels
+    trained). The label audit then only warns. See docs/behaviour-boundary.md."""
 
 
 @dataclass(kw_only=True)
@@ -115,6 +142,19 @@ class DecodingConfig:
     """Tokens that end generation; their ids become ``generation_config.eos_token_id``."""
     max_new_tokens: int = 512
     """Generation length limit, in tokens."""
+
+
+@dataclass(kw_only=True)
+class RunawayEvalConfig:
+    """Runaway metrics on held-out prompts during training (``training/runaway_callback.py``)."""
+
+    every_steps: int = 0
+    """Run every this many optimizer steps, logged to TensorBoard as ``runaway/*``; 0 = off.
+    Needs ``data.eval_holdout`` >= 1 (the prompts are the held-out chats)."""
+    num_prompts: int = 4
+    """Held-out prompts decoded each time (the first ``num_prompts`` of the hold-out)."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt before a reply counts as ``hit_max_new_tokens``."""
 
 
 @dataclass(kw_only=True)
@@ -129,11 +169,28 @@ class RunConfig:
     """A file in ``ds_configs/`` (``zero2.json``, ``zero3.json``) or a path; null disables DeepSpeed."""
     log_batch_digests: bool = False
     """Debug: each rank appends a digest of every batch it trains on to ``output_dir/batches.rank{R}.jsonl``."""
+    preset: str | None = None
+    """A style preset (``presets/``: ``zhang_henshui``, ``shishuo``, ``none``, or a YAML path): its
+    system prompt + guard sentence go into every chat that lacks a system message, and its stop
+    tokens join ``decoding.stop_tokens``."""
+    preset_overrides_system: bool = False
+    """Let the preset replace a system message the record already has (default: keep the record's)."""
+    init_from: str | None = None
+    """Stage 2 from stage 1: a packlora checkpoint directory to start from (see ``init_mode``)."""
+    init_mode: str = "merge"
+    """``merge``: merge ``init_from``'s adapter into its base, save that as ``output_dir/base_model``
+    and train a fresh LoRA on it. ``continue``: keep training ``init_from``'s adapter (same base)."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss_normalization: str = "per_token"
+    """``per_token``: every trained token weighs the same over the whole optimizer step (all
+    accumulation steps and ranks). ``per_example``: every example weighs the same whatever its
+    length. Formulas in ``training/loss.py``."""
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    """LoRA settings; ``lora: null`` trains every parameter of the base (full fine-tuning)."""
     data: DataConfig = field(default_factory=DataConfig)
     training: dict = field(default_factory=dict)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    runaway_eval: RunawayEvalConfig = field(default_factory=RunawayEvalConfig)
 
     def deepspeed_path(self) -> str | None:
         """The DeepSpeed JSON to use, resolved against ``ds_configs/`` for bare names."""
@@ -143,7 +200,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "decoding": DecodingConfig}
+_SECTIONS = {
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "decoding": DecodingConfig,
+    "runaway_eval": RunawayEvalConfig,
+}
+_NULLABLE_SECTIONS = ("lora",)  # `lora: null` = full-parameter training
 
 
 def resolve_deepspeed_config(name: str) -> str:
@@ -225,6 +286,9 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
             problems.append(f"{key}: unknown key; valid top-level keys are {sorted(top_fields)}")
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
+        if name in _NULLABLE_SECTIONS and name in raw and raw[name] is None:
+            kwargs[name] = None
+            continue
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             problems.append(f"{name}: must be a mapping, got {type(section).__name__}")
@@ -233,7 +297,7 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         unknown = [k for k in section if k not in valid]
         problems += [f"{name}.{k}: unknown key; valid keys are {sorted(valid)}" for k in unknown]
         kwargs[name] = cls(**{k: v for k, v in section.items() if k in valid})
-    for key in ("output_dir", "seed", "deepspeed", "log_batch_digests", "training"):
+    for key in top_fields - set(_SECTIONS):  # plain top-level values (output_dir, seed, training, ...)
         if key in raw:
             kwargs[key] = raw[key]
     if "output_dir" not in kwargs:
@@ -252,6 +316,10 @@ def validate(cfg: RunConfig) -> list[str]:
     m, lo, d, dec = cfg.model, cfg.lora, cfg.data, cfg.decoding
     if not isinstance(cfg.seed, int):
         p.append(f"seed: must be an integer, got {cfg.seed!r}")
+    if cfg.loss_normalization not in ("per_token", "per_example"):
+        p.append(f"loss_normalization: {cfg.loss_normalization!r} is not one of ['per_token', 'per_example']")
+    if not isinstance(cfg.data.packing, bool):
+        p.append(f"data.packing: must be true or false, got {cfg.data.packing!r}")
     if (m.name_or_path is None) == (m.config is None):
         p.append("model.name_or_path / model.config: set exactly one (a model directory, or a config to build from)")
     if m.config is not None and (not isinstance(m.config, dict) or "model_type" not in m.config):
@@ -265,13 +333,13 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"model.attn_implementation: {m.attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
     if m.dtype not in DTYPES:
         p.append(f"model.dtype: {m.dtype!r} is not one of {list(DTYPES)}")
-    if not isinstance(lo.r, int) or lo.r < 1:
+    if lo is not None and (not isinstance(lo.r, int) or lo.r < 1):
         p.append(f"lora.r: must be an integer >= 1, got {lo.r!r}")
-    if not isinstance(lo.alpha, (int, float)) or lo.alpha <= 0:
+    if lo is not None and (not isinstance(lo.alpha, (int, float)) or lo.alpha <= 0):
         p.append(f"lora.alpha: must be > 0, got {lo.alpha!r}")
-    if not isinstance(lo.dropout, (int, float)) or not 0 <= lo.dropout < 1:
+    if lo is not None and (not isinstance(lo.dropout, (int, float)) or not 0 <= lo.dropout < 1):
         p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout!r}")
-    if not isinstance(lo.target_modules, list) or not lo.target_modules:
+    if lo is not None and (not isinstance(lo.target_modules, list) or not lo.target_modules):
         p.append(f"lora.target_modules: must be a non-empty list of module names, got {lo.target_modules!r}")
     if isinstance(d.train, str):
         d.train = [d.train]
@@ -288,6 +356,18 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.overflow: {d.overflow!r} is not one of {list(OVERFLOW_POLICIES)}")
     if not isinstance(d.eval_holdout, int) or d.eval_holdout < 0:
         p.append(f"data.eval_holdout: must be an integer >= 0 (records), got {d.eval_holdout!r}")
+    if d.on_error not in ON_ERROR_POLICIES:
+        p.append(f"data.on_error: {d.on_error!r} is not one of {list(ON_ERROR_POLICIES)}")
+    if d.labels not in LABEL_MODES:
+        p.append(f"data.labels: {d.labels!r} is not one of {list(LABEL_MODES)} (assistant_only is the sound default)")
+    ra = cfg.runaway_eval
+    for key in ("every_steps", "num_prompts", "max_new_tokens"):
+        value, least = getattr(ra, key), 0 if key == "every_steps" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            p.append(f"runaway_eval.{key}: must be an integer >= {least}, got {value!r}")
+    if isinstance(ra.every_steps, int) and ra.every_steps > 0 and isinstance(d.eval_holdout, int) and d.eval_holdout < 1:
+        p.append("runaway_eval.every_steps: needs held-out prompts; set data.eval_holdout >= 1 or every_steps: 0")
+    p += _validate_two_stage(cfg)
     if not isinstance(dec.stop_tokens, list) or not all(isinstance(s, str) for s in dec.stop_tokens):
         p.append(f"decoding.stop_tokens: must be a list of token strings, got {dec.stop_tokens!r}")
     if not isinstance(dec.max_new_tokens, int) or dec.max_new_tokens < 1:
@@ -304,6 +384,40 @@ def validate(cfg: RunConfig) -> list[str]:
     return p
 
 
+def _validate_two_stage(cfg: RunConfig) -> list[str]:
+    """Problems with ``data.stage``, ``data.text_eos``, ``preset*`` and ``init_from``/``init_mode``."""
+    p = []
+    if cfg.data.stage not in DATA_STAGES:
+        p.append(f"data.stage: {cfg.data.stage!r} is not one of {list(DATA_STAGES)}")
+    if cfg.data.text_eos not in TEXT_EOS:
+        p.append(f"data.text_eos: {cfg.data.text_eos!r} is not one of {list(TEXT_EOS)}")
+    if cfg.data.stage == "sft" and cfg.data.overflow == "split":
+        p.append("data.overflow: split would cut chats mid-answer under data.stage=sft; use drop or error")
+    if cfg.preset is not None:
+        from presets import PresetError, load_preset
+
+        try:
+            load_preset(str(cfg.preset))
+        except PresetError as e:
+            p.append(f"preset: {e}")
+    if not isinstance(cfg.preset_overrides_system, bool):
+        p.append(f"preset_overrides_system: must be true or false, got {cfg.preset_overrides_system!r}")
+    if cfg.init_mode not in INIT_MODES:
+        p.append(f"init_mode: {cfg.init_mode!r} is not one of {list(INIT_MODES)}")
+    if cfg.init_from is not None:
+        ckpt = Path(str(cfg.init_from))
+        if not ((ckpt / "adapter_config.json").is_file() or (ckpt / "config.json").is_file()):
+            p.append(
+                f"init_from: {cfg.init_from!r} is not a checkpoint directory (no adapter_config.json or "
+                f"config.json); point it at the stage-1 output_dir (paths are relative to {Path.cwd()})"
+            )
+        elif cfg.init_mode == "continue" and not (ckpt / "adapter_config.json").is_file():
+            p.append(f"init_mode: continue needs a LoRA checkpoint, but {cfg.init_from!r} is a full model; use merge")
+        if cfg.init_mode == "continue" and cfg.lora is None:
+            p.append("init_mode: continue keeps training a LoRA adapter; it cannot be combined with lora: null")
+    return p
+
+
 def _validate_training(training: dict) -> list[str]:
     from transformers import TrainingArguments
 
@@ -314,4 +428,10 @@ def _validate_training(training: dict) -> list[str]:
             p.append(f"training.{key}: set by packlora; use {OWNED_TRAINING_KEYS[key]} instead")
         elif key not in valid:
             p.append(f"training.{key}: not a transformers.TrainingArguments field")
+    resume = training.get("resume_from_checkpoint")
+    if resume not in (None, "auto") and (not isinstance(resume, str) or not Path(resume).is_dir()):
+        p.append(
+            f"training.resume_from_checkpoint: {resume!r} is not a checkpoint directory; give an existing "
+            f"output_dir/checkpoint-N (relative to {Path.cwd()}), auto (the newest complete one), or null"
+        )
     return p

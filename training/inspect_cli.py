@@ -34,18 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     from datasets.utils.logging import disable_progress_bar
 
     from data_utils.audit import render_row
-    from data_utils.dataset import prepare_data
     from training.config import load_config
+    from training.data import load_run_preset, prepare_run_data
     from training.model import load_tokenizer
 
     if ns.json:
         disable_progress_bar()
     cfg = load_config(ns.config, ns.overrides)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(
-        cfg.data.train, tokenizer, max_seq_length=cfg.data.max_seq_length, format=cfg.data.format,
-        overflow=cfg.data.overflow, eval_holdout=cfg.data.eval_holdout, seed=cfg.seed, cache_dir=cfg.data.cache_dir,
-    )
+    data = prepare_run_data(cfg, tokenizer, load_run_preset(cfg.preset))
     report = data.report.to_dict()
     summary = {k: report[k] for k in JSON_KEYS}
     if ns.json:

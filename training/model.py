@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
+from training.isolation import install_isolation_guard
 from training.config import LoraConfig, ModelConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ def materialize_base(cfg: RunConfig, tokenizer, args) -> str:
         ValueError: ``output_dir/base_model`` exists but was built from a different config or seed,
             or ``model.config.vocab_size`` is smaller than the tokenizer.
     """
+    if getattr(cfg, "init_from", None):  # stage 2 from stage 1: see training/init_from.py
+        from training.init_from import materialize_init_base
+
+        return materialize_init_base(cfg, tokenizer, args)
     if cfg.model.name_or_path:
         return str(Path(cfg.model.name_or_path).resolve())
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
@@ -94,25 +100,55 @@ def materialize_base(cfg: RunConfig, tokenizer, args) -> str:
     return str(out)
 
 
-def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int):
+def check_attention_backend(attn_implementation: str, cuda: bool) -> None:
+    """Refuse, before any work, backends that cannot train on this machine.
+
+    Raises:
+        ValueError: ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU), or
+            ``flash_attention_2`` without CUDA.
+    """
+    if cuda:
+        return
+    if attn_implementation == "flex_attention":
+        raise ValueError(
+            "model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention backward "
+            "there); use packed_sdpa, sdpa or eager on CPU, flex_attention on GPU"
+        )
+    if attn_implementation.startswith("flash_attention"):
+        raise ValueError(f"model.attn_implementation: {attn_implementation} needs a CUDA GPU; use packed_sdpa or sdpa on CPU")
+
+
+def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | None, seed: int,
+                init_adapter: str | None = None):
     """Load the base (under ZeRO-3 ``zero.Init`` when the DeepSpeed config says so), freeze it and
     attach a fresh LoRA. Seeds first: LoRA A matrices are drawn from the global RNG.
+    With ``lora_cfg=None`` (``lora: null``) the base itself is returned, every parameter trainable.
+    With ``init_adapter`` (``init_mode: continue``) that saved adapter is loaded as trainable instead
+    of a fresh LoRA.
 
     Returns:
-        A ``peft.PeftModel``; only ``lora_`` parameters require grad.
+        A ``peft.PeftModel``; only ``lora_`` parameters require grad. Or, without LoRA, the
+        ``AutoModelForCausalLM`` with every parameter requiring grad.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
+    check_attention_backend(model_cfg.attn_implementation, torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(
         base_path,
+        use_safetensors=True,  # never unpickle weights
         dtype=resolve_dtype(model_cfg.dtype),
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
     )
     model.config.use_cache = False  # a KV cache disables packed-sequence masks
+    install_isolation_guard(model)  # refuse inputs that would let packed examples see each other
     set_seed(seed)
+    if lora_cfg is None:
+        total = sum(_numel(p) for p in model.parameters())
+        logger.info("full-parameter training (lora: null): all %d parameters trainable", total)
+        return model
     peft_cfg = PeftLoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
@@ -120,7 +156,13 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig, se
         target_modules=list(lora_cfg.target_modules),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, peft_cfg)
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        logger.info("continuing the LoRA adapter of %s", init_adapter)
+    else:
+        model = get_peft_model(model, peft_cfg)
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))

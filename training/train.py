@@ -10,6 +10,7 @@ the first packed row, and after training decodes the held-out prompts with the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     distributed.configure()  # before TrainingArguments initialises the process group
 
+    from data_utils.collator import PackedCollator
+    from training.checkpoint import resolve_resume, stop_token_ids
     from training.config import load_config
+    from training.data import load_run_preset, prepare_run_data
+    from training.init_from import init_adapter
+    from training.model import build_model, load_tokenizer, materialize_base
+    from training.trainer import CheckpointExtrasCallback, PackloraTrainer
 
     cfg = load_config(ns.config, ns.overrides)
     out = Path(cfg.output_dir)
@@ -38,50 +45,36 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "runs"))
     args = build_training_arguments(cfg)
     main_rank = args.process_index == 0
+    resume = resolve_resume(args.resume_from_checkpoint, out)  # "auto" -> newest complete checkpoint-N
     if main_rank:
-        logger.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=1, ensure_ascii=False))
-
-    from data_utils.audit import render_row, trained_text
-    from data_utils.collator import PackedCollator
-    from data_utils.dataset import prepare_data
-    from training.checkpoint import stop_token_ids
-    from training.model import build_model, load_tokenizer, materialize_base
+        _log_start(cfg, args, out)
 
     tokenizer = load_tokenizer(cfg.model)
-    stop_ids = stop_token_ids(tokenizer, cfg.decoding.stop_tokens)
-    with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"):
-        data = prepare_data(
-            cfg.data.train, tokenizer, max_seq_length=cfg.data.max_seq_length, format=cfg.data.format,
-            overflow=cfg.data.overflow, eval_holdout=cfg.data.eval_holdout, seed=cfg.seed, cache_dir=cfg.data.cache_dir,
-        )
+    preset = load_run_preset(cfg.preset)
+    stop_ids = stop_token_ids(tokenizer, cfg.decoding.stop_tokens + list(preset.stop_tokens if preset else ()))
+    with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"), _report_if_no_data(out, main_rank):
+        data = prepare_run_data(cfg, tokenizer, preset)
     with args.main_process_first(local=False, desc="build the base model (shared output_dir)"):
         base_path = materialize_base(cfg, tokenizer, args)
-    report = data.report
-    if main_rank:
-        logger.info("data report: %s", json.dumps(report.to_dict(), ensure_ascii=False))
-        (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
-        logger.info("first packed row, trained text only:\n%s", trained_text(data.rows[0], tokenizer))
-        logger.debug("first packed row:\n%s", render_row(data.rows[0], tokenizer, color=False))
-        _write_heldout(out / "heldout.jsonl", data.heldout)
-    if report.role_markers_in_labels:
-        raise RuntimeError(
-            f"label audit failed: {report.role_markers_in_labels} role-marker tokens carry a label; "
-            "refusing to train a model that learns to write new turns (see `packlora inspect`)"
-        )
-    _log_batch_arithmetic(args, cfg, report.rows, main_rank)
+    legacy = cfg.data.labels == "legacy_full_sequence"
+    _audit_labels(data, tokenizer, out, legacy, main_rank)
+    _log_batch_arithmetic(args, cfg, data.report.rows, main_rank)
 
-    model = build_model(base_path, cfg.model, cfg.lora, cfg.seed)
-    from training.trainer import CheckpointExtrasCallback, PackloraTrainer
-
+    model = build_model(base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
     collator = PackedCollator(
-        pad_token_id=tokenizer.pad_token_id, flash_attn_varlen=cfg.model.attn_implementation == "flash_attention_2"
+        pad_token_id=tokenizer.pad_token_id, flash_attn_varlen=cfg.model.attn_implementation == "flash_attention_2",
+        loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
     extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, cfg.decoding.max_new_tokens, model)
     trainer = PackloraTrainer(
         model=model, args=args, train_dataset=data.rows, data_collator=collator, processing_class=tokenizer,
-        callbacks=[extras], batch_digest_dir=out if cfg.log_batch_digests else None,
+        callbacks=[extras, *distributed.fault_injection_callbacks()], batch_digest_dir=out if cfg.log_batch_digests else None,
+        packing_stats={"packing_efficiency": data.report.packing_efficiency, "rows_per_epoch": data.report.rows},
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if cfg.runaway_eval.every_steps:
+        _add_runaway_eval(trainer, cfg, tokenizer, data, stop_ids, out)
+
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         extras.finish(out)
@@ -91,6 +84,50 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank and data.heldout:
         _decode_heldout(out)
     return 0
+
+
+def _log_start(cfg, args, out: Path) -> None:
+    logger.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=1, ensure_ascii=False))
+    logger.info("rank 0 of %d; checkpoints -> %s (every %s steps); TensorBoard logs -> %s; collective "
+                "timeout %d s (training.ddp_timeout)", args.world_size, out.resolve(), args.save_steps,
+                os.environ["TENSORBOARD_LOGGING_DIR"], args.ddp_timeout)
+    if cfg.model.trust_remote_code:
+        logger.warning("model.trust_remote_code=true: Python code shipped with %s will run in this process",
+                       cfg.model.name_or_path or cfg.model.tokenizer)
+
+
+def _audit_labels(data, tokenizer, out: Path, legacy: bool, main_rank: bool) -> None:
+    """Log the data report and the first row's trained text (rank 0); refuse role markers in labels
+    unless the run reproduces the bug on purpose (``data.labels: legacy_full_sequence``)."""
+    from data_utils.audit import render_row, trained_text
+
+    report = data.report
+    if main_rank:
+        logger.info("data report: %s", json.dumps(report.to_dict(), ensure_ascii=False))
+        (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
+        logger.info("first packed row, trained text only:\n%s", trained_text(data.rows[0], tokenizer))
+        logger.debug("first packed row:\n%s", render_row(data.rows[0], tokenizer, color=False))
+        _write_heldout(out / "heldout.jsonl", data.heldout)
+    if legacy and main_rank:
+        logger.warning(
+            "!!! data.labels=legacy_full_sequence: REPRODUCING THE RUNAWAY BUG ON PURPOSE. %d role-marker "
+            "tokens carry a label and segments are packed without isolation; this model will learn to write "
+            "new turns. Never ship it (see docs/behaviour-boundary.md) !!!", report.role_markers_in_labels,
+        )
+    if report.role_markers_in_labels and not legacy:
+        raise RuntimeError(
+            f"label audit failed: {report.role_markers_in_labels} role-marker tokens carry a label; "
+            "refusing to train a model that learns to write new turns (see `packlora inspect`)"
+        )
+
+
+def _add_runaway_eval(trainer, cfg, tokenizer, data, stop_ids, out: Path) -> None:
+    from training.runaway_callback import RunawayEvalCallback, heldout_prompts
+
+    trainer.add_callback(RunawayEvalCallback(
+        tokenizer, heldout_prompts(data.heldout, cfg.runaway_eval.num_prompts), stop_ids,
+        cfg.runaway_eval.every_steps, cfg.runaway_eval.max_new_tokens, out,
+    ).attach(trainer))
 
 
 def build_training_arguments(cfg):
@@ -147,6 +184,19 @@ def _decode_heldout(out: Path) -> None:
     rows = decode_file(str(out), str(out / "heldout.jsonl"), str(out / "decoded.jsonl"))
     stopped = sum(r["stop_reason"] == "stop_id" for r in rows)
     logger.info("decoded %d held-out prompts (%d stopped at a stop id) -> %s", len(rows), stopped, out / "decoded.jsonl")
+
+
+@contextlib.contextmanager
+def _report_if_no_data(out: Path, main_rank: bool):
+    """Write ``data_report.json`` (rank 0) also when every example was dropped, then re-raise."""
+    from data_utils.dataset import NoExampleError
+
+    try:
+        yield
+    except NoExampleError as e:
+        if main_rank:
+            (out / "data_report.json").write_text(json.dumps(e.report, indent=1, ensure_ascii=False))
+        raise
 
 
 def _setup_logging() -> None:

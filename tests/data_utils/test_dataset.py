@@ -21,7 +21,8 @@ def _write(path, objs):
 
 @pytest.fixture
 def chats(tmp_path):
-    objs = [_chat("Hello!", "Hi.")] * 5 + [_chat("Hello! " * 40, "Hi.")]  # the last is over-long at 64
+    # five distinct short chats (equal records would be refused as duplicates), then one over-long at 64
+    objs = [_chat(f"Hello {name}!", "Hi.") for name in ("Ann", "Bo", "Cy", "Di", "Ed")] + [_chat("Hello! " * 40, "Hi.")]
     objs.append({"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."},
                               {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Sure."}]})
     return _write(tmp_path / "chats.jsonl", objs)

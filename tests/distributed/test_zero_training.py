@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from launching import launch_env
 from tiny_assets import SHISHUO_CHATS, build_chatml_tokenizer, tiny_qwen2_config
 
 pytestmark = pytest.mark.distributed
@@ -117,18 +117,6 @@ def workspace(tmp_path_factory) -> Path:
     return ws
 
 
-def _launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # `packlora launch` looks `deepspeed` up on PATH: use the one installed beside this Python.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["HF_HUB_OFFLINE"] = "1"
-    # A launcher's variables left over in this shell would confuse the launched processes;
-    # TENSORBOARD_LOGGING_DIR would move the events away from output_dir/runs.
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TENSORBOARD_LOGGING_DIR"):
-        env.pop(name, None)
-    return env
-
-
 def _launch(workspace: Path, stage: str) -> Path:
     out = workspace / stage
     ds = str(workspace / "zero3_partition_all.json") if stage == "zero3" else "zero2.json"
@@ -137,7 +125,7 @@ def _launch(workspace: Path, stage: str) -> Path:
         "--nproc-per-node", "2", f"output_dir={out}", f"deepspeed={ds}",
     ]  # fmt: skip
     proc = subprocess.run(
-        cmd, cwd=REPO_ROOT, env=_launch_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+        cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
     )
     log = proc.stdout + proc.stderr
     (workspace / f"{stage}.log").write_text(log, encoding="utf-8")
@@ -393,7 +381,7 @@ def test_launch_dry_run_prints_a_two_process_deepspeed_command(workspace):
     proc = subprocess.run(
         [sys.executable, "-m", "packlora.cli", "launch", str(workspace / "run.yaml"),
          "--nproc-per-node", "2", "--dry-run", f"output_dir={out}", "training.max_steps=3"],
-        cwd=REPO_ROOT, env=_launch_env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = proc.stdout.strip().splitlines()[-1]

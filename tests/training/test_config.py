@@ -75,3 +75,13 @@ def test_packaged_deepspeed_configs_leave_trainer_owned_values_auto():
         assert ds["bf16"]["enabled"] == "auto" and ds["fp16"]["enabled"] == "auto"
         assert "optimizer" not in ds and "scheduler" not in ds  # no fused_adam JIT; HF builds AdamW
     assert json.load(open(resolve_deepspeed_config("zero3.json")))["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2"])
+def test_backends_that_cannot_train_on_cpu_are_refused_up_front(attn):
+    from training.model import check_attention_backend
+
+    with pytest.raises(ValueError, match=f"model.attn_implementation: {attn}"):
+        check_attention_backend(attn, cuda=False)
+    check_attention_backend(attn, cuda=True)
+    check_attention_backend("packed_sdpa", cuda=False)
