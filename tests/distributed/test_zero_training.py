@@ -376,6 +376,24 @@ def test_tensorboard_events_log_every_training_loss(trained, stage):
     assert [v for _, v in logged] == pytest.approx(_losses(trained(stage)), abs=1e-5)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_tensorboard_shows_packing_and_supervised_token_figures_next_to_the_loss(trained, stage):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = trained(stage)
+    acc = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    report = json.loads((out / "data_report.json").read_text())
+    for tag in ("train/supervised_tokens_per_s", "train/supervised_token_fraction",
+                "train/packing_efficiency", "train/rows_per_epoch"):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, MAX_STEPS + 1)), tag
+    assert {e.value for e in acc.Scalars("train/rows_per_epoch")} == {report["rows"]}
+    assert acc.Scalars("train/packing_efficiency")[0].value == pytest.approx(report["packing_efficiency"], rel=1e-6)
+    assert all(e.value > 0 for e in acc.Scalars("train/supervised_tokens_per_s"))
+    # 1 row x 2 ranks per step; the supervised share of the label slots is a real fraction
+    assert all(0.0 < e.value < 1.0 for e in acc.Scalars("train/supervised_token_fraction"))
+
+
 def test_launch_dry_run_prints_a_two_process_deepspeed_command(workspace):
     out = workspace / "dry-run"
     proc = subprocess.run(
