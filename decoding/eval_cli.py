@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from decoding.cli import _positive_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,13 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         f"stopped by stop id {report.stopped_by_stop_id:.1%}, mean length ratio {ratio}; wrote {out}"
     )
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,12 +19,11 @@ import shlex
 from dataclasses import dataclass
 
 from launcher.commands import TRAIN_MODULE, build_argv
-from launcher.spec import LaunchSpec
+from launcher.spec import LaunchSpec, config_problems
 
 SLURM_LAUNCHERS = ("torchrun", "deepspeed", "srun")
 """What starts the training processes on each node: a per-node launcher, or srun itself."""
 
-_OVERRIDE = re.compile(r"\w+(\.\w+)*=.*", re.DOTALL)
 _TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 
 
@@ -116,13 +115,7 @@ class SlurmSpec:
             value = getattr(self, name)
             if value is not None and (not value or any(c.isspace() for c in value)):
                 problems.append(f"--{name.replace('_', '-')} must be one word, got {value!r}")
-        if not self.config:
-            problems.append("config must be the path of a YAML file, got ''")
-        problems += [
-            f"override {o!r} must have the form key.sub=value (e.g. training.max_steps=5)"
-            for o in self.overrides
-            if not _OVERRIDE.fullmatch(o)
-        ]
+        problems += config_problems(self.config, self.overrides)
         return problems
 
 

@@ -100,13 +100,7 @@ class LaunchSpec:
                 f"--node-rank is only used by --launcher torchrun, got {self.node_rank} with deepspeed, "
                 "which starts all hostfile nodes from node 0; drop --node-rank, or add --no-ssh and run it on each node"
             )
-        if not self.config:
-            problems.append("config must be the path of a YAML file, got ''")
-        problems += [
-            f"override {o!r} must have the form key.sub=value (e.g. training.max_steps=5)"
-            for o in self.overrides
-            if not _OVERRIDE.fullmatch(o)
-        ]
+        problems += config_problems(self.config, self.overrides)
         problems += [
             f"environment variable name {name!r} must match [A-Za-z_][A-Za-z0-9_]*"
             for name, _ in self.env
@@ -122,3 +116,18 @@ def _is_loopback(addr: str) -> bool:
         return ipaddress.ip_address(addr).is_loopback
     except ValueError:  # a host name: cannot tell without a lookup
         return False
+
+
+def config_problems(config: str, overrides: tuple[str, ...]) -> list[str]:
+    """Problems with a spec's config path and ``key.sub=value`` overrides (shared by every launcher).
+
+    >>> config_problems("run.yaml", ("training.max_steps=5", "oops"))
+    ["override 'oops' must have the form key.sub=value (e.g. training.max_steps=5)"]
+    """
+    problems = [] if config else ["config must be the path of a YAML file, got ''"]
+    problems += [
+        f"override {o!r} must have the form key.sub=value (e.g. training.max_steps=5)"
+        for o in overrides
+        if not _OVERRIDE.fullmatch(o)
+    ]
+    return problems
