@@ -81,9 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("training done: %s; checkpoint %s; TensorBoard logs %s",
                     json.dumps(result.metrics), out.resolve(), os.environ["TENSORBOARD_LOGGING_DIR"])
     trainer.accelerator.wait_for_everyone()
+    _shutdown_process_group()
     if main_rank and data.heldout:
         _decode_heldout(out)
     return 0
+
+
+def _shutdown_process_group() -> None:
+    """Every rank tears the process group down explicitly, together: left to interpreter exit,
+    gloo's threads were destroyed mid-flight on 2 CPU ranks (``terminate called without an active
+    exception``, exit -6) after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _log_start(cfg, args, out: Path) -> None:
@@ -173,14 +185,11 @@ def _write_heldout(path: Path, heldout) -> None:
 
 
 def _decode_heldout(out: Path) -> None:
-    import torch.distributed as dist
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from decoding.cli import decode_file
 
     unset_hf_deepspeed_config()  # decoding runs in this process alone, without zero.Init
-    if dist.is_initialized():
-        dist.destroy_process_group()
     rows = decode_file(str(out), str(out / "heldout.jsonl"), str(out / "decoded.jsonl"))
     stopped = sum(r["stop_reason"] == "stop_id" for r in rows)
     logger.info("decoded %d held-out prompts (%d stopped at a stop id) -> %s", len(rows), stopped, out / "decoded.jsonl")
