@@ -68,14 +68,15 @@ def init_adapter(cfg) -> str | None:
     return str(ckpt)
 
 
-def materialize_init_base(cfg, tokenizer, args) -> str:
+def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int]) -> str:
     """The base model directory for a run with ``init_from``. Call inside
     ``args.main_process_first(local=False)``.
 
     ``continue`` (or a full-model stage 1): the stage-1 base itself. ``merge``: rank 0 loads the
     stage-1 base in float32 without ``zero.Init``, merges the adapter (W + alpha/r * B @ A), casts
-    back to the base's dtype and saves it with the tokenizer to ``output_dir/base_model``, with a
-    ``packlora_base.json`` that records where it came from (a resumed run reuses it).
+    back to the base's dtype and saves it with the tokenizer and the run's ``stop_ids`` (as
+    ``generation_config.eos_token_id``) to ``output_dir/base_model``, with a ``packlora_base.json``
+    that records where it came from (a resumed run reuses it).
 
     Raises:
         ValueError: ``output_dir/base_model`` was made from another checkpoint or adapter, or
@@ -93,7 +94,7 @@ def materialize_init_base(cfg, tokenizer, args) -> str:
         logger.info("init_from %s (%s): base %s", ckpt, cfg.init_mode, base)
         return str(base)
 
-    from training.model import BASE_MODEL_DIR, _without_zero3_init
+    from training.model import BASE_MODEL_DIR, _without_zero3_init, set_stop_ids
 
     out = Path(cfg.output_dir).resolve() / BASE_MODEL_DIR
     recipe = {"init_from": str(ckpt), "init_mode": "merge", "stage1_base": str(base),
@@ -109,6 +110,7 @@ def materialize_init_base(cfg, tokenizer, args) -> str:
     if args.process_index == 0:
         with _without_zero3_init(args):
             merged, dtype = merge_adapter(ckpt, base)
+        set_stop_ids(merged, tokenizer, stop_ids)
         merged.to(dtype).save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps(recipe, indent=1))

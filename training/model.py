@@ -54,10 +54,14 @@ def _without_zero3_init(args):
             set_hf_deepspeed_config(ds)
 
 
-def materialize_base(cfg: RunConfig, tokenizer, args) -> str:
+def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int]) -> str:
     """Return the base model directory; for ``model.config`` build it once, seeded, and save it
     to ``output_dir/base_model`` (with the tokenizer) so checkpoints decode and runs resume on the
     identical base. Call inside ``args.main_process_first()``.
+
+    A base packlora saves carries the run's ``stop_ids`` as ``generation_config.eos_token_id``, so
+    plain ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ckpt)`` stops at
+    ``<|im_end|>`` too (PEFT never reads the checkpoint's own ``generation_config.json``).
 
     Raises:
         ValueError: ``output_dir/base_model`` exists but was built from a different config or seed,
@@ -66,7 +70,7 @@ def materialize_base(cfg: RunConfig, tokenizer, args) -> str:
     if getattr(cfg, "init_from", None):  # stage 2 from stage 1: see training/init_from.py
         from training.init_from import materialize_init_base
 
-        return materialize_init_base(cfg, tokenizer, args)
+        return materialize_init_base(cfg, tokenizer, args, stop_ids)
     if cfg.model.name_or_path:
         return str(Path(cfg.model.name_or_path).resolve())
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
@@ -93,11 +97,19 @@ def materialize_base(cfg: RunConfig, tokenizer, args) -> str:
         set_seed(cfg.seed)
         with _without_zero3_init(args):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        set_stop_ids(model, tokenizer, stop_ids)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps(recipe, indent=1))
         logger.info("built base model %s (%.2fM params) -> %s", model_type, model.num_parameters() / 1e6, out)
     return str(out)
+
+
+def set_stop_ids(model, tokenizer, stop_ids: list[int]) -> None:
+    """Make ``model.generation_config`` stop at ``stop_ids`` (saved with the model as
+    ``generation_config.json``), padding with the tokenizer's pad token (else the last stop id)."""
+    model.generation_config.eos_token_id = list(stop_ids)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[-1]
 
 
 def check_attention_backend(attn_implementation: str, cuda: bool) -> None:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"), _report_if_no_data(out, main_rank):
         data = prepare_run_data(cfg, tokenizer, preset)
     with args.main_process_first(local=False, desc="build the base model (shared output_dir)"):
-        base_path = materialize_base(cfg, tokenizer, args)
+        base_path = materialize_base(cfg, tokenizer, args, stop_ids)
     legacy = cfg.data.labels == "legacy_full_sequence"
     _audit_labels(data, tokenizer, out, legacy, main_rank)
     _log_batch_arithmetic(args, cfg, data.report.rows, main_rank)
