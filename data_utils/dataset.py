@@ -22,6 +22,7 @@ from data_utils.records import RecordError, read_records
 from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat, tokenize_chat_full_sequence
 from data_utils.tokenize_text import split_segment, tokenize_text
 from data_utils.types import ChatRecord, Message, Segment, TextRecord
+from presets import GUARDED_ACTIONS, apply_preset
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class DataReport:
     whitespace), ``too_long`` (over ``max_seq_length`` under ``overflow: drop``), ``no_trained_tokens``.
     So ``lines_read = records + (line-level drops)`` and, for chats,
     ``records - heldout = examples + too_long + no_trained_tokens``.
+    ``preset_actions`` counts what the preset did to each chat (``presets.PresetAction``: ``added``,
+    ``guard_appended``, ``already_guarded``, ``kept_own``, ``replaced``), held-out chats included;
+    ``chats_with_guard`` is how many of them end up with the preset's guard in their system message.
     """
 
     records: int
@@ -68,6 +72,8 @@ class DataReport:
     max_seq_length: int
     cache_files: list[str] = field(default_factory=list)
     lines_read: int = 0
+    chats_with_guard: int = 0
+    preset_actions: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,7 +152,7 @@ def prepare_data(
             f"{files}. Every line was skipped; set data.on_error=error to stop at the first bad line and see why",
             {"lines_read": lines_read, "records": 0, "examples": 0, "dropped": dict(sorted(line_drops.items()))},
         )
-    records = _apply_stage_and_preset(records, stage, preset, preset_overrides_system)
+    records, preset_actions = _apply_stage_and_preset(records, stage, preset, preset_overrides_system)
     heldout_idx = _draw_heldout(records, eval_holdout, seed)
     heldout = [records[i] for i in heldout_idx]
     held = set(heldout_idx)
@@ -217,6 +223,8 @@ def prepare_data(
         max_seq_length=max_seq_length,
         cache_files=[str(tok_file), str(pack_file)],
         lines_read=lines_read,
+        chats_with_guard=sum(n for a, n in preset_actions.items() if a in GUARDED_ACTIONS),
+        preset_actions=dict(sorted(preset_actions.items())),
     )
     for reason, n in report.dropped.items():
         hint = "data.on_error" if reason in line_drops else "data.overflow / data.max_seq_length"
@@ -268,7 +276,11 @@ def _pad_id(tokenizer) -> int:
 
 
 def _apply_stage_and_preset(records, stage: str, preset, override: bool):
-    """Refuse records of the wrong kind for ``stage``; give chats the preset's system message."""
+    """Refuse records of the wrong kind for ``stage``; apply the preset to every chat.
+
+    Returns ``(records, actions)``: ``actions`` counts ``presets.PresetAction`` per chat (empty
+    without a preset), and is logged as what really happened.
+    """
     wrong = {"pretrain": ChatRecord, "sft": TextRecord}.get(stage)
     for r in records:
         if wrong is not None and isinstance(r, wrong):
@@ -278,14 +290,21 @@ def _apply_stage_and_preset(records, stage: str, preset, override: bool):
                 "stage 2 (sft) on chats. Fix data.train or set data.stage: auto"
             )
     if preset is None:
-        return records
-    from presets import apply_preset
-
-    return [
-        ChatRecord(tuple(Message(m["role"], m["content"]) for m in apply_preset(r.as_dicts(), preset, override)), r.source)
-        if isinstance(r, ChatRecord) else r
-        for r in records
-    ]
+        return records, Counter()
+    actions: Counter = Counter()
+    out = []
+    for r in records:
+        if isinstance(r, ChatRecord):
+            messages, action = apply_preset(r.as_dicts(), preset, override)
+            actions[action] += 1
+            r = ChatRecord(tuple(Message(m["role"], m["content"]) for m in messages), r.source)
+        out.append(r)
+    logger.info(
+        "preset %s: %d of %d chats now carry its guard (%s); chats with a system message of their own keep it "
+        "unless preset_overrides_system is true", preset.name, sum(n for a, n in actions.items() if a in GUARDED_ACTIONS),
+        sum(actions.values()), ", ".join(f"{a}: {n}" for a, n in sorted(actions.items())) or "no chats",
+    )
+    return out, actions
 
 
 def _draw_heldout(records, n: int, seed: int) -> list[int]:

@@ -262,24 +262,33 @@ def _streamer(ckpt, stop_strings, prompt: Prompt):
 
 
 def _apply_preset(prompts: list[Prompt], ckpt, preset: str):
-    """Prompts with the preset's system message (where they have none) and ``ckpt`` with its stop ids added.
+    """Prompts with the preset's system message and guard (``presets.apply_preset``) and ``ckpt``
+    with its stop ids added.
 
     Raises:
         ValueError: unknown preset (``presets.PresetError``), or a stop token that is not one token.
     """
     import dataclasses
+    from collections import Counter
 
-    from presets import apply_preset, load_preset
+    from presets import GUARDED_ACTIONS, apply_preset, load_preset
 
     p = load_preset(preset)
     vocab = ckpt.tokenizer.get_vocab()
     missing = [t for t in p.stop_tokens if t not in vocab]
     if missing:
-        raise ValueError(f"preset {p.name}: stop tokens {missing} are not single tokens of {ckpt.path}'s tokenizer")
+        raise ValueError(f"--preset {p.name}: stop tokens {missing} are not single tokens of {ckpt.path}'s tokenizer")
     stop_ids = tuple(dict.fromkeys([*ckpt.stop_ids, *(vocab[t] for t in p.stop_tokens)]))
-    logger.info("preset %s: system message %r for prompts without one", p.name, p.system_message())
-    prompts = [dataclasses.replace(q, messages=tuple(apply_preset(q.messages, p))) for q in prompts]
-    return prompts, dataclasses.replace(ckpt, stop_ids=stop_ids)
+    actions: Counter = Counter()
+    out = []
+    for q in prompts:
+        messages, action = apply_preset(q.messages, p)
+        actions[action] += 1
+        out.append(dataclasses.replace(q, messages=tuple(messages)))
+    logger.info("--preset %s: %d of %d prompts carry its guard (%s)", p.name,
+                sum(n for a, n in actions.items() if a in GUARDED_ACTIONS), len(prompts),
+                ", ".join(f"{a}: {n}" for a, n in sorted(actions.items())))
+    return out, dataclasses.replace(ckpt, stop_ids=stop_ids)
 
 
 def _with_placeholder_answer(obj: dict) -> tuple[dict, bool]:

@@ -7,20 +7,39 @@ The bundled presets live beside this module (``zhang_henshui.yaml``, ``shishuo.y
     description: 改写 modern Chinese into the classical style of Shishuo Xinyu (世说新语)
     system_prompt: 你是一个文学创作助手，擅长《世说新语》的文言笔法。
     guard: 你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。
+    known_system_prompts: []         # other system prompts that count as this preset's own
     stop_tokens: ["<|im_end|>", "<|endoftext|>"]
 
-A preset is applied to a chat only when the chat has no system message, unless ``override`` is
-set (``preset_overrides_system: true`` in a run config): then it replaces the chat's own.
+What ``apply_preset`` does to one chat (``PresetAction``):
+
+=================================================== ============================== ================
+the chat's system message                           becomes                        action
+=================================================== ============================== ================
+none                                                system_prompt + guard          ``added``
+the preset's own (``system_prompt`` or one of       that prompt + guard            ``guard_appended``
+``known_system_prompts``)
+already ends with the guard                         unchanged                      ``already_guarded``
+any other                                           unchanged                      ``kept_own``
+any other, with ``override`` (``preset_overrides_   system_prompt + guard          ``replaced``
+system: true``)
+=================================================== ============================== ================
+
+So the guard reaches every chat of the corpus a preset was written for, whose chats all carry the
+preset's system prompt already, while a chat with a system message of its own keeps it untouched.
 
     >>> p = load_preset("shishuo")
     >>> p.system_message()
     '你是一个文学创作助手，擅长《世说新语》的文言笔法。你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。'
-    >>> apply_preset([{"role": "user", "content": "hi"}], p)[0]["role"]
-    'system'
-    >>> apply_preset([{"role": "system", "content": "mine"}, {"role": "user", "content": "hi"}], p)[0]["content"]
-    'mine'
+    >>> msgs, action = apply_preset([{"role": "user", "content": "hi"}], p)
+    >>> msgs[0]["role"], action
+    ('system', 'added')
+    >>> msgs, action = apply_preset([{"role": "system", "content": p.system_prompt}, {"role": "user", "content": "hi"}], p)
+    >>> msgs[0]["content"] == p.system_message(), action
+    (True, 'guard_appended')
+    >>> apply_preset([{"role": "system", "content": "mine"}, {"role": "user", "content": "hi"}], p)
+    ([{'role': 'system', 'content': 'mine'}, {'role': 'user', 'content': 'hi'}], 'kept_own')
     >>> apply_preset([{"role": "user", "content": "hi"}], load_preset("none"))
-    [{'role': 'user', 'content': 'hi'}]
+    ([{'role': 'user', 'content': 'hi'}], 'unchanged')
 """
 from __future__ import annotations
 
@@ -28,10 +47,16 @@ import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-_FIELDS = ("name", "description", "system_prompt", "guard", "stop_tokens")
+_FIELDS = ("name", "description", "system_prompt", "guard", "known_system_prompts", "stop_tokens")
+
+PresetAction = Literal["added", "guard_appended", "already_guarded", "kept_own", "replaced", "unchanged"]
+"""What ``apply_preset`` did to one chat (see the module docstring's table)."""
+GUARDED_ACTIONS = ("added", "guard_appended", "already_guarded", "replaced")
+"""Actions after which the chat's system message ends with the preset's guard."""
 
 
 class PresetError(ValueError):
@@ -50,6 +75,8 @@ class Preset:
             answer ("" = none).
         stop_tokens: single tokens that end a reply; added to a run's ``decoding.stop_tokens``
             and to ``packlora decode``'s stop ids.
+        known_system_prompts: other system prompts that count as the preset's own: a chat
+            carrying one of them gets the guard appended, like one carrying ``system_prompt``.
     """
 
     name: str
@@ -57,6 +84,7 @@ class Preset:
     system_prompt: str
     guard: str
     stop_tokens: tuple[str, ...]
+    known_system_prompts: tuple[str, ...] = ()
 
     def system_message(self) -> str:
         """``system_prompt`` followed directly by ``guard`` ("" when both are empty)."""
@@ -98,6 +126,9 @@ def load_preset(name_or_path: str) -> Preset:
     for key in ("system_prompt", "guard"):
         if not isinstance(raw.get(key), str):
             problems.append(f"{key} must be a string (\"\" for none), got {raw.get(key)!r}")
+    known = raw.get("known_system_prompts", [])
+    if not isinstance(known, list) or not all(isinstance(k, str) and k.strip() for k in known):
+        problems.append(f"known_system_prompts must be a list of non-empty strings, got {known!r}")
     stops = raw.get("stop_tokens")
     if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
         problems.append(f"stop_tokens must be a non-empty list of token strings, got {stops!r}")
@@ -109,20 +140,30 @@ def load_preset(name_or_path: str) -> Preset:
         system_prompt=raw["system_prompt"],
         guard=raw["guard"],
         stop_tokens=tuple(stops),
+        known_system_prompts=tuple(known),
     )
 
 
-def apply_preset(messages: Sequence[dict], preset: Preset | None, override: bool = False) -> list[dict]:
-    """``messages`` with the preset's system message, as a new list (the input is not modified).
+def apply_preset(
+    messages: Sequence[dict], preset: Preset | None, override: bool = False
+) -> tuple[list[dict], PresetAction]:
+    """``messages`` with the preset's system message and guard, as a new list, and what was done.
 
-    A chat without a system message gets one; a chat with one keeps it unless ``override``.
-    A preset with an empty system message (``none``) changes nothing.
+    See the module docstring's table. The input is not modified. A preset with an empty system
+    message and guard (``none``), or no preset, changes nothing (``unchanged``). System prompts are
+    compared after stripping surrounding whitespace.
     """
     messages = [dict(m) for m in messages]
     if preset is None or not preset.system_message():
-        return messages
-    has_system = bool(messages) and messages[0].get("role") == "system"
-    if has_system and not override:
-        return messages
+        return messages, "unchanged"
     system = {"role": "system", "content": preset.system_message()}
-    return [system, *messages[1:]] if has_system else [system, *messages]
+    if not messages or messages[0].get("role") != "system":
+        return [system, *messages], "added"
+    own = messages[0]["content"].strip()
+    if preset.guard and own.endswith(preset.guard.strip()):
+        return messages, "already_guarded"
+    if override:
+        return [system, *messages[1:]], "replaced"
+    if own in {p.strip() for p in (preset.system_prompt, *preset.known_system_prompts) if p.strip()}:
+        return [{"role": "system", "content": messages[0]["content"] + preset.guard}, *messages[1:]], "guard_appended"
+    return messages, "kept_own"

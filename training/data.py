@@ -15,7 +15,8 @@ def load_run_preset(name):
     from presets import load_preset
 
     preset = load_preset(str(name))
-    logger.info("preset %s: system message %r, stop tokens %s", preset.name, preset.system_message(), list(preset.stop_tokens))
+    logger.info("preset %s: system prompt %r, guard %r, stop tokens %s", preset.name, preset.system_prompt,
+                preset.guard, list(preset.stop_tokens))
     return preset
 
 

@@ -6,10 +6,12 @@ import pytest
 
 from data_utils.dataset import prepare_data
 from presets import PresetError, apply_preset, available_presets, load_preset
-from tiny_assets import SHARED
+from tiny_assets import REPO_ROOT, SHARED
 from training.config import ConfigError, config_from_dict
 
-GUARD = "你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。"
+REWRITE_GUARD = "你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。"
+CONTINUE_GUARD = "你的回复必须在完成续写后立即结束，不得继续生成任何对话、提示或新任务。"
+ZHANG_SYSTEM = "你是一个文学创作助手，擅长张恨水的章回小说文风。"
 
 
 def _first_system(path):
@@ -17,25 +19,62 @@ def _first_system(path):
         return json.loads(f.readline())["messages"][0]["content"]
 
 
-def test_bundled_presets_use_the_real_data_system_prompts_and_the_guard():
+def test_bundled_presets_use_the_real_data_system_prompts_and_a_guard_worded_for_their_task():
     assert available_presets() == ["none", "shishuo", "zhang_henshui"]
     zh, ss = load_preset("zhang_henshui"), load_preset("shishuo")
     assert zh.system_prompt == _first_system(SHARED / "data/zhanghenshui/stage2_continue.jsonl")
-    assert zh.system_prompt == "你是一个文学创作助手，擅长张恨水的章回小说文风。"
+    assert zh.system_prompt == ZHANG_SYSTEM
     assert ss.system_prompt == _first_system(SHARED / "data/shishuo/stage2_rewrite.jsonl")
-    assert zh.guard == ss.guard == GUARD
-    assert ss.system_message() == "你是一个文学创作助手，擅长《世说新语》的文言笔法。" + GUARD
+    assert zh.guard == CONTINUE_GUARD  # the corpus is 续写 (continuation) chats
+    assert ss.guard == REWRITE_GUARD  # the corpus is 改写 (rewrite) chats
+    assert ss.system_message() == "你是一个文学创作助手，擅长《世说新语》的文言笔法。" + REWRITE_GUARD
     assert zh.stop_tokens == ss.stop_tokens == ("<|im_end|>", "<|endoftext|>")
     assert load_preset("none").system_message() == ""
 
 
-def test_preset_fills_a_missing_system_message_and_keeps_an_existing_one_unless_override():
+def test_preset_fills_a_missing_system_message_and_keeps_a_foreign_one_unless_override():
     p = load_preset("shishuo")
     user = {"role": "user", "content": "改写"}
     own = {"role": "system", "content": "mine"}
-    assert apply_preset([user], p) == [{"role": "system", "content": p.system_message()}, user]
-    assert apply_preset([own, user], p) == [own, user]
-    assert apply_preset([own, user], p, override=True) == [{"role": "system", "content": p.system_message()}, user]
+    guarded = {"role": "system", "content": "你是一个文学创作助手，擅长《世说新语》的文言笔法。" + REWRITE_GUARD}
+    assert apply_preset([user], p) == ([guarded, user], "added")
+    assert apply_preset([own, user], p) == ([own, user], "kept_own")
+    assert apply_preset([own, user], p, override=True) == ([guarded, user], "replaced")
+
+
+def test_preset_appends_its_guard_to_its_own_system_prompt_once():
+    p = load_preset("shishuo")
+    user = {"role": "user", "content": "改写"}
+    own = {"role": "system", "content": "你是一个文学创作助手，擅长《世说新语》的文言笔法。"}
+    guarded = {"role": "system", "content": "你是一个文学创作助手，擅长《世说新语》的文言笔法。" + REWRITE_GUARD}
+    assert apply_preset([own, user], p) == ([guarded, user], "guard_appended")
+    assert apply_preset([guarded, user], p) == ([guarded, user], "already_guarded")
+    assert apply_preset([guarded, user], p, override=True) == ([guarded, user], "already_guarded")
+
+
+def test_preset_counts_a_listed_system_prompt_as_its_own(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("system_prompt: Be a poet.\nguard: ' Stop after the poem.'\nknown_system_prompts: [Be a bard.]\n"
+                 "stop_tokens: ['<|im_end|>']\n")
+    p = load_preset(str(f))
+    user = {"role": "user", "content": "Rain"}
+    assert apply_preset([{"role": "system", "content": "Be a bard."}, user], p) == (
+        [{"role": "system", "content": "Be a bard. Stop after the poem."}, user], "guard_appended")
+    assert apply_preset([{"role": "system", "content": "Be a sailor."}, user], p)[1] == "kept_own"
+
+
+def test_zhanghenshui_data_report_counts_every_chat_with_the_guard(qwen2_tokenizer, tmp_path):
+    from training.config import load_config
+    from training.data import load_run_preset, prepare_run_data
+
+    tiny = (REPO_ROOT / "configs/zhanghenshui/tiny_cpu.overrides").read_text().split()
+    cfg = load_config(REPO_ROOT / "configs/zhanghenshui/stage2.yaml", [*tiny, "init_from=null", f"data.cache_dir={tmp_path}"])
+    data = prepare_run_data(cfg, qwen2_tokenizer, load_run_preset(cfg.preset))
+    assert (data.report.records, data.report.chats_with_guard) == (3146, 3146)
+    assert data.report.preset_actions == {"guard_appended": 3146}
+    first = qwen2_tokenizer.decode(data.rows[0]["input_ids"])
+    assert first.count(ZHANG_SYSTEM + CONTINUE_GUARD) == len(data.rows[0]["seq_lens"])  # every segment
+    assert all(m["content"] == ZHANG_SYSTEM + CONTINUE_GUARD for r in data.heldout for m in r.as_dicts()[:1])
 
 
 def test_unknown_or_malformed_preset_is_a_clear_error(tmp_path):

@@ -90,3 +90,20 @@ def test_decode_file_accepts_a_loaded_checkpoint_and_limit(adapter_ckpt, prompts
     rows = decode_file(ckpt, prompts_file, tmp_path / "o.jsonl", limit=1, max_new_tokens=3)
     assert len(rows) == 1 and rows[0]["reference"] == "Hi there."
     assert [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()] == rows
+
+
+def test_decode_preset_appends_its_guard_to_the_corpus_system_prompt(adapter_ckpt, tmp_path):
+    root, _ = adapter_ckpt
+    system = "你是一个文学创作助手，擅长张恨水的章回小说文风。"
+    guard = "你的回复必须在完成续写后立即结束，不得继续生成任何对话、提示或新任务。"
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "续写：雨停了。"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "Hi"}]},
+    ])
+    rows = decode_file(root / "ckpt", prompts, tmp_path / "o.jsonl", max_new_tokens=2, preset="zhang_henshui")
+    assert [r["messages"][0] for r in rows] == [
+        {"role": "system", "content": system + guard},  # the preset's own prompt: guard appended
+        {"role": "system", "content": "Be brief."},  # a foreign one is kept
+        {"role": "system", "content": system + guard},  # none: the preset's whole message
+    ]
