@@ -32,11 +32,13 @@ def chat_lengths(path: Path, max_seq_length: int) -> list[int]:
     from datasets.utils.logging import disable_progress_bar
     from transformers import AutoTokenizer
 
+    from data_utils.chat_format import ChatFormat
+    from data_utils.config import DataConfig
     from data_utils.dataset import prepare_data
 
     disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(SHARED / "assets" / "qwen2-tokenizer")
-    data = prepare_data([str(path)], tok, max_seq_length=max_seq_length)
+    data = prepare_data(DataConfig(train=[str(path)], max_seq_length=max_seq_length), ChatFormat(tok))
     if data.report.dropped:
         raise SystemExit(f"{path}: {data.report.dropped} dropped at L={max_seq_length}; the sets must be complete")
     return [n for lens in data.rows["seq_lens"] for n in lens]

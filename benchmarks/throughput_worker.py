@@ -74,6 +74,8 @@ def _packlora_trainer(variant, tok, base_dir, common, lora):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
     from data_utils.collator import PackedCollator
+    from data_utils.chat_format import ChatFormat
+    from data_utils.config import DataConfig
     from data_utils.dataset import prepare_data
     from training import packed_attention  # noqa: F401  (registers packed_sdpa)
     from training.isolation import install_isolation_guard
@@ -81,7 +83,7 @@ def _packlora_trainer(variant, tok, base_dir, common, lora):
     packed = variant != "padded_unpacked"  # packlora_packed_sdpa_mask: packed rows, isolation by sdpa's block mask
     args = TrainingArguments(per_device_train_batch_size=1 if packed else 8, **common)
     with args.main_process_first():
-        data = prepare_data([str(SHISHUO)], tok, max_seq_length=L, packing=packed)
+        data = prepare_data(DataConfig(train=[str(SHISHUO)], max_seq_length=L, packing=packed), ChatFormat(tok))
     attn = "packed_sdpa" if variant == "packlora_packed" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32", attn_implementation=attn)
     model.config.use_cache = False

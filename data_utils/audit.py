@@ -1,78 +1,73 @@
 """Label audit: what a packed row actually trains, counted from the labels themselves.
 
-The counts are taken *after* the collator's first-label masking, i.e. exactly what the loss sees,
-and independently of how the labels were built, so a bug in ``tokenize_chat`` shows up here.
+The counts are taken on the labels the loss sees, that is with the first label of every packed
+segment masked (``loss_labels``, the rule the collator applies), and independently of how the
+labels were built, so a bug in the labelling shows up here. Role headers, control tokens and the
+end of turn come from the ``ChatFormat``, so the audit holds for any format.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable
 
-from data_utils.collator import PackedCollator
+from data_utils.chat_format import ChatFormat
 from data_utils.types import IGNORE_INDEX
-
-ROLE_START_TOKEN = "<|im_start|>"
 
 
 @dataclass(frozen=True, slots=True)
 class LabelAudit:
-    """Counts over packed rows (units: tokens, except ``turns_with_im_end_trained``: turns).
+    """Counts over packed rows (units: tokens, except ``turns_with_end_of_turn_trained``: turns).
 
     Attributes:
         supervised_tokens: labels the loss sees (not -100).
-        role_markers_in_labels: trained tokens inside a ``<|im_start|>role\\n`` header. Must be 0.
-        turns_with_im_end_trained: trained end-of-turn tokens (one per assistant turn when correct).
+        role_markers_in_labels: trained tokens inside a role header (``ChatFormat.header_positions``:
+            ChatML's start token + ``user\\n``, Llama-3's start + ``user`` + end + ``\\n\\n``). Must be 0.
+        control_tokens_in_labels: trained control tokens other than the end of turn (and a Qwen3
+            reply's reasoning tags, and the eos that ends a stage-1 document). Must be 0: the only
+            control token a model learns to write in a chat is the one that ends its turn.
+        turns_with_end_of_turn_trained: trained end-of-turn tokens (one per assistant turn when correct).
     """
 
     supervised_tokens: int
     role_markers_in_labels: int
-    turns_with_im_end_trained: int
+    control_tokens_in_labels: int
+    turns_with_end_of_turn_trained: int
 
 
-def header_positions(input_ids: list[int], role_start_id: int | None, tokenizer) -> list[int]:
-    """Positions of every ``<|im_start|>`` and the following tokens up to and including the first
-    token whose text contains a newline (the role header ``<|im_start|>assistant\\n``)."""
-    if role_start_id is None:
-        return []
-    out = []
-    n = len(input_ids)
-    for p, t in enumerate(input_ids):
-        if t != role_start_id:
-            continue
-        out.append(p)
-        q = p + 1
-        while q < n and q - p <= 16:  # a role name is a few tokens; bound the scan
-            out.append(q)
-            if "\n" in tokenizer.decode([input_ids[q]]):
-                break
-            q += 1
+def loss_labels(labels: Sequence[int], seq_lens: Sequence[int]) -> list[int]:
+    """``labels`` with the first label of every segment set to -100: what the loss sees.
+
+    >>> loss_labels([5, 6, 7, 8, 9], [3, 2])
+    [-100, 6, 7, -100, 9]
+    """
+    out, start = list(labels), 0
+    for n in seq_lens:
+        out[start] = IGNORE_INDEX
+        start += n
     return out
 
 
-def audit_rows(rows: Iterable[dict], tokenizer, eot_id: int, pad_token_id: int) -> LabelAudit:
-    """Audit packed rows (dicts with ``input_ids``, ``labels``, ``seq_lens``)."""
-    role_start_id = tokenizer.get_vocab().get(ROLE_START_TOKEN)
-    collate = PackedCollator(pad_token_id=pad_token_id)
-    supervised = markers = eot = 0
+def audit_rows(rows: Iterable[Mapping], fmt: ChatFormat) -> LabelAudit:
+    """Audit packed rows (mappings with ``input_ids``, ``labels``, ``seq_lens``) under ``fmt``."""
+    supervised = markers = control = eot = 0
+    allowed = fmt.trainable_control_ids()
     for row in rows:
-        batch = collate([row])
-        ids = batch["input_ids"][0].tolist()
-        labels = batch["labels"][0].tolist()
-        trained = [lab != IGNORE_INDEX for lab in labels]
+        ids = list(row["input_ids"])
+        trained = [lab != IGNORE_INDEX for lab in loss_labels(row["labels"], row["seq_lens"])]
         supervised += sum(trained)
-        markers += sum(trained[p] for p in header_positions(ids, role_start_id, tokenizer))
-        eot += sum(1 for t, tr in zip(ids, trained) if tr and t == eot_id)
-    return LabelAudit(supervised, markers, eot)
+        markers += sum(trained[p] for p in fmt.header_positions(ids))
+        control += sum(1 for t, tr in zip(ids, trained) if tr and t in fmt.control_ids and t not in allowed)
+        eot += sum(1 for t, tr in zip(ids, trained) if tr and t == fmt.end_of_turn_id)
+    return LabelAudit(supervised, markers, control, eot)
 
 
-def render_row(row: dict, tokenizer, color: bool = True) -> str:
+def render_row(row: Mapping, tokenizer, color: bool = True) -> str:
     """The row's text with trained tokens highlighted (green) and segment starts marked ``‖``.
 
     Without colour, trained spans are wrapped in ``[[...]]``. Labels are those the loss sees.
     Runs of tokens are decoded together so multi-byte characters stay whole.
     """
-    batch = PackedCollator(pad_token_id=0)([row])
-    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    ids, labels = list(row["input_ids"]), loss_labels(row["labels"], row["seq_lens"])
     on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
     out, start = [], 0
     for k, n in enumerate(row["seq_lens"]):
@@ -97,10 +92,9 @@ def _wrap(text: str, trained: bool, on: str, off: str) -> str:
     return f"{on}{text}{off}" if trained else text
 
 
-def trained_text(row: dict, tokenizer) -> str:
+def trained_text(row: Mapping, tokenizer) -> str:
     """Only the trained tokens of a row, decoded segment by segment, one segment per line."""
-    batch = PackedCollator(pad_token_id=0)([row])
-    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    ids, labels = list(row["input_ids"]), loss_labels(row["labels"], row["seq_lens"])
     pieces, start = [], 0
     for n in row["seq_lens"]:
         keep = [i for i, lab in zip(ids[start : start + n], labels[start : start + n]) if lab != IGNORE_INDEX]

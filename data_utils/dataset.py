@@ -1,10 +1,18 @@
-"""records -> tokenised segments -> packed rows, as cached ``datasets.Dataset`` objects.
+"""records -> labelled segments -> packed rows, in stages, each returning a frozen record::
 
-Tokenising and packing show ``datasets`` progress bars and are cached as Arrow files under
-``cache_dir``, keyed by a fingerprint of everything they depend on (file contents, tokenizer and
-chat template, ``max_seq_length``, overflow policy, hold-out draw), so a second run loads them
-instead of redoing the work. Nothing is lost silently: every dropped or split example is counted
-in the ``DataReport``.
+    read_stage      files -> RecordSet            parse every line, drop duplicates (counted)
+    split_stage     RecordSet -> Split            data.stage check, preset, hold-out draw
+    tokenize_stage  Split -> Tokenized            ChatFormat labels, overflow policy (counted)
+    pack_stage      Tokenized -> Packed           best-fit-decreasing rows of max_seq_length
+    audit_rows      Packed -> LabelAudit          what the loss will see (data_utils/audit.py)
+    build_report    all of the above -> DataReport
+
+``prepare_data`` runs them in order. Tokenised and packed datasets are cached as Arrow files
+under ``data.cache_dir``, keyed by one hashed ``CacheKey`` of everything they depend on (file
+contents, tokenizer and chat template, chat format, ``max_seq_length``, overflow policy, hold-out
+draw...), so a second run loads them instead of redoing the work, and a change to any of those
+rebuilds them. Nothing is lost silently: every dropped, skipped or split example is counted in
+the ``DataReport``.
 """
 from __future__ import annotations
 
@@ -15,18 +23,20 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from data_utils.audit import audit_rows
+from data_utils.chat_format import ChatFormat, EncodedChat, LabelError
+from data_utils.config import DataConfig
 from data_utils.packing import best_fit_decreasing, packing_efficiency
 from data_utils.records import RecordError, read_records
-from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat, tokenize_chat_full_sequence
 from data_utils.tokenize_text import split_segment, tokenize_text
 from data_utils.types import ChatRecord, Message, Segment, TextRecord
 from presets import GUARDED_ACTIONS, apply_preset
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "1"  # bump when tokenisation or packing output changes, to invalidate caches
+PIPELINE_VERSION = "2"  # bump when tokenisation or packing output changes, to invalidate caches
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packlora" / "datasets"
 
 
@@ -44,18 +54,21 @@ class NoExampleError(ValueError):
 
 @dataclass(frozen=True)
 class DataReport:
-    """What happened to the data (units in the field names' terms: records, examples, rows, tokens).
+    """What happened to the data (units in the field names' terms: lines, records, examples, rows, tokens).
 
     ``lines_read`` counts the lines of the input files; ``records`` the valid, unique ones among
-    them; ``examples`` the segments kept for training (a split text document counts once per chunk).
-    ``dropped`` maps a reason to a count: a bad line skipped under ``data.on_error: skip`` (one of
-    ``records.REASONS``), ``duplicate`` (a record equal to an earlier one after normalising
-    whitespace), ``too_long`` (over ``max_seq_length`` under ``overflow: drop``), ``no_trained_tokens``.
-    So ``lines_read = records + (line-level drops)`` and, for chats,
-    ``records - heldout = examples + too_long + no_trained_tokens``.
-    ``preset_actions`` counts what the preset did to each chat (``presets.PresetAction``: ``added``,
-    ``guard_appended``, ``already_guarded``, ``kept_own``, ``replaced``), held-out chats included;
-    ``chats_with_guard`` is how many of them end up with the preset's guard in their system message.
+    them; ``examples`` the segments kept for training (a split text document counts once per
+    chunk, a chat split per assistant turn once per turn). ``dropped`` maps a reason to a count: a
+    bad line skipped under ``data.on_error: skip`` (one of ``records.REASONS``), ``duplicate``, a
+    chat that cannot be labelled under ``skip`` (``template_mismatch``, ``no_end_of_turn``,
+    ``reasoning_with_thinking_off``), ``too_long`` (over ``max_seq_length`` under ``overflow:
+    drop``), ``no_trained_tokens``. ``preset_actions`` counts what the preset did to each chat
+    (``presets.PresetAction``), held-out chats included, and ``chats_with_guard`` how many end up
+    with its guard. ``chats_split_per_turn`` counts chats whose template renders earlier turns
+    differently once a later turn exists (Qwen3), trained as one example per assistant turn;
+    ``render_mismatch`` the examples whose ids do not decode to the template's rendering (an
+    audit); ``messages_with_control_text`` the messages whose text spells a control token (kept as
+    text). The label audit's counts are in ``supervised_tokens`` ... ``turns_with_end_of_turn_trained``.
     """
 
     records: int
@@ -67,13 +80,18 @@ class DataReport:
     packing_efficiency: float
     supervised_tokens: int
     role_markers_in_labels: int
-    turns_with_im_end_trained: int
+    control_tokens_in_labels: int
+    turns_with_end_of_turn_trained: int
     assistant_turns: int
     max_seq_length: int
+    chat_format: str
     cache_files: list[str] = field(default_factory=list)
     lines_read: int = 0
     chats_with_guard: int = 0
     preset_actions: dict[str, int] = field(default_factory=dict)
+    chats_split_per_turn: int = 0
+    render_mismatch: int = 0
+    messages_with_control_text: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,159 +101,239 @@ class DataReport:
 class PreparedData:
     """Output of ``prepare_data``: packed training rows, held-out chats and the report."""
 
-    rows: "object"  # datasets.Dataset with columns input_ids, labels, seq_lens
+    rows: Any  # datasets.Dataset with columns input_ids, labels, seq_lens
     heldout: list[ChatRecord]
     report: DataReport
 
 
-def prepare_data(
-    files: list[str],
-    tokenizer,
-    *,
-    max_seq_length: int,
-    format: str = "auto",
-    overflow: str = "auto",
-    eval_holdout: int = 0,
-    seed: int = 42,
-    cache_dir: str | Path | None = None,
-    stage: str = "auto",
-    text_eos: str = "document",
-    preset=None,
-    preset_overrides_system: bool = False,
-    labels: str = "assistant_only",
-    on_error: str = "error",
-    packing: bool = True,
-) -> PreparedData:
-    """Read, tokenise (assistant-only labels), apply the overflow policy and pack.
+@dataclass(frozen=True)
+class RecordSet:
+    """``read_stage``: the valid, unique records of the files, and how many lines were left out."""
+
+    records: tuple[ChatRecord | TextRecord, ...]
+    lines_read: int
+    skipped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Split:
+    """``split_stage``: records to train on, held-out chats (and their indices), preset actions."""
+
+    train: tuple[ChatRecord | TextRecord, ...]
+    heldout: tuple[ChatRecord, ...]
+    heldout_idx: tuple[int, ...]
+    preset_actions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """``tokenize_stage``: the kept examples (a ``datasets.Dataset`` with ``input_ids``, ``labels``,
+    ``length``), the drops by reason, and the counts the report needs."""
+
+    examples: Any
+    dropped: dict[str, int]
+    counts: dict[str, int]
+    cache_file: str
+
+
+@dataclass(frozen=True)
+class Packed:
+    """``pack_stage``: rows (``input_ids``, ``labels``, ``seq_lens``) and how full they are."""
+
+    rows: Any
+    efficiency: float
+    cache_file: str
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything the tokenised and packed datasets depend on, hashed once (``digest``)."""
+
+    pipeline_version: str
+    file_sha256: tuple[str, ...]
+    tokenizer: str
+    chat_format: tuple
+    data: tuple
+    preset: str
+    heldout_idx: tuple[int, ...]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=None,
+                 preset_overrides_system: bool = False) -> PreparedData:
+    """Read, label, pack and audit the data of ``cfg`` (see the module docstring for the stages).
 
     Args:
-        files: JSONL paths (see ``records.read_records`` for formats).
-        tokenizer: HF tokenizer with a chat template (for chats).
-        max_seq_length: row length in tokens.
-        format: record format or ``auto``.
-        overflow: ``drop``, ``error``, ``split`` (text only) or ``auto`` (chats ``drop``, text ``split``).
-        eval_holdout: number of chat records held out of training, drawn with ``seed``.
-        seed: seed for the hold-out draw.
-        cache_dir: Arrow cache directory (default ``~/.cache/packlora/datasets``).
-        stage: ``pretrain`` (text records only), ``sft`` (chats only) or ``auto`` (any mix).
-        text_eos: ``document`` (EOS only at a document's true end) or ``chunk`` (every split chunk).
-        preset: a ``presets.Preset`` whose system message goes into chats without one (all of
-            them with ``preset_overrides_system``); held-out chats get it too.
-        labels: ``assistant_only``, or ``legacy_full_sequence`` (bug reproduction: chats are
-            labelled in full, role markers included; see ``data.labels`` in training/config.py).
-        on_error: ``error`` stops at the first bad or duplicate record; ``skip`` leaves it out and
-            counts it in ``report.dropped`` by reason.
-        packing: ``False`` puts every example in a row of its own (an unpacked baseline).
+        cfg: the ``data:`` settings (files, ``max_seq_length``, overflow and error policies, ...).
+        fmt: the chat format (tokenizer, template, labels, control tokens).
+        seed: seeds the hold-out draw.
+        preset: a ``presets.Preset`` applied to every chat (held-out ones too), or None.
+        preset_overrides_system: let the preset replace a chat's own system message.
 
     Raises:
-        RecordError: a malformed or duplicate line under ``on_error="error"`` (file:line in the message).
-        TemplateMismatchError: labels cannot be placed exactly for an example.
+        RecordError: a malformed or duplicate line under ``on_error: error`` (file:line in the message).
+        LabelError: a chat that cannot be labelled under ``on_error: error`` (its file:line too).
         OverflowError_: an over-long example under ``overflow: error``.
-        NoExampleError: no example left (every record was bad, a duplicate, too long or untrained).
-        ValueError: ``split`` asked for chats or too few records for the hold-out.
+        NoExampleError: no example left (every record bad, duplicate, too long or untrained).
+        ValueError: a record of the wrong kind for ``data.stage``, or too few chats for the hold-out.
     """
-    import datasets
+    records = read_stage(cfg.train, cfg.format, cfg.on_error)
+    split = split_stage(records, cfg, seed, preset, preset_overrides_system)
+    key = CacheKey(PIPELINE_VERSION, tuple(_sha256(f) for f in cfg.train), _tokenizer_digest(fmt.tokenizer),
+                   (fmt.name, fmt.enable_thinking, fmt.train_reasoning),
+                   (cfg.format, cfg.max_seq_length, cfg.overflow, cfg.stage, cfg.text_eos, cfg.labels, cfg.on_error),
+                   f"{preset!r}/{preset_overrides_system}", split.heldout_idx)
+    cache = Path(cfg.cache_dir or DEFAULT_CACHE_DIR)
+    cache.mkdir(parents=True, exist_ok=True)
+    tokenized = tokenize_stage(split.train, fmt, cfg, key.digest(), cache, records)
+    packed = pack_stage(tokenized, cfg, key.digest(), cache)
+    report = build_report(records, split, tokenized, packed, audit_rows(packed.rows, fmt), cfg, fmt)
+    for reason, n in report.dropped.items():
+        hint = "data.on_error" if reason in records.skipped else "data.overflow / data.max_seq_length"
+        logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
+    return PreparedData(rows=packed.rows, heldout=list(split.heldout), report=report)
 
+
+def read_stage(files: list[str], format: str = "auto", on_error: str = "error") -> RecordSet:
+    """Every line of ``files`` parsed into records; duplicates (equal after normalising whitespace)
+    are errors, or under ``on_error: skip`` left out and counted with the bad lines.
+
+    Raises:
+        RecordError: a bad or duplicate line under ``on_error: error``.
+        NoExampleError: every line was skipped.
+    """
     records: list[ChatRecord | TextRecord] = []
     skipped: list[RecordError] = []
     for f in files:
         records.extend(read_records(f, format, on_error, skipped))
-    records, duplicates = _drop_duplicates(records, on_error)
-    skipped += duplicates
-    line_drops = Counter(e.reason for e in skipped)
+    first: dict[str, ChatRecord | TextRecord] = {}
+    unique = []
+    for r in records:
+        key = record_key(r)
+        if key in first:
+            err = RecordError(r.source, f"duplicate record: same content as {first[key].source} (after normalising "
+                              "whitespace); remove one copy, or set data.on_error=skip to drop it (counted as "
+                              "'duplicate')", "duplicate")
+            if on_error == "error":
+                raise err
+            skipped.append(err)
+        else:
+            first[key] = r
+            unique.append(r)
     for e in skipped[:5]:
         logger.warning("skipped (data.on_error=skip): %s", e)
-    lines_read = len(records) + len(skipped)
-    if not records:
+    drops = dict(sorted(Counter(e.reason for e in skipped).items()))
+    lines = len(unique) + len(skipped)
+    if not unique:
         raise NoExampleError(
-            f"no example left to train on: {dict(sorted(line_drops.items()))} dropped of {lines_read} lines in "
-            f"{files}. Every line was skipped; set data.on_error=error to stop at the first bad line and see why",
-            {"lines_read": lines_read, "records": 0, "examples": 0, "dropped": dict(sorted(line_drops.items()))},
-        )
-    records, preset_actions = _apply_stage_and_preset(records, stage, preset, preset_overrides_system)
-    heldout_idx = _draw_heldout(records, eval_holdout, seed)
-    heldout = [records[i] for i in heldout_idx]
-    held = set(heldout_idx)
-    train_records = [r for i, r in enumerate(records) if i not in held]
+            f"no example left to train on: {drops} dropped of {lines} lines in {files}. Every line was skipped; "
+            "set data.on_error=error to stop at the first bad line and see why",
+            {"lines_read": lines, "records": 0, "examples": 0, "dropped": drops})
+    return RecordSet(tuple(unique), lines, drops)
 
-    cache = Path(cache_dir or DEFAULT_CACHE_DIR)
-    cache.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(files, tokenizer, max_seq_length, format, overflow, heldout_idx)
-    if (stage, text_eos, preset, preset_overrides_system) != ("auto", "document", None, False):  # defaults keep caches
-        fp = hashlib.sha256(f"{fp}-{stage}-{text_eos}-{preset!r}-{preset_overrides_system}".encode()).hexdigest()[:16]
-    if labels != "assistant_only":  # keep assistant_only fingerprints (and caches) unchanged
-        fp = hashlib.sha256(f"{fp}-{labels}".encode()).hexdigest()[:16]
-    eot = end_of_turn_id(tokenizer)
-    raw = datasets.Dataset.from_dict(
-        {
-            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train_records],
-            "text": [r.text if isinstance(r, TextRecord) else "" for r in train_records],
-            "source": [str(r.source) for r in train_records],
-        }
-    )
-    tok_file = cache / f"tokenized-{fp}.arrow"
-    tokenized = raw.map(
-        _tokenize_batch,
-        batched=True,
-        remove_columns=raw.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, eot=eot, max_seq_length=max_seq_length, overflow=overflow, labels=labels, text_eos=text_eos),
-        cache_file_name=str(tok_file),
-        new_fingerprint=f"tok-{fp}",
-        desc="Tokenising",
-    )
-    drop_reasons = list(tokenized["drop_reason"])
-    reasons = Counter(drop_reasons)
-    kept_idx = [i for i, r in enumerate(drop_reasons) if r == ""]
-    if not kept_idx:
-        all_drops = dict(sorted((Counter({k: v for k, v in reasons.items() if k}) + line_drops).items()))
+
+def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, override: bool = False) -> Split:
+    """Refuse records of the wrong kind for ``data.stage``, apply the preset to every chat, and draw
+    ``data.eval_holdout`` chats (seeded) out of training.
+
+    Raises:
+        ValueError: a chat under ``stage: pretrain``, a text record under ``stage: sft``, or no
+            more chats than ``eval_holdout``.
+    """
+    wrong = {"pretrain": ChatRecord, "sft": TextRecord}.get(cfg.stage)
+    actions: Counter = Counter()
+    out = []
+    for r in records.records:
+        if wrong is not None and isinstance(r, wrong):
+            kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
+            raise ValueError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
+                             "records, stage 2 (sft) on chats. Fix data.train or set data.stage: auto")
+        if preset is not None and isinstance(r, ChatRecord):
+            messages, action = apply_preset(r.as_dicts(), preset, override)
+            actions[action] += 1
+            r = ChatRecord(tuple(Message(m["role"], m["content"], m.get("reasoning_content")) for m in messages), r.source)
+        out.append(r)
+    if preset is not None:
+        logger.info("preset %s: %d of %d chats now carry its guard (%s); a chat with a system message of its own keeps "
+                    "it unless preset_overrides_system is true", preset.name,
+                    sum(n for a, n in actions.items() if a in GUARDED_ACTIONS), sum(actions.values()),
+                    ", ".join(f"{a}: {n}" for a, n in sorted(actions.items())) or "no chats")
+    held = _draw_heldout(out, cfg.eval_holdout, seed)
+    train = tuple(r for i, r in enumerate(out) if i not in set(held))
+    return Split(train, tuple(out[i] for i in held), tuple(held), dict(sorted(actions.items())))
+
+
+def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Path, records: RecordSet) -> Tokenized:
+    """Label every record (``ChatFormat.encode_chat`` for chats, ``tokenize_text`` for text) and
+    apply the overflow policy, as a cached ``datasets.map``.
+
+    Raises:
+        LabelError, OverflowError_: under ``on_error: error`` / ``overflow: error``.
+        NoExampleError: every example was dropped.
+    """
+    import datasets
+
+    raw = datasets.Dataset.from_dict({
+        "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train],
+        "text": [r.text if isinstance(r, TextRecord) else "" for r in train],
+        "source": [str(r.source) for r in train],
+    })
+    tok_file = cache / f"tokenized-{key}.arrow"
+    out = raw.map(_tokenize_batch, batched=True, remove_columns=raw.column_names,
+                  fn_kwargs=dict(fmt=fmt, cfg=cfg), cache_file_name=str(tok_file),
+                  new_fingerprint=f"tok-{key}", desc="Tokenising")
+    reasons = list(out["drop_reason"])
+    dropped = Counter(r for r in reasons if r)
+    kept = [i for i, r in enumerate(reasons) if not r]
+    if not kept:
+        all_drops = dict(sorted((dropped + Counter(records.skipped)).items()))
         raise NoExampleError(
-            f"no example left to train on: {dict(reasons)} dropped of {len(train_records)} records in {files}. "
-            f"Check data.max_seq_length ({max_seq_length}), data.overflow and the data",
-            {"lines_read": lines_read, "records": len(records), "examples": 0, "dropped": all_drops},
-        )
-    kept = tokenized.select(kept_idx)
-    lengths = list(kept["length"])
-    bins = best_fit_decreasing(lengths, max_seq_length) if packing else [[i] for i in range(len(lengths))]
-    pack_file = cache / (f"packed-{fp}.arrow" if packing else f"unpacked-{fp}.arrow")
-    packed = datasets.Dataset.from_dict({"members": bins}).map(
-        _pack_batch,
-        batched=True,
-        remove_columns=["members"],
-        fn_kwargs=dict(kept=kept),
-        cache_file_name=str(pack_file),
-        new_fingerprint=f"pack-{fp}" if packing else f"unpack-{fp}",
-        desc="Packing",
+            f"no example left to train on: {dict(dropped)} dropped of {len(train)} records in {cfg.train}. "
+            f"Check data.max_seq_length ({cfg.max_seq_length}), data.overflow and the data",
+            {"lines_read": records.lines_read, "records": len(records.records), "examples": 0, "dropped": all_drops})
+    counts = {c: sum(out[c]) for c in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")}
+    return Tokenized(out.select(kept), dict(dropped), counts, str(tok_file))
+
+
+def pack_stage(tokenized: Tokenized, cfg: DataConfig, key: str, cache: Path) -> Packed:
+    """Best-fit-decreasing bins of the examples (or one per row without packing), as cached rows."""
+    import datasets
+
+    lengths = list(tokenized.examples["length"])
+    L = cfg.max_seq_length
+    bins = best_fit_decreasing(lengths, L) if cfg.packing else [[i] for i in range(len(lengths))]
+    name = f"packed-{key}" if cfg.packing else f"unpacked-{key}"
+    rows = datasets.Dataset.from_dict({"members": bins}).map(
+        _pack_batch, batched=True, remove_columns=["members"], fn_kwargs=dict(kept=tokenized.examples),
+        cache_file_name=str(cache / f"{name}.arrow"), new_fingerprint=name, desc="Packing")
+    return Packed(rows, round(packing_efficiency(lengths, len(rows), L), 6), str(cache / f"{name}.arrow"))
+
+
+def build_report(records: RecordSet, split: Split, tokenized: Tokenized, packed: Packed, audit, cfg: DataConfig,
+                 fmt: ChatFormat) -> DataReport:
+    """The ``DataReport`` of one ``prepare_data`` call."""
+    c = tokenized.counts
+    return DataReport(
+        records=len(records.records), heldout=len(split.heldout), examples=len(tokenized.examples),
+        dropped=dict(sorted((Counter(tokenized.dropped) + Counter(records.skipped)).items())),
+        split_chunks=c["chunks"], rows=len(packed.rows), packing_efficiency=packed.efficiency,
+        supervised_tokens=audit.supervised_tokens, role_markers_in_labels=audit.role_markers_in_labels,
+        control_tokens_in_labels=audit.control_tokens_in_labels,
+        turns_with_end_of_turn_trained=audit.turns_with_end_of_turn_trained, assistant_turns=c["assistant_turns"],
+        max_seq_length=cfg.max_seq_length, chat_format=fmt.name,
+        cache_files=[tokenized.cache_file, packed.cache_file], lines_read=records.lines_read,
+        chats_with_guard=sum(n for a, n in split.preset_actions.items() if a in GUARDED_ACTIONS),
+        preset_actions=split.preset_actions, chats_split_per_turn=c["per_turn"], render_mismatch=c["render_mismatch"],
+        messages_with_control_text=c["control_text"],
     )
-    audit = audit_rows(packed, tokenizer, eot, _pad_id(tokenizer))
-    split_chunks = sum(kept["chunks"])
-    report = DataReport(
-        records=len(records),
-        heldout=len(heldout),
-        examples=len(kept),
-        dropped=dict(sorted((Counter({k: v for k, v in reasons.items() if k}) + line_drops).items())),
-        split_chunks=split_chunks,
-        rows=len(packed),
-        packing_efficiency=round(packing_efficiency(lengths, len(packed), max_seq_length), 6),
-        supervised_tokens=audit.supervised_tokens,
-        role_markers_in_labels=audit.role_markers_in_labels,
-        turns_with_im_end_trained=audit.turns_with_im_end_trained,
-        assistant_turns=sum(kept["assistant_turns"]),
-        max_seq_length=max_seq_length,
-        cache_files=[str(tok_file), str(pack_file)],
-        lines_read=lines_read,
-        chats_with_guard=sum(n for a, n in preset_actions.items() if a in GUARDED_ACTIONS),
-        preset_actions=dict(sorted(preset_actions.items())),
-    )
-    for reason, n in report.dropped.items():
-        hint = "data.on_error" if reason in line_drops else "data.overflow / data.max_seq_length"
-        logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
-    return PreparedData(rows=packed, heldout=heldout, report=report)
 
 
 def record_key(record: ChatRecord | TextRecord) -> str:
     """Hash of a record after normalising whitespace (strip, runs of whitespace -> one space).
 
-    >>> from data_utils.types import Message, Source
+    >>> from data_utils.types import Source
     >>> a = ChatRecord((Message("user", "Hi  there"), Message("assistant", "Yes.")), Source("a", 1))
     >>> b = ChatRecord((Message("user", " Hi there"), Message("assistant", "Yes.\\n")), Source("a", 2))
     >>> record_key(a) == record_key(b), record_key(a) == record_key(TextRecord("Hi there Yes.", Source("a", 3)))
@@ -243,68 +341,10 @@ def record_key(record: ChatRecord | TextRecord) -> str:
     """
     norm = lambda t: " ".join(t.split())  # noqa: E731
     if isinstance(record, ChatRecord):
-        payload = [[m.role, norm(m.content)] for m in record.messages]
+        payload = [[m.role, norm(m.content), norm(m.reasoning or "")] for m in record.messages]
     else:
         payload = norm(record.text)
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-
-
-def _drop_duplicates(records, on_error: str):
-    """Keep the first of each set of equal records; the others are errors (or, under skip, returned)."""
-    first: dict[str, ChatRecord | TextRecord] = {}
-    kept, dups = [], []
-    for r in records:
-        key = record_key(r)
-        if key in first:
-            err = RecordError(
-                r.source,
-                f"duplicate record: same content as {first[key].source} (after normalising whitespace); "
-                "remove one copy, or set data.on_error=skip to drop it (counted as 'duplicate')",
-                "duplicate",
-            )
-            if on_error == "error":
-                raise err
-            dups.append(err)
-        else:
-            first[key] = r
-            kept.append(r)
-    return kept, dups
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _apply_stage_and_preset(records, stage: str, preset, override: bool):
-    """Refuse records of the wrong kind for ``stage``; apply the preset to every chat.
-
-    Returns ``(records, actions)``: ``actions`` counts ``presets.PresetAction`` per chat (empty
-    without a preset), and is logged as what really happened.
-    """
-    wrong = {"pretrain": ChatRecord, "sft": TextRecord}.get(stage)
-    for r in records:
-        if wrong is not None and isinstance(r, wrong):
-            kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
-            raise ValueError(
-                f"{r.source}: {kind} under data.stage={stage}; stage 1 (pretrain) trains on {{'text'}} records, "
-                "stage 2 (sft) on chats. Fix data.train or set data.stage: auto"
-            )
-    if preset is None:
-        return records, Counter()
-    actions: Counter = Counter()
-    out = []
-    for r in records:
-        if isinstance(r, ChatRecord):
-            messages, action = apply_preset(r.as_dicts(), preset, override)
-            actions[action] += 1
-            r = ChatRecord(tuple(Message(m["role"], m["content"]) for m in messages), r.source)
-        out.append(r)
-    logger.info(
-        "preset %s: %d of %d chats now carry its guard (%s); chats with a system message of their own keep it "
-        "unless preset_overrides_system is true", preset.name, sum(n for a, n in actions.items() if a in GUARDED_ACTIONS),
-        sum(actions.values()), ", ".join(f"{a}: {n}" for a, n in sorted(actions.items())) or "no chats",
-    )
-    return out, actions
 
 
 def _draw_heldout(records, n: int, seed: int) -> list[int]:
@@ -316,53 +356,75 @@ def _draw_heldout(records, n: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(chats, n))
 
 
-def _tokenize_batch(batch, tokenizer, eot, max_seq_length, overflow, labels="assistant_only", text_eos="document"):
-    out = {k: [] for k in ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks")}
+_COLUMNS = ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks", "per_turn",
+            "render_mismatch", "control_text")
 
-    def emit(seg: Segment | None, source, reason, turns, chunks):
-        out["input_ids"].append(list(seg.input_ids) if seg else [])
-        out["labels"].append(list(seg.labels) if seg else [])
-        out["length"].append(len(seg) if seg else 0)
-        out["source"].append(source)
-        out["drop_reason"].append(reason)
-        out["assistant_turns"].append(turns)
-        out["chunks"].append(chunks)
+
+def _tokenize_batch(batch, fmt: ChatFormat, cfg: DataConfig):
+    out: dict[str, list] = {k: [] for k in _COLUMNS}
+
+    def emit(seg: Segment | None, source: str, reason: str = "", **counts):
+        for k, v in (("input_ids", list(seg.input_ids) if seg else []), ("labels", list(seg.labels) if seg else []),
+                     ("length", len(seg) if seg else 0), ("source", source), ("drop_reason", reason)):
+            out[k].append(v)
+        for k in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text"):
+            out[k].append(counts.get(k, 0))
 
     for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
-        if messages:
-            msgs = json.loads(messages)
-            if labels == "legacy_full_sequence":
-                seg = tokenize_chat_full_sequence(msgs, tokenizer)
+        if not messages:
+            _emit_text(emit, text, source, fmt, cfg)
+            continue
+        policy = "drop" if cfg.overflow == "auto" else cfg.overflow
+        if policy == "split":
+            raise ValueError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
+        msgs = json.loads(messages)
+        try:
+            if cfg.labels == "legacy_full_sequence":
+                ids = tuple(fmt.encode_full(msgs))
+                chat = EncodedChat((Segment(ids, ids),), turns_per_example=(_turns(msgs),))
             else:
-                seg = tokenize_chat(msgs, tokenizer, eot, example=source)
-            turns = sum(m["role"] == "assistant" for m in msgs)
-            policy = "drop" if overflow == "auto" else overflow
-            if policy == "split":
-                raise ValueError(
-                    f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats"
-                )
-        else:
-            seg = tokenize_text(text, tokenizer, tokenizer.eos_token_id)
-            turns = 0
-            policy = "split" if overflow == "auto" else overflow
-        if len(seg) > max_seq_length:
-            if policy == "error":
-                raise OverflowError_(
-                    f"{source}: example has {len(seg)} tokens > data.max_seq_length={max_seq_length}; "
-                    "raise max_seq_length, or set data.overflow=drop (counted) or split (text only)"
-                )
-            if policy == "drop":
-                emit(None, source, "too_long", 0, 0)
-                continue
-            pieces = split_segment(seg, max_seq_length, tokenizer.eos_token_id if text_eos == "chunk" else None)
-            for k, piece in enumerate(pieces):
-                emit(piece, source, "", 0, 1 if k else 0)
+                chat = fmt.encode_chat(msgs, example=source)
+        except LabelError as e:
+            if cfg.on_error == "error":
+                raise
+            emit(None, source, e.reason)
             continue
-        if seg.num_trained == 0:
-            emit(None, source, "no_trained_tokens", 0, 0)
-            continue
-        emit(seg, source, "", turns, 0)
+        first = True
+        for seg, turns in zip(chat.examples, chat.turns_per_example):
+            head = dict(per_turn=int(chat.per_turn), render_mismatch=chat.render_mismatch,
+                        control_text=chat.control_text_messages) if first else {}
+            first = False
+            if len(seg) > cfg.max_seq_length:
+                if policy == "error":
+                    raise OverflowError_(f"{source}: example has {len(seg)} tokens > data.max_seq_length="
+                                         f"{cfg.max_seq_length}; raise max_seq_length, or set data.overflow=drop "
+                                         "(counted)")
+                emit(None, source, "too_long", **head)
+            elif seg.num_trained == 0:
+                emit(None, source, "no_trained_tokens", **head)
+            else:
+                emit(seg, source, assistant_turns=turns, **head)
     return out
+
+
+def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -> None:
+    tok = fmt.tokenizer
+    seg = tokenize_text(text, tok, tok.eos_token_id)
+    policy = "split" if cfg.overflow == "auto" else cfg.overflow
+    if len(seg) <= cfg.max_seq_length:
+        emit(seg, source)
+    elif policy == "error":
+        raise OverflowError_(f"{source}: example has {len(seg)} tokens > data.max_seq_length={cfg.max_seq_length}; "
+                             "raise max_seq_length, or set data.overflow=drop (counted) or split (text only)")
+    elif policy == "drop":
+        emit(None, source, "too_long")
+    else:
+        for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, tok.eos_token_id if cfg.text_eos == "chunk" else None)):
+            emit(piece, source, chunks=1 if k else 0)
+
+
+def _turns(msgs) -> int:
+    return sum(m["role"] == "assistant" for m in msgs)
 
 
 def _pack_batch(batch, kept):
@@ -380,13 +442,15 @@ def _pack_batch(batch, kept):
     return out
 
 
-def _fingerprint(files, tokenizer, max_seq_length, format, overflow, heldout_idx) -> str:
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
     h = hashlib.sha256()
-    h.update(PIPELINE_VERSION.encode())
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
-    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer).encode())
     h.update(str(tokenizer.chat_template).encode())
-    h.update(json.dumps([max_seq_length, format, overflow, heldout_idx, tokenizer.eos_token_id]).encode())
+    h.update(json.dumps([tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
     return h.hexdigest()[:16]

@@ -2,13 +2,16 @@
 
 Supported line formats (``format=``):
 
-* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; an
+  assistant message may carry ``"reasoning_content": str`` (rendered by templates that show
+  reasoning, such as Qwen3's; a reply written as ``<think>…</think>…`` works too)
 * ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant", "value": str}, ...]}``
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
 * ``text``: ``{"text": str}`` (raw text for continued pre-training)
 * ``auto``: pick one of the above per line from its keys.
 
-Extra keys (``source``, ``id``...) are ignored. Every problem raises ``RecordError`` naming the
+Extra keys (``source``, ``id``...) are ignored. A UTF-8 byte-order mark at the start of a file and
+CRLF line endings are read as the text they frame. Every problem raises ``RecordError`` naming the
 file, the 1-based line number, the field and the fix; ``err.reason`` is a short slug (one of
 ``REASONS``) used to count it. With ``on_error="skip"`` a bad line is not raised but counted:
 ``read_records(path, on_error="skip", skipped=errors)`` appends each ``RecordError`` to ``errors``.
@@ -25,28 +28,30 @@ Example::
     >>> with open(p, "w") as f:
     ...     _ = f.write(json.dumps({"conversations": [{"from": "human", "value": "Hi"},
     ...                                              {"from": "gpt", "value": "Hello."}]}) + "\\n")
-    >>> [r.messages for r in read_records(p)]
-    [(Message(role='user', content='Hi'), Message(role='assistant', content='Hello.'))]
+    >>> [r.as_dicts() for r in read_records(p)]
+    [[{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello.'}]]
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, get_args
 
+from data_utils.config import OnError, RecordFormat
 from data_utils.types import ROLES, ChatRecord, Message, Source, TextRecord
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "text")
+FORMATS = get_args(RecordFormat)
+_BOM = b"\xef\xbb\xbf"
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 REASONS = (
     "not_utf8", "blank_line", "invalid_json", "not_an_object", "unknown_format", "bad_field", "unknown_role",
     "content_not_string", "no_messages", "no_assistant_turn", "empty_assistant_turn", "consecutive_same_role",
-    "system_not_first", "empty_text",
+    "system_not_first", "empty_text", "invalid_unicode",
 )  # fmt: skip
 """Slugs of ``RecordError.reason``; the data report counts skipped lines by these (plus ``duplicate``)."""
-ON_ERROR = ("error", "skip")
+ON_ERROR = get_args(OnError)
 
 
 class RecordError(ValueError):
@@ -102,6 +107,8 @@ def iter_records(
         raise FileNotFoundError(f"data file not found: {path} (check data.train / data.eval in your config)")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(_BOM):  # written by some Windows editors; not part of the JSON
+                raw = raw[len(_BOM):]
             try:
                 yield parse_line(raw, Source(str(path), lineno), format)
             except RecordError as err:
@@ -140,16 +147,20 @@ def parse_line(raw: bytes, src: Source, format: str = "auto") -> ChatRecord | Te
     return parse_record(obj, src, format)
 
 
-def parse_record(obj: dict, src: Source, format: str = "auto") -> ChatRecord | TextRecord:
-    """Validate one decoded JSON object. See ``read_records`` for formats and errors."""
-    fmt = _detect(obj, src) if format == "auto" else format
+def parse_record(obj: dict, src: Source, format: str = "auto", prompt: bool = False) -> ChatRecord | TextRecord:
+    """Validate one decoded JSON object. See ``read_records`` for formats and errors.
+
+    ``prompt=True`` reads a chat to reply to (``packlora decode``): it need not have an assistant
+    turn, and the errors do not point at training settings.
+    """
+    fmt = _detect(obj, src, prompt) if format == "auto" else format
     if fmt == "text":
         text = obj.get("text")
         if not isinstance(text, str):
             raise RecordError(src, f"field 'text' must be a string, got {_kind(text)}", "content_not_string")
         if not text.strip():
             raise RecordError(src, "field 'text' is empty; remove the record", "empty_text")
-        return TextRecord(text=text, source=src)
+        return TextRecord(text=_encodable(text, "text", src), source=src)
     if fmt == "messages":
         msgs = obj.get("messages")
         if not isinstance(msgs, list):
@@ -160,7 +171,7 @@ def parse_record(obj: dict, src: Source, format: str = "auto") -> ChatRecord | T
         for i, m in enumerate(msgs):
             if not isinstance(m, dict):
                 raise RecordError(src, f"messages[{i}] must be an object, got {_kind(m)}", "bad_field")
-            parsed.append(_message(m.get("role"), m.get("content"), f"messages[{i}]", src))
+            parsed.append(_message(m.get("role"), m.get("content"), f"messages[{i}]", src, m.get("reasoning_content")))
         field_name = "messages"
     elif fmt == "sharegpt":
         convs = obj.get("conversations")
@@ -184,33 +195,35 @@ def parse_record(obj: dict, src: Source, format: str = "auto") -> ChatRecord | T
         field_name = "conversations"
     elif fmt == "alpaca":
         instr, inp, out = obj.get("instruction"), obj.get("input", ""), obj.get("output")
-        for name, val in (("instruction", instr), ("input", inp), ("output", out)):
+        fields = (("instruction", instr), ("input", inp)) + (() if prompt and out is None else (("output", out),))
+        for name, val in fields:
             if not isinstance(val, str):
                 raise RecordError(src, f"field {name!r} must be a string, got {_kind(val)}", "content_not_string")
         parsed = []
         if obj.get("system"):
             parsed.append(_message("system", obj["system"], "system", src))
-        parsed.append(Message("user", f"{instr}\n\n{inp}" if inp else instr))
-        parsed.append(_message("assistant", out, "output", src))
+        parsed.append(_message("user", f"{instr}\n\n{inp}" if inp else instr, "instruction", src))
+        if out is not None:
+            parsed.append(_message("assistant", out, "output", src))
         field_name = "output"
     else:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return ChatRecord(messages=_check_order(parsed, src, field_name), source=src)
+    return ChatRecord(messages=_check_order(parsed, src, field_name, prompt), source=src)
 
 
-def _detect(obj: dict, src: Source) -> str:
+def _detect(obj: dict, src: Source, prompt: bool = False) -> str:
     for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("text", "text")):
         if key in obj:
             return fmt
     raise RecordError(
         src,
         f"cannot tell the format from keys {sorted(obj)}; expected 'messages', 'conversations', "
-        "'instruction'/'output' or 'text' (or set data.format)",
+        + ("'instruction' (a prompt to reply to)" if prompt else "'instruction'/'output' or 'text' (or set data.format)"),
         "unknown_format",
     )
 
 
-def _message(role, content, field: str, src: Source) -> Message:
+def _message(role, content, field: str, src: Source, reasoning=None) -> Message:
     if role not in ROLES:
         raise RecordError(src, f"{field}.role is {role!r}; expected one of {list(ROLES)}", "unknown_role")
     if not isinstance(content, str):
@@ -220,10 +233,28 @@ def _message(role, content, field: str, src: Source) -> Message:
             src, f"{field} is an assistant turn with empty content; remove the record or fill it",
             "empty_assistant_turn",
         )
-    return Message(role, content)
+    if reasoning is not None:
+        if role != "assistant" or not isinstance(reasoning, str):
+            raise RecordError(src, f"{field}.reasoning_content must be a string on an assistant turn, got "
+                              f"{_kind(reasoning)} on a {role!r} turn", "bad_field")
+        reasoning = _encodable(reasoning, f"{field}.reasoning_content", src)
+    return Message(role, _encodable(content, field, src), reasoning)
 
 
-def _check_order(msgs: list[Message], src: Source, field: str = "messages") -> tuple[Message, ...]:
+def _encodable(text: str, field: str, src: Source) -> str:
+    """``text`` if it is valid Unicode; a lone surrogate (from a JSON escape such as ``\\ud800``)
+    cannot be encoded as UTF-8, so no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(
+            src, f"{field} holds malformed Unicode ({e.reason}: {text[e.start:e.end]!r} at character {e.start}, "
+            "usually a broken \\u escape in the JSON); fix or remove the text", "invalid_unicode",
+        ) from None
+    return text
+
+
+def _check_order(msgs: list[Message], src: Source, field: str = "messages", prompt: bool = False) -> tuple[Message, ...]:
     if not msgs:
         raise RecordError(src, f"{field}: the chat has no messages", "no_messages")
     for i, m in enumerate(msgs):
@@ -236,7 +267,7 @@ def _check_order(msgs: list[Message], src: Source, field: str = "messages") -> t
                 src, f"{field}[{i}] is a second consecutive {m.role!r} turn; merge it into {field}[{i - 1}]",
                 "consecutive_same_role",
             )
-    if not any(m.role == "assistant" for m in msgs):
+    if not prompt and not any(m.role == "assistant" for m in msgs):
         raise RecordError(
             src, f"{field}: the chat has no assistant turn, so nothing would be trained; add one or drop the record",
             "no_assistant_turn",

@@ -34,10 +34,25 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat turn. ``role`` is one of ``ROLES``; ``content`` is the plain text."""
+    """One chat turn.
+
+    Attributes:
+        role: one of ``ROLES``.
+        content: the plain text (for an assistant turn: the reply).
+        reasoning: an assistant turn's reasoning (``reasoning_content``), for templates that render
+            it (Qwen3); None when the record has none.
+    """
 
     role: str
     content: str
+    reasoning: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"role", "content"}``, plus ``"reasoning_content"`` when there is reasoning."""
+        d = {"role": self.role, "content": self.content}
+        if self.reasoning is not None:
+            d["reasoning_content"] = self.reasoning
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +69,7 @@ class ChatRecord:
 
     def as_dicts(self) -> list[dict[str, str]]:
         """The messages as ``[{"role": ..., "content": ...}]``, the form chat templates take."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@ answer (for the length ratio). Decoding is greedy. The metrics are defined in
 ``decoding.runaway``; the report is one JSON object (``RunawayReport.to_dict``).
 
 ``--no-stop-ids`` is for experiments only: it decodes like a chat-unaware decoder, stopping only
-at the tokenizer's eos token (``<|endoftext|>`` for Qwen2 base tokenizers), to measure what the
-model does when nothing stops it at ``<|im_end|>``. Never decode for real use that way.
+at the tokenizer's eos token (end of text for Qwen2 base tokenizers), to measure what the
+model does when nothing stops it at the end of turn. Never decode for real use that way.
 """
 from __future__ import annotations
 
@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="packlora eval-runaway: %(message)s")
-    from decoding.cli import read_prompts
+    from decoding.decode import read_prompts
     from decoding.generate import load_checkpoint
     from decoding.runaway import evaluate_runaway
-    from decoding.stopping import format_stop_ids
 
     try:
         prompts = read_prompts(args.input, args.limit)
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                   "token alone, ignoring the checkpoint's stop ids; replies are expected to run on.",
                   file=sys.stderr)
         report = evaluate_runaway(
-            ckpt.model, ckpt.tokenizer, [(p.messages, p.reference, str(p.source)) for p in prompts],
+            ckpt.model, ckpt.fmt, [(p.messages, p.reference, str(p.source)) for p in prompts],
             ckpt.stop_ids, max_new_tokens, no_stop_ids=args.no_stop_ids, batch_size=args.batch_size,
         )
     except (FileNotFoundError, ValueError) as e:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     ratio = "n/a" if report.mean_length_ratio is None else f"{report.mean_length_ratio:.2f}"
     print(
-        f"{report.num_prompts} prompts, stop ids {format_stop_ids(ckpt.tokenizer, report.stop_ids)}: "
+        f"{report.num_prompts} prompts, stop ids {ckpt.fmt.format_ids(report.stop_ids)}: "
         f"runaway {report.runaway:.1%} (hit max_new_tokens {report.hit_max_new_tokens:.1%}, "
         f"role leak {report.role_leak:.1%}), emitted end of turn {report.emitted_end_of_turn:.1%}, "
         f"stopped by stop id {report.stopped_by_stop_id:.1%}, mean length ratio {ratio}; wrote {out}"

@@ -1,17 +1,16 @@
 """Load a packlora checkpoint and generate one assistant reply per conversation.
 
-Every row stops at the first of the checkpoint's stop ids (``<|im_end|>`` included, see
-``decoding.stopping``); the stop id and anything after it is cut from the reply. Batches are
+Every row stops at the first of the checkpoint's stop ids (the chat format's end of turn
+included, ``EOT`` below); the stop id and anything after it is cut from the reply. Batches are
 left-padded so that every row's next token is generated in the same column::
 
-    columns:      0   1   2   3   4 ... L-1 | L    L+1  L+2   L+3        L+4
-    row 0:      pad pad  p0  p1  p2 ... pk  | "Hi" "!"  <|im_end|>  pad   pad   -> "Hi!", stop_id, 3 new tokens
+    columns:      0   1   2   3   4 ... L-1 | L    L+1  L+2   L+3   L+4
+    row 0:      pad pad  p0  p1  p2 ... pk  | "Hi" "!"  EOT   pad   pad   -> "Hi!", stop_id, 3 new tokens
     row 1:       q0  q1  q2  q3  q4 ... qm  | "A"  "B"  "C"   "D"   "E"   -> "ABCDE", max_new_tokens (=5)
                  (attention_mask 0 on pad)     (generated; ``generate`` writes pad after a row stops)
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from typing import Any
 
 import torch
 
-from decoding.stop_strings import StopStringCriteria, StopStringMatcher
-from decoding.stopping import cut_at_first_stop, format_stop_ids, resolve_stop_ids
+from decoding import checkpoint as ckpt_format
+from decoding.stop_strings import StopStringMatcher
+from decoding.stopping import cut_at_first_stop
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Reply:
 
     Attributes:
         text: ``token_ids`` decoded with ``skip_special_tokens=False``: the stop is not in it, but
-            any other special token the model wrote (e.g. ``<|im_start|>``) stays visible.
+            any other special token the model wrote (e.g. a role header's start) stays visible.
             After a stop string, ``text`` is cut exactly before the match.
         token_ids: the generated ids before the first stop id (the stop is cut); after a stop
             string, the ids whose text lies wholly before the match.
@@ -62,9 +62,9 @@ class LoadedCheckpoint:
     Attributes:
         model: the causal LM in eval mode (a ``peft.PeftModel`` for an adapter checkpoint); its
             ``generation_config`` has ``eos_token_id = list(stop_ids)``.
-        tokenizer: the checkpoint's tokenizer, with its chat template.
-        stop_ids: from ``resolve_stop_ids`` (generation_config.json, ``<|im_end|>``, eos, and
-            ``decoding.stop_tokens`` of ``packlora_config.yaml``).
+        fmt: the chat format over the checkpoint's tokenizer (``fmt.tokenizer``).
+        stop_ids: ``decoding.checkpoint.stop_ids``: generation_config.json, the end of turn, eos,
+            and ``decoding.stop_tokens`` of ``packlora_config.yaml``.
         max_new_tokens: ``decoding.max_new_tokens`` of ``packlora_config.yaml``, else
             ``max_new_tokens`` of ``generation_config.json``, else 512.
         path: the checkpoint directory.
@@ -72,42 +72,16 @@ class LoadedCheckpoint:
     """
 
     model: Any
-    tokenizer: Any
+    fmt: Any
     stop_ids: tuple[int, ...]
     max_new_tokens: int
     path: Path
     base_model_path: Path | None = None
 
-
-def resolve_base_model(checkpoint: str | Path) -> Path:
-    """The base model directory of an adapter checkpoint.
-
-    Tries ``base_model_name_or_path`` of ``adapter_config.json``, then ``<checkpoint>/../base_model``
-    (where training saves a base it built from a config), and logs when it falls back.
-
-    Raises:
-        FileNotFoundError: neither is a model directory (one with a ``config.json``); the message
-            lists the paths tried.
-    """
-    checkpoint = Path(checkpoint).resolve()
-    with open(checkpoint / "adapter_config.json") as f:
-        named = json.load(f).get("base_model_name_or_path")
-    fallback = checkpoint.parent / "base_model"
-    tried = ([Path(named)] if named else []) + [fallback]
-    for i, candidate in enumerate(tried):
-        if (candidate / "config.json").is_file():
-            if i > 0:
-                logger.warning(
-                    "base model %s (base_model_name_or_path in %s) not found; using %s instead",
-                    named, checkpoint / "adapter_config.json", fallback,
-                )
-            return candidate
-    raise FileNotFoundError(
-        f"base model for adapter checkpoint {checkpoint} not found; tried "
-        + ", ".join(str(p) for p in tried)
-        + ". Point base_model_name_or_path in adapter_config.json at the base model directory, "
-        f"or put the base model (config.json + weights) at {fallback}"
-    )
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer, with its chat template."""
+        return self.fmt.tokenizer
 
 
 def load_checkpoint(
@@ -127,7 +101,7 @@ def load_checkpoint(
         FileNotFoundError: ``path`` is not a checkpoint, or an adapter's base model is missing.
         ValueError: bad stop tokens or ``max_new_tokens`` in the checkpoint's configs.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -137,54 +111,22 @@ def load_checkpoint(
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
-
-    base_model_path = None
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base_model_path = resolve_base_model(path)
-        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, path, is_trainable=False)
-        inner = model.get_base_model()
-    elif (path / "config.json").is_file():
-        model = inner = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    else:
-        raise FileNotFoundError(
-            f"{path} is not a checkpoint: it has neither adapter_config.json (LoRA adapter) nor "
-            "config.json (full model); pass the directory that training saved"
-        )
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    gen_path = path / "generation_config.json"
-    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    if not generation_config:
-        logger.warning("%s has no generation_config.json; stop ids come from the tokenizer only", path)
-    decoding = _packlora_decoding_section(path)
-    stop_ids = resolve_stop_ids(tokenizer, generation_config, decoding.get("stop_tokens") or ())
-
-    max_new_tokens = decoding.get("max_new_tokens") or generation_config.get("max_new_tokens")
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(
-            f"max_new_tokens in {path} is {max_new_tokens!r}; set decoding.max_new_tokens in "
-            "packlora_config.yaml to a positive int"
-        )
-
-    # Plain `model.generate(...)` should stop where generate_replies does.
-    inner.generation_config.eos_token_id = list(stop_ids)
-    inner.generation_config.pad_token_id = _pad_id(tokenizer, stop_ids)
+    model, inner, base_model_path = ckpt_format.load_model(path, dtype, device)
+    fmt = ckpt_format.chat_format(path, AutoTokenizer.from_pretrained(path))
+    stop_ids = ckpt_format.stop_ids(path, fmt)
+    max_new_tokens = ckpt_format.max_new_tokens(path, DEFAULT_MAX_NEW_TOKENS)
+    ckpt_format.set_stop_ids(inner, stop_ids, fmt.pad_id(stop_ids))  # plain `model.generate()` stops here too
     logger.info(
-        "loaded %s%s on %s (%s); stop ids: %s; max_new_tokens %d",
+        "loaded %s%s on %s (%s); chat format %s; stop ids: %s; max_new_tokens %d",
         path, f" (base {base_model_path})" if base_model_path else "", device,
-        str(dtype).removeprefix("torch."), format_stop_ids(tokenizer, stop_ids), max_new_tokens,
+        str(dtype).removeprefix("torch."), fmt.name, fmt.format_ids(stop_ids), max_new_tokens,
     )
-    return LoadedCheckpoint(model, tokenizer, tuple(stop_ids), max_new_tokens, path, base_model_path)
+    return LoadedCheckpoint(model, fmt, tuple(stop_ids), max_new_tokens, path, base_model_path)
 
 
 def generate_replies(
     model: Any,
-    tokenizer: Any,
+    fmt: Any,
     conversations: Sequence[Sequence[dict[str, str]]],
     stop_ids: Sequence[int],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -199,8 +141,8 @@ def generate_replies(
 ) -> list[Reply]:
     """Generate the next assistant turn of each conversation.
 
-    Each conversation is rendered with the tokenizer's chat template and
-    ``add_generation_prompt=True``, then tokenised with ``add_special_tokens=False``. Batches of
+    Each conversation is rendered with the chat template and ``add_generation_prompt=True`` and
+    tokenised with its messages' text kept as text (``ChatFormat.encode_prompt``). Batches of
     ``batch_size`` are left-padded (see the module docstring); ``tokenizer`` is not modified.
     Decoding is exactly what the arguments say: greedy, or sampling with ``temperature`` and
     ``top_p`` only (top_k off, no repetition penalty, one beam), whatever ``model.generation_config``
@@ -209,9 +151,9 @@ def generate_replies(
 
     Args:
         model: a causal LM (or ``PeftModel``); inputs go to the device of its first parameter.
-        tokenizer: its tokenizer, with a chat template.
+        fmt: the ``ChatFormat`` over its tokenizer.
         conversations: lists of ``{"role", "content"}``; none may end with an assistant turn.
-        stop_ids: ids that end a row (``resolve_stop_ids``); each row stops on its own.
+        stop_ids: ids that end a row (``ChatFormat.stop_ids``); each row stops on its own.
         max_new_tokens: the most tokens generated per row, the stop token included.
         batch_size: conversations per ``generate`` call.
         do_sample: sample instead of greedy decoding.
@@ -232,7 +174,8 @@ def generate_replies(
             (the message gives its index), no chat template, no stop ids, or bad settings.
     """
     if not stop_ids:
-        raise ValueError("stop_ids is empty; pass resolve_stop_ids(tokenizer, generation_config)")
+        raise ValueError("stop_ids is empty; pass fmt.stop_ids() or the checkpoint's stop ids")
+    tokenizer = fmt.tokenizer
     matcher = StopStringMatcher(stop_strings)
     if streamer is not None and batch_size != 1:
         raise ValueError(f"streaming needs batch_size=1, got {batch_size}")
@@ -249,12 +192,8 @@ def generate_replies(
             )
     if not conversations:
         return []
-    if tokenizer.chat_template is None:
-        raise ValueError("the tokenizer has no chat_template; load the tokenizer saved with the checkpoint")
-
-    texts = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False) for c in conversations]
-    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    pad_id = _pad_id(tokenizer, stop_ids)
+    prompt_ids = [fmt.encode_prompt(list(c)) for c in conversations]
+    pad_id = fmt.pad_id(stop_ids)
     device = next(model.parameters()).device
     gen_kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
@@ -275,6 +214,8 @@ def generate_replies(
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0)
 
+    if matcher:  # transformers' own criterion (one tensor check per step) stops the row...
+        gen_kwargs.update(stop_strings=list(matcher.stop_strings), tokenizer=tokenizer)
     cuda_devices = []
     if device.type == "cuda":
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
@@ -286,46 +227,42 @@ def generate_replies(
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(prompt_ids), batch_size):
-                batch = prompt_ids[start : start + batch_size]
-                input_ids, attention_mask = _left_pad(batch, pad_id)
-                criteria = {}
-                if matcher:
-                    from transformers import StoppingCriteriaList
-
-                    criteria["stopping_criteria"] = StoppingCriteriaList(
-                        [StopStringCriteria(matcher, tokenizer, input_ids.shape[1])]
-                    )
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs, **criteria
-                )
-                for row in out[:, input_ids.shape[1] :].tolist():
-                    replies.append(_to_reply(row, stop_ids, max_new_tokens, tokenizer, matcher))
+                batch = _left_padded(tokenizer, prompt_ids[start : start + batch_size], pad_id)
+                out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **gen_kwargs)
+                width = batch["input_ids"].shape[1]
+                for row, prompt in zip(out[:, width:].tolist(), prompt_ids[start : start + batch_size]):
+                    replies.append(_to_reply(row, stop_ids, max_new_tokens, tokenizer, matcher, prompt))
     finally:
         model.train(was_training)
     return replies
 
 
-def _to_reply(
-    new_ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, tokenizer: Any,
-    matcher: StopStringMatcher | None = None,
-) -> Reply:
+def _to_reply(new_ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, tokenizer: Any,
+              matcher: StopStringMatcher | None = None, prompt: Sequence[int] = ()) -> Reply:
+    """...and packlora's matcher cuts the text where the stop string starts (``first_stop``)."""
     kept, stop_id = cut_at_first_stop(new_ids, stop_ids)
+    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     if matcher:
-        hit = matcher.first_stop(
-            kept, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        )
+        hit = matcher.first_stop(kept, decode)
         if hit is not None:
             return Reply(
                 text=hit.text, token_ids=tuple(kept[: hit.kept_tokens]), stop_reason="stop_string", stop_id=None,
                 num_new_tokens=hit.num_tokens, stop_string=hit.stop_string,
             )
+        if stop_id is None and len(new_ids) < max_new_tokens:
+            # transformers also stops at a stop string that begins in the prompt's last characters
+            tail = decode(list(prompt[-8:]) + list(kept))
+            string = next((s for s in matcher.stop_strings if s in tail), None)
+            if string is not None:
+                return Reply(text=decode(kept), token_ids=tuple(kept), stop_reason="stop_string", stop_id=None,
+                             num_new_tokens=len(kept), stop_string=string)
     if stop_id is None and len(new_ids) != max_new_tokens:
         raise RuntimeError(
             f"generate ended a row after {len(new_ids)} tokens without a stop id (max_new_tokens="
             f"{max_new_tokens}); something in model.generation_config added another stopping rule"
         )
     return Reply(
-        text=tokenizer.decode(list(kept), skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        text=decode(kept),
         token_ids=kept,
         stop_reason="max_new_tokens" if stop_id is None else "stop_id",
         stop_id=stop_id,
@@ -333,21 +270,16 @@ def _to_reply(
     )
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``(len(rows), max_len)`` int64, padding on the left."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, width - len(r) :] = 1
-    return input_ids, attention_mask
+def _left_padded(tokenizer: Any, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}``, ``[len(rows), longest]`` int64, padded on the left with
+    ``pad_id`` by the tokenizer's own ``pad`` (on a shallow copy when it has no pad token of its own)."""
+    import copy
 
-
-def _pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
-    # Pad positions are masked in the prompt and come after the stop in the reply, so a stop id
-    # is a safe pad when the tokenizer has none.
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    if tokenizer.pad_token_id != pad_id:
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    return tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt",
+                         return_attention_mask=True)
 
 
 def check_decoding_settings(
@@ -374,16 +306,3 @@ def check_decoding_settings(
                 problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
     if problems:
         raise ValueError("bad decoding settings: " + "; ".join(problems))
-
-
-def _packlora_decoding_section(path: Path) -> dict:
-    config_path = path / "packlora_config.yaml"
-    if not config_path.is_file():
-        return {}
-    import yaml
-
-    config = yaml.safe_load(config_path.read_text()) or {}
-    decoding = (config.get("decoding") or {}) if isinstance(config, dict) else {}
-    if not isinstance(decoding, dict):
-        raise ValueError(f"{config_path}: 'decoding' must be a mapping, got {type(decoding).__name__}")
-    return decoding

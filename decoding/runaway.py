@@ -1,23 +1,25 @@
 """Runaway metrics: does a chat model end its turn, or run on into a turn it invents?
 
 A reply *runs away* when, after its answer, the model goes on to write the next turn itself
-(``<|im_end|>\\n<|im_start|>user\\n...``, or, with special tokens skipped, a bare ``\\nuser\\n``)
-or never stops at all. Loss curves do not show it; these metrics do. For one prompt:
+(the end of turn, then a new role header such as ChatML's ``START user\\n``, or, with special
+tokens skipped, a bare ``\\nuser\\n``) or never stops at all. Loss curves do not show it; these
+metrics do. Control tokens, the end of turn and the role header come from the chat format
+(``data_utils.chat_format.ChatFormat``). For one prompt:
 
 ``stopped_by_stop_id``
     The decoder stopped at one of its stop ids (``Reply.stop_reason == "stop_id"``).
 ``emitted_end_of_turn``
-    The model wrote ``<|im_end|>`` right after its answer, whether or not the decoder stopped
-    there: among the generated tokens (the stop token included), the first ChatML control token
-    (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``) is ``<|im_end|>``, and the text before it
-    has no role leak. This measures what training taught, independently of the stop ids.
+    The model wrote the end-of-turn token right after its answer, whether or not the decoder
+    stopped there: among the generated tokens (the stop token included), the first control token
+    is the end of turn, and the text before it has no role leak. This measures what training
+    taught, independently of the stop ids.
 ``hit_max_new_tokens``
     The reply ended because ``max_new_tokens`` were generated, not at a stop.
 ``role_leak``
     The visible reply (the text the decoder returns, i.e. cut before the stop) contains a role
-    marker, checked twice: rendered with special tokens (``"<|im_start|>"`` anywhere) and with
-    special tokens skipped (a line that is exactly ``system``, ``user`` or ``assistant`` followed
-    by a newline, as ``<|im_start|>user\\n`` becomes once ``<|im_start|>`` is hidden).
+    marker, checked twice: rendered with special tokens (the role-header start token anywhere)
+    and with special tokens skipped (a line that is exactly ``system``, ``user`` or ``assistant``
+    followed by a newline, as a ChatML header becomes once its start token is hidden).
 ``runaway``
     ``hit_max_new_tokens or role_leak``.
 ``length_ratio``
@@ -28,7 +30,7 @@ or never stops at all. Loss curves do not show it; these metrics do. For one pro
 The report gives each boolean as a rate over the prompts (a float in [0, 1]) and the mean of
 ``length_ratio``. Example::
 
-    >>> has_role_leak("Hi!\\nuser\\nMore?"), has_role_leak("Hi!<|im_start|>"), has_role_leak("users\\n")
+    >>> has_role_leak("Hi!\\nuser\\nMore?"), has_role_leak("Hi!<start>", "<start>"), has_role_leak("users\\n")
     (True, True, False)
 """
 from __future__ import annotations
@@ -40,30 +42,30 @@ from typing import Any
 
 from decoding.generate import Reply, generate_replies
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 ROLE_LINE = re.compile(r"(?:^|\n)(?:system|user|assistant)\n")
-"""A role name alone on a line: what ``<|im_start|>user\\n`` looks like with special tokens skipped."""
+"""A role name alone on a line: what a ChatML role header looks like with special tokens skipped."""
 NUM_WORST = 5
 
 
-def has_role_leak(text: str) -> bool:
-    """True if ``text`` contains ``<|im_start|>`` or a line that is just a role name."""
-    return IM_START in text or ROLE_LINE.search(text) is not None
+def has_role_leak(text: str, header_start: str | None = None) -> bool:
+    """True if ``text`` contains the chat format's role-header start token (``header_start``) or a
+    line that is just a role name."""
+    return (header_start is not None and header_start in text) or ROLE_LINE.search(text) is not None
 
 
-def naive_stop_ids(tokenizer: Any) -> list[int]:
+def naive_stop_ids(fmt: Any) -> list[int]:
     """The stop ids of a decoder that knows nothing about chat turns: ``tokenizer.eos_token_id``
-    only (``<|endoftext|>`` for Qwen2 base tokenizers). What ``--no-stop-ids`` decodes with.
+    only (end of text, not end of turn, for Qwen2 base tokenizers). What ``--no-stop-ids`` decodes with.
 
     Raises:
-        ValueError: the tokenizer has no eos token, or its eos is ``<|im_end|>`` itself (then there
+        ValueError: the tokenizer has no eos token, or its eos is the end of turn itself (then there
             is no chat-unaware decoder to reproduce).
     """
-    eos = tokenizer.eos_token_id
-    if eos is None or tokenizer.convert_ids_to_tokens(eos) == IM_END:
+    eos = fmt.tokenizer.eos_token_id
+    if eos is None or eos == fmt.end_of_turn_id:
         raise ValueError(
-            f"--no-stop-ids decodes with the tokenizer's eos token only, but it is {tokenizer.eos_token!r}; "
-            f"this experiment needs a tokenizer whose eos is not {IM_END} (e.g. a Qwen2 base tokenizer)"
+            f"--no-stop-ids decodes with the tokenizer's eos token only, but it is {fmt.tokenizer.eos_token!r}, the "
+            "end of turn itself; this experiment needs a tokenizer whose eos is not (e.g. a Qwen2 base tokenizer)"
         )
     return [eos]
 
@@ -118,25 +120,25 @@ class RunawayReport:
         return {f"runaway/{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-def score_reply(reply: Reply, reference: str | None, tokenizer: Any, source: str = "") -> PromptResult:
-    """The per-prompt metrics of one ``Reply`` (definitions in the module docstring).
+def score_reply(reply: Reply, reference: str | None, fmt: Any, source: str = "") -> PromptResult:
+    """The per-prompt metrics of one ``Reply`` under the chat format ``fmt`` (definitions in the
+    module docstring).
 
-    A reply that stopped at ``<|im_end|>`` emitted the end of turn; one decoded without chat stop
-    ids emitted it if ``<|im_end|>`` is the first control token among its ``token_ids``.
+    A reply that stopped at the end of turn emitted it; one decoded without chat stop ids emitted
+    it if the end of turn is the first control token among its ``token_ids``.
     """
-    vocab = tokenizer.get_vocab()
-    control = {vocab[t]: t for t in (IM_START, IM_END, ENDOFTEXT) if t in vocab}
+    tokenizer, header = fmt.tokenizer, fmt.spec.header_start
     tokens = list(reply.token_ids) + ([reply.stop_id] if reply.stop_id is not None else [])
     emitted_eot = False
     for i, t in enumerate(tokens):
-        if t in control:
+        if t in fmt.control_ids:
             before = tokenizer.decode(tokens[:i], skip_special_tokens=False)
-            emitted_eot = control[t] == IM_END and not has_role_leak(before)
+            emitted_eot = t == fmt.end_of_turn_id and not has_role_leak(before, header)
             break
     visible = tokenizer.decode(list(reply.token_ids), skip_special_tokens=True)
     if reply.stop_reason == "stop_string":  # token_ids end before the match; text is cut exactly
         visible = reply.text
-    leak = has_role_leak(reply.text) or has_role_leak(visible)
+    leak = has_role_leak(reply.text, header) or has_role_leak(visible, header)
     hit_max = reply.stop_reason == "max_new_tokens"
     ratio = None
     if reference and reference.strip():
@@ -176,7 +178,7 @@ def summarize(results: Sequence[PromptResult], stop_ids: Sequence[int], max_new_
 
 def evaluate_runaway(
     model: Any,
-    tokenizer: Any,
+    fmt: Any,
     prompts: Sequence[tuple[Sequence[dict], str | None, str]],
     stop_ids: Sequence[int],
     max_new_tokens: int,
@@ -188,21 +190,21 @@ def evaluate_runaway(
     """Decode every prompt greedily and measure the runaway metrics.
 
     Args:
-        model, tokenizer: as for ``generate_replies``.
+        model, fmt: as for ``generate_replies``.
         prompts: ``(messages, reference, source)`` triples; ``messages`` ends before the answer.
         stop_ids: the checkpoint's stop ids; ignored when ``no_stop_ids``.
         max_new_tokens: tokens per reply before it counts as ``hit_max_new_tokens``.
-        no_stop_ids: decode with ``naive_stop_ids(tokenizer)`` instead (experiments only).
+        no_stop_ids: decode with ``naive_stop_ids(fmt)`` instead (experiments only).
         batch_size: prompts per ``generate`` call.
         synced_gpus: see ``generate_replies`` (ZeRO-3 with several ranks).
 
     Returns:
         The ``RunawayReport``.
     """
-    used = naive_stop_ids(tokenizer) if no_stop_ids else list(stop_ids)
+    used = naive_stop_ids(fmt) if no_stop_ids else list(stop_ids)
     replies = generate_replies(
-        model, tokenizer, [list(m) for m, _, _ in prompts], used, max_new_tokens=max_new_tokens,
+        model, fmt, [list(m) for m, _, _ in prompts], used, max_new_tokens=max_new_tokens,
         batch_size=batch_size, synced_gpus=synced_gpus,
     )
-    results = [score_reply(r, ref, tokenizer, src) for r, (_, ref, src) in zip(replies, prompts, strict=True)]
+    results = [score_reply(r, ref, fmt, src) for r, (_, ref, src) in zip(replies, prompts, strict=True)]
     return summarize(results, used, max_new_tokens, no_stop_ids)

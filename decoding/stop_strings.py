@@ -1,14 +1,16 @@
-"""Multi-token stop strings: match on the decoded text, cut the reply before the match.
+"""Multi-token stop strings: where a reply ends, cut before the match, and what a stream may show.
 
-A stop string such as ``"\\nuser\\n"`` is several tokens, and a tokenizer may split it in many
-ways (``"\\n" "user" "\\n"``, ``"\\nuser" "\\n"``, or a token ``".\\n"`` that starts it mid-token).
-Matching token ids against one tokenisation of the stop string misses the others, and a
-per-token state machine that resets on a mismatch misses overlapping partial matches (``"aab"``
-inside ``"aaab"``). So the matcher works on text: after every generated token the row's new
-tokens are decoded again *from the start* (so a character whose UTF-8 bytes span several tokens
-is whole once its last byte arrives) and each stop string is searched for in that text with
-``str.find``, which finds every occurrence wherever it starts. That is right for every token
-stream, at the cost of decoding ``O(n)`` tokens per step (``n`` <= ``max_new_tokens``, small).
+Generation itself stops through transformers (``generate(stop_strings=..., tokenizer=...)``,
+whose ``StopStringCriteria`` matches the stop strings against the token stream in one tensor check
+per step, whatever the tokenisation). This module does what that criterion does not: it finds
+*where* in the text the stop string starts, so the reply can be cut exactly there, and it tells a
+streamer which trailing characters may still become a stop string.
+
+The matcher works on text: the row's new tokens are decoded (so a character whose UTF-8 bytes span
+several tokens is whole once its last byte arrives) and each stop string is searched for with
+``str.find``, which finds every occurrence wherever it starts, overlapping partial matches
+included. ``tests/decoding/test_decoding_stop_strings.py`` checks that transformers' criterion stops
+at the very token after which this matcher first sees a stop string.
 
 Which stop wins: generation stops at the first token after which some stop string occurs in
 the text; the reply is cut at the *start* of the earliest occurrence at that point::
@@ -19,7 +21,7 @@ the text; the reply is cut at the *start* of the earliest occurrence at that poi
 
 Example::
 
-    >>> m = StopStringMatcher(["\\nuser\\n", "<|im_start|>"])
+    >>> m = StopStringMatcher(["\\nuser\\n", "<start>"])
     >>> m.find("Hi!\\nuser\\nmore")
     (3, '\\nuser\\n')
     >>> m.find("aa") is None
@@ -36,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -132,30 +133,6 @@ class StopStringMatcher:
                 kept += 1
             return StringStop(num_tokens=n, text=text[:start], kept_tokens=kept, stop_string=s)
         return None
-
-
-class StopStringCriteria(StoppingCriteria):
-    """A ``transformers`` stopping criterion: a row is done once its new text holds a stop string.
-
-    Each row is judged on its own; ``generate`` keeps padding the rows that are done.
-
-    Args:
-        matcher: the stop strings.
-        tokenizer: decodes with ``skip_special_tokens=False`` (so ``"<|im_start|>"`` matches the
-            special token as well as the same characters written as ordinary tokens).
-        prompt_width: width of the (left-padded) prompt; columns after it are generated.
-    """
-
-    def __init__(self, matcher: StopStringMatcher, tokenizer: Any, prompt_width: int):
-        self.matcher, self.tokenizer, self.prompt_width = matcher, tokenizer, prompt_width
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs) -> torch.Tensor:
-        """``input_ids``: ``[B, prompt_width + t]`` int64 -> ``[B]`` bool, True where a stop string occurs."""
-        new = input_ids[:, self.prompt_width :].tolist()
-        done = [
-            self.matcher.find(self.tokenizer.decode(row, skip_special_tokens=False)) is not None for row in new
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class StopAwareStreamer(BaseStreamer):

@@ -28,12 +28,14 @@ CPU_NPROC_PER_NODE = 2
 
 
 def _validate_config(args, parser) -> None:
-    """Load and validate the config with its overrides here, once, so a bad key fails in a second
-    instead of in every rank after start-up."""
-    from training.config import ConfigError, load_config
+    """Load and check the config with its overrides here, once, so a bad key fails in a second
+    instead of in every rank after start-up. ``--dry-run`` skips the check of ``training:`` keys
+    against ``TrainingArguments`` (it would import transformers just to print a command)."""
+    from training.config import ConfigError
+    from training.preflight import load_and_check
 
     try:
-        load_config(args.config, args.overrides)
+        load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
     except (FileNotFoundError, ConfigError) as err:
         parser.error(str(err))
 

@@ -76,3 +76,101 @@ def tiny_qwen2_config(vocab_size: int, **overrides) -> dict:
     )
     cfg.update(overrides)
     return cfg
+
+
+# Qwen3's chat template, written from its published form (Qwen/Qwen3-8B tokenizer_config.json),
+# without the tool-calling branches: earlier turns lose their reasoning, the turn after the last
+# user message renders a <think> block (empty when it has no reasoning), and enable_thinking=false
+# puts an empty block into the generation prompt.
+QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == "user" or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+            {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- '<|im_start|>assistant\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+# Llama-3 Instruct's chat template (meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_qwen3_tokenizer(out_dir: str | Path):
+    """The real Qwen2 vocabulary (Qwen3 shares it) plus ``<think>`` / ``</think>`` as added tokens
+    (ids 151936, 151937 here; 151667, 151668 in Qwen3), with ``QWEN3_TEMPLATE``. Saved and returned."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def build_llama3_tokenizer(out_dir: str | Path, vocab_size: int = 400):
+    """A byte-level BPE trained on ``_CORPUS`` with Llama-3's special tokens (ids 0-4, in
+    ``LLAMA3_SPECIALS`` order; bos ``<|begin_of_text|>``, eos ``<|end_of_text|>`` as in the base
+    model) and ``LLAMA3_TEMPLATE``. Saved and returned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   additional_special_tokens=LLAMA3_SPECIALS[2:])
+    fast.chat_template = LLAMA3_TEMPLATE
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def prepare(files, tokenizer, *, seed: int = 42, preset=None, preset_overrides_system: bool = False, **data):
+    """``data_utils.dataset.prepare_data`` with a ``DataConfig`` built from keyword arguments and the
+    tokenizer's detected ``ChatFormat`` (the tests' shorthand)."""
+    from data_utils.chat_format import ChatFormat
+    from data_utils.config import DataConfig
+    from data_utils.dataset import prepare_data
+
+    if data.get("cache_dir") is not None:
+        data["cache_dir"] = str(data["cache_dir"])
+    cfg = DataConfig(train=[str(f) for f in files], **data)
+    return prepare_data(cfg, ChatFormat(tokenizer), seed=seed, preset=preset, preset_overrides_system=preset_overrides_system)

@@ -20,12 +20,25 @@ def load_run_preset(name):
     return preset
 
 
-def prepare_run_data(cfg, tokenizer, preset=None) -> PreparedData:
-    """``data_utils.dataset.prepare_data`` with every ``data:`` setting (and the preset) of ``cfg``."""
-    d = cfg.data
-    return prepare_data(
-        d.train, tokenizer, max_seq_length=d.max_seq_length, format=d.format, overflow=d.overflow,
-        eval_holdout=d.eval_holdout, seed=cfg.seed, cache_dir=d.cache_dir, stage=d.stage, text_eos=d.text_eos,
-        preset=preset, preset_overrides_system=cfg.preset_overrides_system, packing=d.packing, labels=d.labels,
-        on_error=d.on_error,
-    )
+def prepare_run_data(cfg, fmt, preset=None) -> PreparedData:
+    """``data_utils.dataset.prepare_data`` with the ``data:`` settings, seed and preset of ``cfg``."""
+    return prepare_data(cfg.data, fmt, seed=cfg.seed, preset=preset, preset_overrides_system=cfg.preset_overrides_system)
+
+
+def run_stop_ids(cfg, fmt, preset=None) -> list[int]:
+    """The run's stop ids: ``decoding.stop_tokens`` (default: the chat format's end of turn and end
+    of text) and the preset's stop tokens (``ChatFormat.stop_ids``), logged.
+
+    Raises:
+        ValueError: a stop token that is not exactly one token; the message names where it came from.
+    """
+    tokens = list(fmt.default_stop_tokens if cfg.decoding.stop_tokens is None else cfg.decoding.stop_tokens)
+    try:
+        ids = fmt.stop_ids(tokens)
+        if preset is not None:
+            ids = list(dict.fromkeys(ids + fmt.stop_ids(preset.stop_tokens)))
+    except ValueError as e:
+        where = f"decoding.stop_tokens or preset {preset.name}" if preset else "decoding.stop_tokens"
+        raise ValueError(f"{where}: {e}") from None
+    logger.info("chat format %s; stop ids %s", fmt.name, fmt.format_ids(ids))
+    return ids

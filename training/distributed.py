@@ -23,6 +23,7 @@ processes per node than visible GPUs) stop the run before the process group is c
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -241,3 +242,17 @@ def fault_injection_callbacks() -> list:
                     time.sleep(60)
 
     return [_Fault()]
+
+
+@contextlib.contextmanager
+def without_zero3_init(args):
+    """Build a model in one process without DeepSpeed's ZeRO-3 ``zero.Init`` (which needs every rank)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    ds = getattr(args, "hf_deepspeed_config", None)
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ds is not None:
+            set_hf_deepspeed_config(ds)

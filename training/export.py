@@ -7,7 +7,7 @@ TGI, llama.cpp's converter) expect, and nothing that needs PEFT or packlora::
 
     config.json, model.safetensors       base weights with W + (alpha / r) * B @ A merged in,
                                          stored in the base's own dtype
-    generation_config.json               eos_token_id = the checkpoint's stop IDs, e.g. [151645, 151643]
+    generation_config.json               eos_token_id = the checkpoint's stop IDs
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     packlora_config.yaml                 the run's resolved config (when the checkpoint has one)
     packlora_export.json                 source checkpoint, its base and the adapter's sha256
@@ -17,7 +17,6 @@ Merging is done in float32 on the CPU, then cast back to the base's dtype.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -41,45 +40,36 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
     Raises:
         FileNotFoundError: ``checkpoint`` is not a LoRA checkpoint, or its base is missing.
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
-        ValueError: bad stop tokens in the checkpoint (see ``decoding.stopping.resolve_stop_ids``).
+        ValueError: bad stop tokens in the checkpoint (``ChatFormat.stop_ids``).
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
-    from decoding.generate import _packlora_decoding_section
-    from decoding.stopping import format_stop_ids, resolve_stop_ids
-    from training.init_from import merge_adapter, stage1_base
+    from decoding import checkpoint as ckpt_format
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not (checkpoint / "adapter_config.json").is_file():
+    if not ckpt_format.is_adapter(checkpoint):
         hint = " (it is already a full model: load it directly)" if (checkpoint / "config.json").is_file() else ""
         raise FileNotFoundError(f"{checkpoint} has no adapter_config.json, so there is no adapter to merge{hint}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
-    base = stage1_base(checkpoint)
-    model, dtype = merge_adapter(checkpoint, base)
+    base = ckpt_format.resolve_base_model(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    gen_path = checkpoint / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    decoding = _packlora_decoding_section(checkpoint)
-    stop_ids = resolve_stop_ids(tokenizer, gen, decoding.get("stop_tokens") or ())
-    max_new_tokens = decoding.get("max_new_tokens") or gen.get("max_new_tokens")
-
+    fmt = ckpt_format.chat_format(checkpoint, tokenizer)
+    stop_ids = ckpt_format.stop_ids(checkpoint, fmt)
+    model, dtype = ckpt_format.merge_adapter(checkpoint, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(dtype)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    model.generation_config = GenerationConfig(
-        eos_token_id=list(stop_ids), pad_token_id=pad, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})
-    )
+    model.generation_config = ckpt_format.generation_config(stop_ids, fmt.pad_id(stop_ids),
+                                                            ckpt_format.max_new_tokens(checkpoint))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if (checkpoint / "packlora_config.yaml").is_file():
-        shutil.copyfile(checkpoint / "packlora_config.yaml", out_dir / "packlora_config.yaml")
-    with open(checkpoint / "adapter_model.safetensors", "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if (checkpoint / ckpt_format.CONFIG_NAME).is_file():
+        shutil.copyfile(checkpoint / ckpt_format.CONFIG_NAME, out_dir / ckpt_format.CONFIG_NAME)
     (out_dir / "packlora_export.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint.resolve()), "base_model": str(base), "adapter_sha256": sha,
-         "dtype": str(dtype).removeprefix("torch."), "stop_ids": list(stop_ids)}, indent=1))
-    logger.info("merged %s (base %s) -> %s; stop ids %s", checkpoint, base, out_dir, format_stop_ids(tokenizer, stop_ids))
+        {"checkpoint": str(checkpoint.resolve()), "base_model": str(base.resolve()),
+         "adapter_sha256": ckpt_format.adapter_sha256(checkpoint), "dtype": str(dtype).removeprefix("torch."),
+         "stop_ids": list(stop_ids)}, indent=1))
+    logger.info("merged %s (base %s) -> %s; stop ids %s", checkpoint, base, out_dir, fmt.format_ids(stop_ids))
     return out_dir
 
 

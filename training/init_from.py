@@ -21,12 +21,12 @@ modes (``continue`` is refused: there is no adapter to continue).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
-import torch
+from decoding.checkpoint import BASE_MODEL_DIR, adapter_sha256, is_adapter, merge_adapter, resolve_base_model, set_stop_ids
+from training.distributed import without_zero3_init
 
 logger = logging.getLogger(__name__)
 MARKER = "packlora_base.json"
@@ -37,14 +37,10 @@ def stage1_base(checkpoint: str | Path) -> Path:
     full model.
 
     Raises:
-        FileNotFoundError: the adapter's base cannot be found (``decoding.generate.resolve_base_model``).
+        FileNotFoundError: the adapter's base cannot be found (``decoding.checkpoint.resolve_base_model``).
     """
     checkpoint = Path(checkpoint).resolve()
-    if (checkpoint / "adapter_config.json").is_file():
-        from decoding.generate import resolve_base_model
-
-        return resolve_base_model(checkpoint).resolve()
-    return checkpoint
+    return resolve_base_model(checkpoint).resolve() if is_adapter(checkpoint) else checkpoint
 
 
 def init_adapter(cfg) -> str | None:
@@ -68,7 +64,7 @@ def init_adapter(cfg) -> str | None:
     return str(ckpt)
 
 
-def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int]) -> str:
+def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int], pad_id: int) -> str:
     """The base model directory for a run with ``init_from``. Call inside
     ``args.main_process_first(local=False)``.
 
@@ -94,11 +90,10 @@ def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int]) -> str:
         logger.info("init_from %s (%s): base %s", ckpt, cfg.init_mode, base)
         return str(base)
 
-    from training.model import BASE_MODEL_DIR, _without_zero3_init, set_stop_ids
 
     out = Path(cfg.output_dir).resolve() / BASE_MODEL_DIR
     recipe = {"init_from": str(ckpt), "init_mode": "merge", "stage1_base": str(base),
-              "adapter_sha256": _sha256(ckpt / "adapter_model.safetensors")}
+              "adapter_sha256": adapter_sha256(ckpt)}
     marker = out / MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) != recipe:
@@ -108,33 +103,11 @@ def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int]) -> str:
             )
         return str(out)
     if args.process_index == 0:
-        with _without_zero3_init(args):
+        with without_zero3_init(args):
             merged, dtype = merge_adapter(ckpt, base)
-        set_stop_ids(merged, tokenizer, stop_ids)
+        set_stop_ids(merged, stop_ids, pad_id)
         merged.to(dtype).save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps(recipe, indent=1))
         logger.info("merged stage-1 adapter %s into %s -> %s (%s)", ckpt, base, out, str(dtype).removeprefix("torch."))
     return str(out)
-
-
-def merge_adapter(checkpoint: str | Path, base: str | Path):
-    """Load ``base`` in float32, apply the adapter of ``checkpoint`` and merge it.
-
-    Returns:
-        ``(model, dtype)``: the merged ``AutoModelForCausalLM`` (float32, on CPU) and the dtype
-        the base was stored in (to cast back to before saving).
-    """
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    stored = getattr(AutoConfig.from_pretrained(base), "dtype", None)
-    stored = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=False).merge_and_unload()
-    return model, stored
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

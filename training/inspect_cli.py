@@ -2,13 +2,13 @@
 
 Tokenises and packs exactly as training would (same cache), then reports what is trained::
 
-    {"records": 3434, "examples": 3430, "dropped": {}, "rows": 370, "packing_efficiency": 0.982,
-     "supervised_tokens": 75834, "role_markers_in_labels": 0,
-     "turns_with_im_end_trained": 3919, "assistant_turns": 3919}
+    {"records": 3434, "heldout": 4, "examples": 3430, "dropped": {}, "rows": 370, "packing_efficiency": 0.982,
+     "supervised_tokens": 75834, "role_markers_in_labels": 0, "control_tokens_in_labels": 0,
+     "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...}
 
 Without ``--json`` it prints the first packed rows with trained tokens in green (``--rows N``),
-followed by the same counts. Exit status 1 if any role-marker token carries a label, or if some
-assistant turn's ``<|im_end|>`` is not trained.
+followed by the same counts. Exit status 1 if any role-marker or control token other than the end
+of turn carries a label, or if some assistant turn's end-of-turn token is not trained.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import json
 import sys
 
 JSON_KEYS = (
-    "records", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",
-    "role_markers_in_labels", "turns_with_im_end_trained", "assistant_turns",
+    "records", "heldout", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",
+    "role_markers_in_labels", "control_tokens_in_labels", "turns_with_end_of_turn_trained", "assistant_turns",
+    "chat_format", "chats_with_guard", "chats_split_per_turn", "render_mismatch", "messages_with_control_text",
 )
 
 
@@ -34,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     from datasets.utils.logging import disable_progress_bar
 
     from data_utils.audit import render_row
-    from training.config import load_config
     from training.data import load_run_preset, prepare_run_data
     from training.model import load_tokenizer
+    from training.preflight import load_and_check
 
     if ns.json:
         disable_progress_bar()
-    cfg = load_config(ns.config, ns.overrides)
+    cfg = load_and_check(ns.config, ns.overrides, training_arguments=False)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_run_data(cfg, tokenizer, load_run_preset(cfg.preset))
+    data = prepare_run_data(cfg, cfg.data.chat_format_for(tokenizer), load_run_preset(cfg.preset))
     report = data.report.to_dict()
     summary = {k: report[k] for k in JSON_KEYS}
     if ns.json:
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         width = max(map(len, summary))
         for k, v in summary.items():
             print(f"{k:<{width}}  {v}")
-    ok = summary["role_markers_in_labels"] == 0 and summary["turns_with_im_end_trained"] == summary["assistant_turns"]
+    ok = (summary["role_markers_in_labels"] == 0 and summary["control_tokens_in_labels"] == 0
+          and summary["turns_with_end_of_turn_trained"] == summary["assistant_turns"])
     return 0 if ok else 1
 
 

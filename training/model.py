@@ -1,7 +1,6 @@
 """Tokenizer, base model and PEFT LoRA model from a ``RunConfig``."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -9,11 +8,12 @@ from pathlib import Path
 import torch
 
 from training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
-from training.isolation import install_isolation_guard
+from decoding.checkpoint import BASE_MODEL_DIR, set_stop_ids
 from training.config import LoraConfig, ModelConfig, RunConfig
+from training.distributed import without_zero3_init
+from training.isolation import install_isolation_guard
 
 logger = logging.getLogger(__name__)
-BASE_MODEL_DIR = "base_model"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -40,37 +40,19 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tok
 
 
-@contextlib.contextmanager
-def _without_zero3_init(args):
-    """Build a model in one process without DeepSpeed's ZeRO-3 ``zero.Init`` (which needs every rank)."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    ds = getattr(args, "hf_deepspeed_config", None)
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if ds is not None:
-            set_hf_deepspeed_config(ds)
-
-
-def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int]) -> str:
+def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int], pad_id: int) -> str:
     """Return the base model directory; for ``model.config`` build it once, seeded, and save it
     to ``output_dir/base_model`` (with the tokenizer) so checkpoints decode and runs resume on the
     identical base. Call inside ``args.main_process_first()``.
 
     A base packlora saves carries the run's ``stop_ids`` as ``generation_config.eos_token_id``, so
     plain ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ckpt)`` stops at
-    ``<|im_end|>`` too (PEFT never reads the checkpoint's own ``generation_config.json``).
+    the end of turn too (PEFT never reads the checkpoint's own ``generation_config.json``).
 
     Raises:
         ValueError: ``output_dir/base_model`` exists but was built from a different config or seed,
             or ``model.config.vocab_size`` is smaller than the tokenizer.
     """
-    if getattr(cfg, "init_from", None):  # stage 2 from stage 1: see training/init_from.py
-        from training.init_from import materialize_init_base
-
-        return materialize_init_base(cfg, tokenizer, args, stop_ids)
     if cfg.model.name_or_path:
         return str(Path(cfg.model.name_or_path).resolve())
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
@@ -95,21 +77,14 @@ def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int]) -> st
         model_type = spec["model_type"]
         config = AutoConfig.for_model(model_type, **{k: v for k, v in spec.items() if k != "model_type"})
         set_seed(cfg.seed)
-        with _without_zero3_init(args):
+        with without_zero3_init(args):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        set_stop_ids(model, tokenizer, stop_ids)
+        set_stop_ids(model, stop_ids, pad_id)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps(recipe, indent=1))
         logger.info("built base model %s (%.2fM params) -> %s", model_type, model.num_parameters() / 1e6, out)
     return str(out)
-
-
-def set_stop_ids(model, tokenizer, stop_ids: list[int]) -> None:
-    """Make ``model.generation_config`` stop at ``stop_ids`` (saved with the model as
-    ``generation_config.json``), padding with the tokenizer's pad token (else the last stop id)."""
-    model.generation_config.eos_token_id = list(stop_ids)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[-1]
 
 
 def check_attention_backend(attn_implementation: str, cuda: bool) -> None:

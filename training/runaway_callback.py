@@ -31,7 +31,7 @@ class RunawayEvalCallback(TrainerCallback):
     """Runs ``decoding.runaway.evaluate_runaway`` every ``every_steps`` steps.
 
     Args:
-        tokenizer: the run's tokenizer (with its chat template).
+        fmt: the run's ``ChatFormat`` (tokenizer, template, stop and control tokens).
         prompts: ``(messages, reference, source)`` triples, the held-out chats split before their
             final assistant turn.
         stop_ids: the run's stop ids (those written to ``generation_config.json``).
@@ -41,11 +41,11 @@ class RunawayEvalCallback(TrainerCallback):
     Call ``attach(trainer)`` once the trainer exists (the metrics go through ``trainer.log``).
     """
 
-    def __init__(self, tokenizer: Any, prompts: Sequence[tuple], stop_ids: Sequence[int], every_steps: int,
+    def __init__(self, fmt: Any, prompts: Sequence[tuple], stop_ids: Sequence[int], every_steps: int,
                  max_new_tokens: int, output_dir: str | Path):
         if not prompts:
             raise ValueError("runaway_eval needs held-out prompts; set data.eval_holdout >= 1")
-        self.tokenizer, self.prompts, self.stop_ids = tokenizer, list(prompts), list(stop_ids)
+        self.fmt, self.prompts, self.stop_ids = fmt, list(prompts), list(stop_ids)
         self.every_steps, self.max_new_tokens = every_steps, max_new_tokens
         self.output_dir = Path(output_dir)
         self.trainer = None
@@ -78,7 +78,7 @@ class RunawayEvalCallback(TrainerCallback):
 
         synced = bool(is_deepspeed_zero3_enabled() and dist.is_initialized() and dist.get_world_size() > 1)
         return evaluate_runaway(
-            model, self.tokenizer, self.prompts, self.stop_ids, self.max_new_tokens,
+            model, self.fmt, self.prompts, self.stop_ids, self.max_new_tokens,
             batch_size=len(self.prompts), synced_gpus=synced,
         )
 
@@ -86,9 +86,6 @@ class RunawayEvalCallback(TrainerCallback):
 def heldout_prompts(heldout, limit: int) -> list[tuple]:
     """``(messages, reference, source)`` for the first ``limit`` held-out ``ChatRecord``s: the chat
     up to its final assistant turn, and that turn's content as the reference."""
-    out = []
-    for record in list(heldout)[:limit]:
-        messages = record.as_dicts()
-        reference = messages.pop()["content"] if messages and messages[-1]["role"] == "assistant" else None
-        out.append((messages, reference, str(record.source)))
-    return out
+    from data_utils.chat_format import ChatFormat
+
+    return [(*ChatFormat.split_reference(r.as_dicts()), str(r.source)) for r in list(heldout)[:limit]]

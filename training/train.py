@@ -32,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     distributed.configure()  # before TrainingArguments initialises the process group
 
     from data_utils.collator import PackedCollator
-    from training.checkpoint import resolve_resume, stop_token_ids
-    from training.config import load_config
-    from training.data import load_run_preset, prepare_run_data
-    from training.init_from import init_adapter
+    from training.checkpoint import resolve_resume
+    from training.data import load_run_preset, prepare_run_data, run_stop_ids
+    from training.init_from import init_adapter, materialize_init_base
     from training.model import build_model, load_tokenizer, materialize_base
+    from training.preflight import load_and_check
     from training.trainer import CheckpointExtrasCallback, PackloraTrainer
 
-    cfg = load_config(ns.config, ns.overrides)
+    cfg = load_and_check(ns.config, ns.overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "runs"))
@@ -50,29 +50,32 @@ def main(argv: list[str] | None = None) -> int:
         _log_start(cfg, args, out)
 
     tokenizer = load_tokenizer(cfg.model)
+    fmt = cfg.data.chat_format_for(tokenizer)
     preset = load_run_preset(cfg.preset)
-    stop_ids = stop_token_ids(tokenizer, cfg.decoding.stop_tokens + list(preset.stop_tokens if preset else ()))
+    stop_ids = run_stop_ids(cfg, fmt, preset)
+    pad_id = fmt.pad_id(stop_ids)
     with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"), _report_if_no_data(out, main_rank):
-        data = prepare_run_data(cfg, tokenizer, preset)
+        data = prepare_run_data(cfg, fmt, preset)
     with args.main_process_first(local=False, desc="build the base model (shared output_dir)"):
-        base_path = materialize_base(cfg, tokenizer, args, stop_ids)
+        materialize = materialize_init_base if cfg.init_from else materialize_base
+        base_path = materialize(cfg, tokenizer, args, stop_ids, pad_id)
     legacy = cfg.data.labels == "legacy_full_sequence"
     _audit_labels(data, tokenizer, out, legacy, main_rank)
     _log_batch_arithmetic(args, cfg, data.report.rows, main_rank)
 
     model = build_model(base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
     collator = PackedCollator(
-        pad_token_id=tokenizer.pad_token_id, flash_attn_varlen=cfg.model.attn_implementation == "flash_attention_2",
+        pad_token_id=pad_id, flash_attn_varlen=cfg.model.attn_implementation == "flash_attention_2",
         loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
-    extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, cfg.decoding.max_new_tokens, model)
+    extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, pad_id, cfg.decoding.max_new_tokens, model)
     trainer = PackloraTrainer(
         model=model, args=args, train_dataset=data.rows, data_collator=collator, processing_class=tokenizer,
         callbacks=[extras, *distributed.fault_injection_callbacks()], batch_digest_dir=out if cfg.log_batch_digests else None,
         packing_stats={"packing_efficiency": data.report.packing_efficiency, "rows_per_epoch": data.report.rows},
     )
     if cfg.runaway_eval.every_steps:
-        _add_runaway_eval(trainer, cfg, tokenizer, data, stop_ids, out)
+        _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out)
 
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
@@ -126,18 +129,19 @@ def _audit_labels(data, tokenizer, out: Path, legacy: bool, main_rank: bool) -> 
             "tokens carry a label and segments are packed without isolation; this model will learn to write "
             "new turns. Never ship it (see docs/behaviour-boundary.md) !!!", report.role_markers_in_labels,
         )
-    if report.role_markers_in_labels and not legacy:
+    if (report.role_markers_in_labels or report.control_tokens_in_labels) and not legacy:
         raise RuntimeError(
-            f"label audit failed: {report.role_markers_in_labels} role-marker tokens carry a label; "
+            f"label audit failed: {report.role_markers_in_labels} role-marker and {report.control_tokens_in_labels} "
+            "other control tokens carry a label; "
             "refusing to train a model that learns to write new turns (see `packlora inspect`)"
         )
 
 
-def _add_runaway_eval(trainer, cfg, tokenizer, data, stop_ids, out: Path) -> None:
+def _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out: Path) -> None:
     from training.runaway_callback import RunawayEvalCallback, heldout_prompts
 
     trainer.add_callback(RunawayEvalCallback(
-        tokenizer, heldout_prompts(data.heldout, cfg.runaway_eval.num_prompts), stop_ids,
+        fmt, heldout_prompts(data.heldout, cfg.runaway_eval.num_prompts), stop_ids,
         cfg.runaway_eval.every_steps, cfg.runaway_eval.max_new_tokens, out,
     ).attach(trainer))
 
@@ -187,7 +191,7 @@ def _write_heldout(path: Path, heldout) -> None:
 def _decode_heldout(out: Path) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from decoding.cli import decode_file
+    from decoding.decode import decode_file
 
     unset_hf_deepspeed_config()  # decoding runs in this process alone, without zero.Init
     rows = decode_file(str(out), str(out / "heldout.jsonl"), str(out / "decoded.jsonl"))

@@ -11,14 +11,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from decoding.checkpoint import verify_adapter, write_extras
+from training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
 from training.loss import LossNormalizationMixin
-from training.checkpoint import (
-    TMP_PREFIX,
-    commit_checkpoint,
-    rotate_checkpoints,
-    verify_adapter,
-    write_checkpoint_extras,
-)
 from training.model import lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -29,12 +24,13 @@ class CheckpointExtrasCallback(TrainerCallback):
     then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
     ``finish`` on rank 0 inside each atomic save, before the checkpoint becomes visible."""
 
-    def __init__(self, tokenizer, config: dict, stop_ids: list[int], max_new_tokens: int, model):
-        self.tokenizer, self.config, self.stop_ids, self.max_new_tokens = tokenizer, config, stop_ids, max_new_tokens
+    def __init__(self, tokenizer, config: dict, stop_ids: list[int], pad_id: int, max_new_tokens: int, model):
+        self.tokenizer, self.config, self.stop_ids, self.pad_id = tokenizer, config, stop_ids, pad_id
+        self.max_new_tokens = max_new_tokens
         self.expected = lora_shapes(model)
 
     def finish(self, ckpt_dir: Path) -> None:
-        write_checkpoint_extras(ckpt_dir, self.tokenizer, self.config, self.stop_ids, self.max_new_tokens)
+        write_extras(ckpt_dir, self.tokenizer, self.config, self.stop_ids, self.pad_id, self.max_new_tokens)
         if not self.expected:  # full-parameter training (lora: null): no adapter to verify
             logger.info("checkpoint %s: full model, stop ids %s", ckpt_dir, self.stop_ids)
             return

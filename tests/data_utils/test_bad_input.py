@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_utils.dataset import NoExampleError, OverflowError_, prepare_data
+from data_utils.dataset import NoExampleError, OverflowError_
 from data_utils.records import REASONS, RecordError, read_records
 from data_utils.types import IGNORE_INDEX
+from tiny_assets import prepare
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +38,19 @@ BAD = {
         2, "messages[1] is a second consecutive 'user' turn; merge it into messages[0]", "consecutive_same_role", 1,
     ),
     "system_not_first.jsonl": (2, "messages[1] is a system message; only the first", "system_not_first", 1),
+    "malformed_unicode_escape.jsonl": (
+        2, "messages[0] holds malformed Unicode (surrogates not allowed: '\\ud800' at character 7", "invalid_unicode", 1,
+    ),
 }
 DUPLICATE = "duplicate_record.jsonl"  # line 3 repeats line 1 up to whitespace; lines 1-2 are good
+# files that are odd but valid: read exactly (file -> the messages of each line)
+ODD = {
+    "bom.jsonl": [("Read the BOM file", "It has two lines."), ("And the second?", "Read as well.")],
+    "crlf_line_endings.jsonl": [("Windows line one", "First."), ("Windows line two", "Second.")],
+    "reply_edge_whitespace.jsonl": [("Trim nothing", "\n  Indented reply.  ")],
+}
+# a chat that cannot be labelled under a setting (Qwen3, enable_thinking: false): line 2
+LABEL_ERROR = "reasoning_with_thinking_off.jsonl"
 
 
 def _chat(u, a):
@@ -51,7 +63,7 @@ def _write(path: Path, objs) -> Path:
 
 
 def test_corpus_has_one_file_per_kind():
-    assert sorted(p.name for p in CORPUS.glob("*.jsonl")) == sorted([*BAD, DUPLICATE])
+    assert sorted(p.name for p in CORPUS.glob("*.jsonl")) == sorted([*BAD, DUPLICATE, *ODD, LABEL_ERROR])
     assert {reason for _, _, reason, _ in BAD.values()} <= set(REASONS)
 
 
@@ -81,6 +93,44 @@ def test_bad_record_is_skipped_and_reported_under_on_error_skip(name):
     assert [(e.source.line, e.reason) for e in skipped] == [(line, reason)]
 
 
+@pytest.mark.parametrize("name", sorted(ODD))
+def test_odd_but_valid_file_is_read_exactly(name):
+    records = read_records(CORPUS / name)
+    assert [tuple(m.content for m in r.messages) for r in records] == ODD[name]
+    assert [r.source.line for r in records] == list(range(1, len(ODD[name]) + 1))
+
+
+def test_reply_with_edge_whitespace_is_trained_exactly_as_written(qwen2_tokenizer, tmp_path):
+    data = prepare([CORPUS / "reply_edge_whitespace.jsonl"], qwen2_tokenizer, max_seq_length=128,
+                   cache_dir=tmp_path / "c")
+    row = data.rows[0]
+    trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE_INDEX]
+    assert qwen2_tokenizer.decode(trained) == "\n  Indented reply.  <|im_end|>"
+    assert data.report.render_mismatch == 0
+
+
+def test_unlabelable_chat_is_an_error_naming_its_line_or_a_counted_skip(tmp_path):
+    from data_utils.chat_format import ChatFormat, LabelError
+    from data_utils.config import DataConfig
+    from data_utils.dataset import prepare_data
+    from tiny_assets import build_qwen3_tokenizer
+
+    path = CORPUS / LABEL_ERROR
+    tok = build_qwen3_tokenizer(tmp_path / "qwen3")
+    for on_error in ("error", "skip"):
+        cfg = DataConfig(train=[str(path)], max_seq_length=128, enable_thinking=False, on_error=on_error,
+                         cache_dir=str(tmp_path / "c"))
+        fmt = cfg.chat_format_for(tok)
+        if on_error == "error":
+            with pytest.raises(LabelError, match=f"{path}:2: an assistant reply carries reasoning but "
+                                                 "data.enable_thinking is false"):
+                prepare_data(cfg, fmt)
+        else:
+            data = prepare_data(cfg, fmt)
+            assert (data.report.examples, data.report.dropped) == (1, {"reasoning_with_thinking_off": 1})
+    assert isinstance(fmt, ChatFormat)
+
+
 def test_unknown_on_error_is_refused():
     with pytest.raises(ValueError, match="unknown on_error 'ignore'; choose one of error, skip"):
         read_records(CORPUS / "empty_line.jsonl", on_error="ignore")
@@ -89,30 +139,30 @@ def test_unknown_on_error_is_refused():
 def test_duplicate_record_is_an_error_naming_both_lines(chatml_tokenizer, tmp_path):
     path = CORPUS / DUPLICATE
     with pytest.raises(RecordError) as err:
-        prepare_data([str(path)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+        prepare([str(path)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
     assert str(err.value).startswith(f"{path}:3: duplicate record: same content as {path}:1 ")
     assert err.value.reason == "duplicate"
 
 
 def test_whole_corpus_under_skip_keeps_every_good_line_and_counts_each_bad_one(chatml_tokenizer, tmp_path):
     files = [str(CORPUS / n) for n in sorted([*BAD, DUPLICATE])]
-    data = prepare_data(files, chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
+    data = prepare(files, chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
     r = data.report
     good = sum(g for *_, g in BAD.values()) + 2  # the duplicate file has 2 good lines
-    assert good == 13
-    # 11 bad lines each counted once under its reason; every good line is trained
+    assert good == 14
+    # 12 bad lines each counted once under its reason; every good line is trained
     assert r.dropped == {reason: 1 for *_, reason, _ in BAD.values()} | {"duplicate": 1}
-    assert (r.lines_read, r.records, r.examples) == (good + 11, good, good)
-    assert r.assistant_turns == good == r.turns_with_im_end_trained
+    assert (r.lines_read, r.records, r.examples) == (good + 12, good, good)
+    assert r.assistant_turns == good == r.turns_with_end_of_turn_trained
     saved = json.loads(json.dumps(r.to_dict()))
-    assert saved["dropped"]["duplicate"] == 1 and saved["lines_read"] == 24
+    assert saved["dropped"]["duplicate"] == 1 and saved["lines_read"] == 26
 
 
 def test_every_line_skipped_stops_with_the_reasons(chatml_tokenizer, tmp_path):
     bad = tmp_path / "all_bad.jsonl"
     bad.write_bytes(b'{"messages": [\n\n{"text": 3}\n')
     with pytest.raises(NoExampleError) as err:
-        prepare_data([str(bad)], chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
+        prepare([str(bad)], chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
     msg = str(err.value)
     assert msg.startswith(
         "no example left to train on: {'blank_line': 1, 'content_not_string': 1, 'invalid_json': 1} dropped of 3 lines"
@@ -136,23 +186,23 @@ def long_chats(tmp_path):
 
 def test_overlong_chat_under_error_names_the_line(long_chats, chatml_tokenizer, tmp_path):
     with pytest.raises(OverflowError_, match=r"long\.jsonl:2: example has \d+ tokens > data.max_seq_length=64"):
-        prepare_data([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow="error", cache_dir=tmp_path / "c")
+        prepare([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow="error", cache_dir=tmp_path / "c")
 
 
 @pytest.mark.parametrize("overflow", ["drop", "auto"])
 def test_overlong_chat_under_drop_is_counted(long_chats, chatml_tokenizer, tmp_path, overflow):
-    data = prepare_data([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow=overflow, cache_dir=tmp_path / "c")
+    data = prepare([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow=overflow, cache_dir=tmp_path / "c")
     assert (data.report.records, data.report.examples, data.report.dropped) == (2, 1, {"too_long": 1})
 
 
 def test_overlong_chat_under_split_is_refused(long_chats, chatml_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"long\.jsonl:1: data.overflow=split would cut a chat mid-answer"):
-        prepare_data([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow="split", cache_dir=tmp_path / "c")
+        prepare([str(long_chats)], chatml_tokenizer, max_seq_length=64, overflow="split", cache_dir=tmp_path / "c")
 
 
 def test_overlong_text_under_split_becomes_counted_chunks(chatml_tokenizer, tmp_path):
     f = _write(tmp_path / "t.jsonl", [{"text": "The quick brown fox. " * 12}])
-    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=32, overflow="split", cache_dir=tmp_path / "c")
+    data = prepare([str(f)], chatml_tokenizer, max_seq_length=32, overflow="split", cache_dir=tmp_path / "c")
     n = len(chatml_tokenizer("The quick brown fox. " * 12, add_special_tokens=False)["input_ids"]) + 1  # + EOS
     assert n > 32
     assert (data.report.examples, data.report.split_chunks, data.report.dropped) == (-(-n // 32), -(-n // 32) - 1, {})
@@ -166,7 +216,7 @@ def test_answer_that_would_be_cut_is_dropped_whole_never_half_trained(chatml_tok
     )["input_ids"]
     assert len(prompt_ids) < 64
     f = _write(tmp_path / "cut.jsonl", [_chat("Short question?", "Short answer."), _chat("Tell a story.", answer)])
-    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    data = prepare([str(f)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
     assert data.report.dropped == {"too_long": 1} and data.report.examples == 1
     story = chatml_tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
     for row in data.rows:

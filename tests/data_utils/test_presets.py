@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from data_utils.dataset import prepare_data
 from presets import PresetError, apply_preset, available_presets, load_preset
-from tiny_assets import REPO_ROOT, SHARED
+from tiny_assets import REPO_ROOT, SHARED, prepare
 from training.config import ConfigError, config_from_dict
 
 REWRITE_GUARD = "你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。"
@@ -69,7 +68,7 @@ def test_zhanghenshui_data_report_counts_every_chat_with_the_guard(qwen2_tokeniz
 
     tiny = (REPO_ROOT / "configs/zhanghenshui/tiny_cpu.overrides").read_text().split()
     cfg = load_config(REPO_ROOT / "configs/zhanghenshui/stage2.yaml", [*tiny, "init_from=null", f"data.cache_dir={tmp_path}"])
-    data = prepare_run_data(cfg, qwen2_tokenizer, load_run_preset(cfg.preset))
+    data = prepare_run_data(cfg, cfg.data.chat_format_for(qwen2_tokenizer), load_run_preset(cfg.preset))
     assert (data.report.records, data.report.chats_with_guard) == (3146, 3146)
     assert data.report.preset_actions == {"guard_appended": 3146}
     first = qwen2_tokenizer.decode(data.rows[0]["input_ids"])
@@ -96,11 +95,11 @@ def test_preset_reaches_training_rows_only_for_chats_without_a_system_message(ch
                                    {"role": "assistant", "content": "Yes."}]}) + "\n"
     )
     preset = load_preset("shishuo")
-    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=512, cache_dir=tmp_path / "c", preset=preset)
+    data = prepare([str(f)], chatml_tokenizer, max_seq_length=512, cache_dir=tmp_path / "c", preset=preset)
     text = "".join(chatml_tokenizer.decode(row["input_ids"]) for row in data.rows)
     assert text.count(preset.system_message()) == 1  # Ann's chat got it, Bo's kept "Be brief."
     assert "Be brief." in text and "You are a helpful assistant" not in text
-    over = prepare_data([str(f)], chatml_tokenizer, max_seq_length=512, cache_dir=tmp_path / "c",
+    over = prepare([str(f)], chatml_tokenizer, max_seq_length=512, cache_dir=tmp_path / "c",
                         preset=preset, preset_overrides_system=True)
     text = "".join(chatml_tokenizer.decode(row["input_ids"]) for row in over.rows)
     assert text.count(preset.system_message()) == 2 and "Be brief." not in text
@@ -111,7 +110,7 @@ def test_pretrain_stage_refuses_a_chat_naming_its_line(chatml_tokenizer, tmp_pat
     f.write_text(json.dumps({"text": "Once upon a time."}) + "\n"
                  + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
     with pytest.raises(ValueError, match=r"mixed.jsonl:2: a chat under data.stage=pretrain"):
-        prepare_data([str(f)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c", stage="pretrain")
+        prepare([str(f)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c", stage="pretrain")
 
 
 @pytest.mark.parametrize("text_eos, eos_count", [("document", 1), ("chunk", 4)])
@@ -123,7 +122,7 @@ def test_long_document_is_split_into_counted_chunks_with_eos_where_asked(chatml_
     assert len(chatml_tokenizer(body, add_special_tokens=False)["input_ids"]) == 30
     f = tmp_path / "doc.jsonl"
     f.write_text(json.dumps({"text": body}) + "\n")
-    data = prepare_data([str(f)], chatml_tokenizer, max_seq_length=10, cache_dir=tmp_path / "c",
+    data = prepare([str(f)], chatml_tokenizer, max_seq_length=10, cache_dir=tmp_path / "c",
                         stage="pretrain", text_eos=text_eos)
     lens = sorted(n for row in data.rows for n in row["seq_lens"])
     assert lens == ([1, 10, 10, 10] if text_eos == "document" else [4, 10, 10, 10])
@@ -140,15 +139,19 @@ def _raw(tmp_path, **top):
 
 
 def test_config_names_bad_preset_init_from_and_init_mode(tmp_path):
+    from training.preflight import check_run
+
     raw = _raw(tmp_path, preset="shishou", init_from=str(tmp_path / "nowhere"), init_mode="fuse")
     raw["data"]["stage"] = "cpt"
     with pytest.raises(ConfigError) as e:
         config_from_dict(raw)
     problems = "\n".join(e.value.problems)
-    assert "preset: preset 'shishou' is neither a bundled preset" in problems
-    assert "init_from: " in problems and "is not a checkpoint directory" in problems
     assert "init_mode: 'fuse' is not one of ['merge', 'continue']" in problems
     assert "data.stage: 'cpt' is not one of ['auto', 'pretrain', 'sft']" in problems
+    cfg = config_from_dict(_raw(tmp_path, preset="shishou", init_from=str(tmp_path / "nowhere")))
+    problems = "\n".join(check_run(cfg, training_arguments=False))  # what the machine lacks: a separate step
+    assert "preset: preset 'shishou' is neither a bundled preset" in problems
+    assert "init_from: " in problems and "is not a checkpoint directory" in problems
 
 
 def test_config_records_preset_and_init_from(tmp_path):

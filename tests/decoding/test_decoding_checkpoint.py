@@ -36,9 +36,9 @@ def test_adapter_checkpoint_loads_with_its_stop_ids_and_same_logits(adapter_ckpt
     assert json.loads((root / "ckpt" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         root / "base_model"
     )
-    with caplog.at_level(logging.WARNING, logger="decoding.generate"):
+    with caplog.at_level(logging.INFO, logger="decoding.checkpoint"):
         ckpt = load_checkpoint(root / "ckpt")
-    assert "not found" not in caplog.text  # the named base exists: no fallback
+    assert "recorded as" not in caplog.text  # the sibling base_model is the recorded one
     assert ckpt.stop_ids == (IM_END, ENDOFTEXT)
     assert ckpt.max_new_tokens == 512
     assert ckpt.base_model_path == root / "base_model"
@@ -50,21 +50,30 @@ def test_adapter_checkpoint_loads_with_its_stop_ids_and_same_logits(adapter_ckpt
         assert (_logits(ckpt.model) - _logits(peft_model)).abs().max() > 1e-2
 
 
-def test_missing_base_path_falls_back_to_sibling_base_model(adapter_ckpt, tmp_path, caplog):
+def test_moved_run_finds_its_sibling_base_model_before_the_recorded_path(adapter_ckpt, tmp_path, caplog):
     root, peft_model = adapter_ckpt
     ckpt_dir = _copy_run(root, tmp_path)
-    _set_base_path(ckpt_dir, "/nonexistent/base")
-    with caplog.at_level(logging.WARNING, logger="decoding.generate"):
+    _set_base_path(ckpt_dir, "/nonexistent/base")  # recorded where the run used to be
+    with caplog.at_level(logging.INFO, logger="decoding.checkpoint"):
         ckpt = load_checkpoint(ckpt_dir)
     assert ckpt.base_model_path == tmp_path / "base_model"
     assert "/nonexistent/base" in caplog.text and str(tmp_path / "base_model") in caplog.text
     torch.testing.assert_close(_logits(ckpt.model), _logits(peft_model), atol=1e-6, rtol=0)
 
 
+def test_base_inside_the_checkpoint_wins_over_the_sibling_and_the_recorded_path(adapter_ckpt, tmp_path):
+    from decoding.checkpoint import resolve_base_model
+
+    ckpt_dir = _copy_run(adapter_ckpt[0], tmp_path)
+    shutil.copytree(tmp_path / "base_model", ckpt_dir / "base_model")
+    assert resolve_base_model(ckpt_dir) == ckpt_dir / "base_model"
+
+
 def test_missing_base_raises_naming_the_paths_tried(adapter_ckpt, tmp_path):
     ckpt_dir = _copy_run(adapter_ckpt[0], tmp_path, with_base=False)
     _set_base_path(ckpt_dir, "/nonexistent/base")
-    with pytest.raises(FileNotFoundError, match=f"tried /nonexistent/base, {tmp_path / 'base_model'}"):
+    with pytest.raises(FileNotFoundError, match=f"tried {ckpt_dir / 'base_model'}, {tmp_path / 'base_model'}, "
+                                                "/nonexistent/base"):
         load_checkpoint(ckpt_dir)
 
 
@@ -107,5 +116,5 @@ def test_cuda_default_is_bf16_and_seeded_sampling_repeats(adapter_ckpt):
     assert (param.device.type, param.dtype) == ("cuda", torch.bfloat16)
     convs = [[{"role": "user", "content": "Hello!"}], [{"role": "user", "content": "The quick brown fox"}]]
     kwargs = dict(max_new_tokens=8, do_sample=True, temperature=2.0, seed=0)
-    first = generate_replies(ckpt.model, ckpt.tokenizer, convs, ckpt.stop_ids, **kwargs)
-    assert first == generate_replies(ckpt.model, ckpt.tokenizer, convs, ckpt.stop_ids, **kwargs)
+    first = generate_replies(ckpt.model, ckpt.fmt, convs, ckpt.stop_ids, **kwargs)
+    assert first == generate_replies(ckpt.model, ckpt.fmt, convs, ckpt.stop_ids, **kwargs)

@@ -75,7 +75,7 @@ def test_decode_cli_writes_one_line_per_prompt(adapter_ckpt, prompts_file, tmp_p
     # The lines hold exactly what generate_replies gives for the same prompts.
     ckpt = load_checkpoint(ckpt_dir)
     prompts = [r["messages"] for r in rows]
-    replies = generate_replies(ckpt.model, ckpt.tokenizer, prompts, ckpt.stop_ids, max_new_tokens=6)
+    replies = generate_replies(ckpt.model, ckpt.fmt, prompts, ckpt.stop_ids, max_new_tokens=6)
     assert [(r["reply"], r["stop_reason"], r["num_new_tokens"]) for r in rows] == [
         (x.text, x.stop_reason, x.num_new_tokens) for x in replies
     ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from data_utils.chat_format import ChatFormat
 from decoding_testutils import ENDOFTEXT, IM_END, IM_START, chatml_tok, random_model, tiny_model  # noqa: F401 (fixtures)
 from torch import nn
 
@@ -62,7 +63,7 @@ def scripted_model(chatml_tok):
 
 
 def test_reply_stops_at_im_end_and_excludes_it(chatml_tok, scripted_model):
-    [reply] = generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=20)
+    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=20)
     assert reply == Reply(
         text="Hello!", token_ids=tuple(chatml_tok.encode("Hello!")), stop_reason="stop_id", stop_id=IM_END,
         num_new_tokens=5,
@@ -73,14 +74,14 @@ def test_reply_stops_at_im_end_and_excludes_it(chatml_tok, scripted_model):
 def test_generation_ends_at_the_stop_instead_of_running_to_max_new_tokens(chatml_tok, scripted_model, stop_ids):
     calls = []
     scripted_model.lm_head.register_forward_hook(lambda *_: calls.append(1))
-    generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=stop_ids, max_new_tokens=50)
+    generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=stop_ids, max_new_tokens=50)
     assert len(calls) == 5  # one forward per generated token: "He" "ll" "o" "!" <|im_end|>
 
 
 def test_without_im_end_in_stop_ids_it_runs_into_the_next_turn(chatml_tok, scripted_model):
     # eos_token alone (<|endoftext|>, as in a Qwen2 base tokenizer) never fires: the reply runs on,
     # and the role markers it writes stay visible in the text.
-    [reply] = generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=[ENDOFTEXT], max_new_tokens=14)
+    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=[ENDOFTEXT], max_new_tokens=14)
     assert reply.text == "Hello!<|im_end|><|im_start|>user\nHello!"
     assert (reply.stop_reason, reply.stop_id, reply.num_new_tokens, len(reply.token_ids)) == (
         "max_new_tokens", None, 14, 14,
@@ -90,13 +91,14 @@ def test_without_im_end_in_stop_ids_it_runs_into_the_next_turn(chatml_tok, scrip
 def test_stop_as_first_token_gives_empty_reply(chatml_tok, scripted_model):
     # "He" is the script's first reply token.
     he = chatml_tok.encode("He")[0]
-    [reply] = generate_replies(scripted_model, chatml_tok, [HELLO], stop_ids=[he], max_new_tokens=5)
+    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=[he], max_new_tokens=5)
     assert reply == Reply(text="", token_ids=(), stop_reason="stop_id", stop_id=he, num_new_tokens=1)
 
 
 def _manual_greedy(model, tokenizer, conversation, n: int) -> list[int]:
     """Reference decoder: full forward pass per step, no cache, no padding, argmax of raw logits."""
-    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True,
+                                        sanitize_control_tokens=True)["input_ids"]
     ids, new = torch.tensor([ids]), []
     with torch.no_grad():
         for _ in range(n):
@@ -122,8 +124,7 @@ def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(c
     random_model.train()
     chatml_tok.padding_side = "right"
     for batch_size in (3, 2, 1):
-        replies = generate_replies(
-            random_model, chatml_tok, CONVERSATIONS, [stop], max_new_tokens=n, batch_size=batch_size
+        replies = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [stop], max_new_tokens=n, batch_size=batch_size
         )
         assert [(r.token_ids, r.stop_reason, r.num_new_tokens) for r in replies] == expected, batch_size
         assert [r.text for r in replies] == [chatml_tok.decode(list(e[0])) for e in expected]
@@ -133,21 +134,21 @@ def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(c
 def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(chatml_tok, random_model):
     kwargs = dict(stop_ids=[IM_END], max_new_tokens=10, do_sample=True, temperature=5.0, top_p=0.95)
     rng = torch.get_rng_state()
-    a = generate_replies(random_model, chatml_tok, CONVERSATIONS, seed=0, **kwargs)
-    b = generate_replies(random_model, chatml_tok, CONVERSATIONS, seed=0, **kwargs)
-    c = generate_replies(random_model, chatml_tok, CONVERSATIONS, seed=1, **kwargs)
+    a = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, seed=0, **kwargs)
+    b = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, seed=0, **kwargs)
+    c = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, seed=1, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng)
     assert a == b and a != c
 
 
 def test_no_conversations_gives_no_replies(chatml_tok, random_model):
-    assert generate_replies(random_model, chatml_tok, [], stop_ids=[IM_END]) == []
+    assert generate_replies(random_model, ChatFormat(chatml_tok), [], stop_ids=[IM_END]) == []
 
 
 def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tok, random_model):
     convs = [HELLO, HELLO + [{"role": "assistant", "content": "Hi."}]]
     with pytest.raises(ValueError, match=r"conversations\[1\] ends with an assistant message"):
-        generate_replies(random_model, chatml_tok, convs, stop_ids=[IM_END])
+        generate_replies(random_model, ChatFormat(chatml_tok), convs, stop_ids=[IM_END])
 
 
 @pytest.mark.parametrize(
@@ -163,4 +164,4 @@ def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tok, ra
 def test_bad_settings_raise(chatml_tok, random_model, kwargs, message):
     kwargs = {"stop_ids": [IM_END], **kwargs}
     with pytest.raises(ValueError, match=message):
-        generate_replies(random_model, chatml_tok, [HELLO], **kwargs)
+        generate_replies(random_model, ChatFormat(chatml_tok), [HELLO], **kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import doctest
 
 import pytest
+import torch
+from data_utils.chat_format import ChatFormat
 from decoding_testutils import ENDOFTEXT, IM_END, IM_START, chatml_tok, scripted_lm  # noqa: F401 (fixtures)
 
 import decoding.stop_strings
@@ -83,7 +85,7 @@ def test_each_stop_id_alone_ends_the_reply_before_it(chatml_tok, runaway_script,
                                                      expected_new):
     stop_id = chatml_tok.convert_tokens_to_ids(stop_id_text)
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, chatml_tok, [A], stop_ids=[stop_id], max_new_tokens=30)
+    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[stop_id], max_new_tokens=30)
     if expected_text is None:  # <|endoftext|> alone: the reply ran on through the invented turn
         expected_text = "Hello!<|im_end|><|im_start|>user\n!"
         expected_new = len(runaway_script)
@@ -100,7 +102,7 @@ def test_rows_of_a_batch_stop_at_different_steps_on_different_stop_ids(chatml_to
     }
     assert [len(_enc(chatml_tok, s)) for s in ("Hi", "jumps.")] == [2, 4]  # "H" "i"; 4 tokens
     model = scripted_lm(len(chatml_tok), scripts, filler=ENDOFTEXT)
-    replies = generate_replies(model, chatml_tok, [A, B, C], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=6)
+    replies = generate_replies(model, ChatFormat(chatml_tok), [A, B, C], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=6)
     assert [(r.text, r.stop_reason, r.stop_id, r.num_new_tokens) for r in replies] == [
         ("Hi", "stop_id", IM_END, 3),
         ("jumps.", "stop_id", ENDOFTEXT, 5),
@@ -112,7 +114,7 @@ def test_stop_string_spanning_several_tokens_cuts_the_reply_before_it(chatml_tok
     written = [*_enc(chatml_tok, "Hello!"), *_enc(chatml_tok, "\n"), *_enc(chatml_tok, "user"),
                *_enc(chatml_tok, "\n"), *_enc(chatml_tok, "more")]
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): written}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, chatml_tok, [A], stop_ids=[IM_END], max_new_tokens=30,
+    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=30,
                                stop_strings=["\nuser\n"])
     n_hello, n_user = len(_enc(chatml_tok, "Hello!")), len(_enc(chatml_tok, "user"))
     assert reply == Reply(text="Hello!", token_ids=tuple(written[:n_hello]), stop_reason="stop_string",
@@ -123,14 +125,14 @@ def test_overlapping_partial_match_stops_generation(chatml_tok):
     a, b = _enc(chatml_tok, "a"), _enc(chatml_tok, "b")
     assert len(a) == len(b) == 1
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): a * 3 + b + a * 5}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, chatml_tok, [A], stop_ids=[IM_END], max_new_tokens=20, stop_strings=["aab"])
+    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=20, stop_strings=["aab"])
     assert (reply.text, reply.token_ids, reply.num_new_tokens) == ("a", tuple(a), 4)
 
 
 def test_im_start_stop_string_catches_the_special_token(chatml_tok, runaway_script):
     # no <|im_end|> stop id: the string "<|im_start|>" still ends the reply at the invented turn
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, chatml_tok, [A], stop_ids=[ENDOFTEXT], max_new_tokens=30,
+    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[ENDOFTEXT], max_new_tokens=30,
                                stop_strings=["<|im_start|>"])
     assert (reply.text, reply.stop_reason, reply.num_new_tokens) == ("Hello!<|im_end|>", "stop_string", 6)
 
@@ -141,7 +143,7 @@ def test_stop_strings_end_rows_of_a_batch_at_different_steps(chatml_tok):
         _prompt(chatml_tok, B): [*_enc(chatml_tok, "jumps.\nsystem\nyy")],
     }
     model = scripted_lm(len(chatml_tok), scripts, filler=ENDOFTEXT)
-    replies = generate_replies(model, chatml_tok, [A, B], stop_ids=[IM_END], max_new_tokens=30,
+    replies = generate_replies(model, ChatFormat(chatml_tok), [A, B], stop_ids=[IM_END], max_new_tokens=30,
                                stop_strings=["\nuser\n", "\nsystem\n"])
     assert [(r.text, r.stop_string) for r in replies] == [("Hi", "\nuser\n"), ("jumps.", "\nsystem\n")]
 
@@ -151,7 +153,7 @@ def test_streamer_shows_the_reply_and_never_a_stop_or_its_prefix(chatml_tok):
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): written}, filler=ENDOFTEXT)
     pieces: list[str] = []
     streamer = StopAwareStreamer(chatml_tok, [IM_END], StopStringMatcher(["\nuser\n"]), write=pieces.append)
-    [reply] = generate_replies(model, chatml_tok, [A], stop_ids=[IM_END], max_new_tokens=30,
+    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=30,
                                stop_strings=["\nuser\n"], streamer=streamer, batch_size=1)
     assert reply.text == "Hello!"
     assert "".join(pieces) == "Hello!\n"  # the reply, then end()'s newline; no "\n" of the stop shown
@@ -162,14 +164,14 @@ def test_streamer_stops_showing_at_a_stop_id(chatml_tok, runaway_script):
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
     pieces: list[str] = []
     streamer = StopAwareStreamer(chatml_tok, [IM_END], write=pieces.append)
-    generate_replies(model, chatml_tok, [A], stop_ids=[IM_END], max_new_tokens=30, streamer=streamer, batch_size=1)
+    generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=30, streamer=streamer, batch_size=1)
     assert "".join(pieces) == "Hello!\n"
 
 
 def test_streaming_needs_batch_size_one(chatml_tok, runaway_script):
     model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
     with pytest.raises(ValueError, match="batch_size=1"):
-        generate_replies(model, chatml_tok, [A, B], stop_ids=[IM_END], streamer=object(), batch_size=2)
+        generate_replies(model, ChatFormat(chatml_tok), [A, B], stop_ids=[IM_END], streamer=object(), batch_size=2)
 
 
 def test_decode_cli_streams_exactly_the_replies_it_writes(tmp_path, capsys):
@@ -196,3 +198,22 @@ def test_decode_cli_streams_exactly_the_replies_it_writes(tmp_path, capsys):
     expected = "".join(f"--- {r['source']}\n{r['reply']}\n" for r in rows)
     assert expected in shown, (expected, shown[-600:])
     assert all("e" not in r["reply"] and "stop_string" in r for r in rows)
+
+
+@pytest.mark.parametrize("text, stops", [
+    ("答案。龘龘\nuser\n更多", ["龘龘"]),  # 龘 is two byte-level tokens: the stop completes mid-character pair
+    ("答案。龘龘\nuser\n更多", ["\nuser\n"]),
+    ("答案。龘龘\nuser\n更多", ["。龘", "user"]),  # the earlier one wins
+    ("xaaab yes", ["aab"]),  # overlapping partial match ("aa" then "aab")
+    ("Hi!<|im_start|>user", ["<|im_start|>"]),  # a special token's text, written as ordinary tokens
+])
+def test_transformers_stops_at_the_token_where_the_matcher_first_sees_the_stop(qwen2_tokenizer, text, stops):
+    from transformers.generation.stopping_criteria import StopStringCriteria as HFStopStringCriteria
+
+    ids = qwen2_tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    decode = lambda xs: qwen2_tokenizer.decode(list(xs), skip_special_tokens=False)  # noqa: E731
+    hit = StopStringMatcher(stops).first_stop(ids, decode)
+    criterion = HFStopStringCriteria(qwen2_tokenizer, stops)
+    first = next(n for n in range(1, len(ids) + 1) if criterion(torch.tensor([ids[:n]]), None)[0])
+    assert hit is not None and first == hit.num_tokens
+    assert text.startswith(hit.text) and text[len(hit.text):].startswith(hit.stop_string)

@@ -8,7 +8,7 @@ import torch
 from decoding_testutils import IM_END, IM_START, chatml_tok  # noqa: F401 (fixtures)
 
 from data_utils.collator import PackedCollator
-from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat, tokenize_chat_full_sequence
+from data_utils.chat_format import ChatFormat
 from data_utils.types import IGNORE_INDEX
 from training.config import ConfigError, config_from_dict
 
@@ -16,10 +16,11 @@ CHAT = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": 
 
 
 def test_legacy_labels_cover_role_markers_that_assistant_only_masks(chatml_tok):
-    legacy = tokenize_chat_full_sequence(CHAT, chatml_tok)
-    sound = tokenize_chat(CHAT, chatml_tok, end_of_turn_id(chatml_tok))
-    assert legacy.input_ids == sound.input_ids
-    assert legacy.labels == legacy.input_ids
+    fmt = ChatFormat(chatml_tok)
+    legacy_ids = tuple(fmt.encode_full(CHAT))  # legacy_full_sequence: labels = these ids, all of them
+    [sound] = fmt.encode_chat(CHAT).examples
+    assert legacy_ids == sound.input_ids
+    legacy = type(sound)(legacy_ids, legacy_ids)
     assert legacy.labels.count(IM_START) == 3  # system (default), user, assistant headers
     assert IM_START not in [t for t in sound.labels if t != IGNORE_INDEX]
     assert sum(t == IM_END for t in sound.labels) == 1  # only the assistant's end of turn
@@ -64,7 +65,8 @@ def test_labels_and_runaway_eval_are_validated_naming_the_key(raw):
     text = str(e.value)
     assert "data.labels: 'everything' is not one of ['assistant_only', 'legacy_full_sequence']" in text
     assert "runaway_eval.num_prompts: must be an integer >= 1, got 0" in text
-    assert "runaway_eval.every_steps: needs held-out prompts; set data.eval_holdout >= 1" in text
+    with pytest.raises(ConfigError, match="runaway_eval.every_steps: needs held-out prompts; set data.eval_holdout >= 1"):
+        config_from_dict({**raw, "runaway_eval": {"every_steps": 5}})  # cross-key rules, once every value is typed
     cfg = config_from_dict({**raw, "data": {**raw["data"], "labels": "legacy_full_sequence", "eval_holdout": 1},
                             "runaway_eval": {"every_steps": 5}})
     assert (cfg.data.labels, cfg.runaway_eval.every_steps, cfg.runaway_eval.num_prompts) == (

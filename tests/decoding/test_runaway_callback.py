@@ -13,6 +13,7 @@ import pytest
 import yaml
 from decoding_testutils import ENDOFTEXT, IM_END, REPO_ROOT, chatml_tok, scripted_lm, tiny_qwen2_config  # noqa: F401
 
+from data_utils.chat_format import ChatFormat
 from training.runaway_callback import RunawayEvalCallback, heldout_prompts
 
 A = [{"role": "user", "content": "Hello!"}]
@@ -32,7 +33,7 @@ def test_callback_runs_every_n_steps_logs_scalars_and_appends_the_report(chatml_
                                      add_special_tokens=False))
     model = scripted_lm(len(chatml_tok), {prompt: [*chatml_tok.encode("Hi"), IM_END]}, filler=ENDOFTEXT)
     trainer = _Trainer()
-    cb = RunawayEvalCallback(chatml_tok, [(A, "Hi", "h:1")], [IM_END, ENDOFTEXT], every_steps=2,
+    cb = RunawayEvalCallback(ChatFormat(chatml_tok), [(A, "Hi", "h:1")], [IM_END, ENDOFTEXT], every_steps=2,
                              max_new_tokens=8, output_dir=tmp_path).attach(trainer)
     for step in (1, 2, 3, 4):
         control = SimpleNamespace(should_log=True)
@@ -54,7 +55,7 @@ def test_heldout_prompts_split_off_the_reference():
 
 def test_callback_without_prompts_raises(chatml_tok, tmp_path):
     with pytest.raises(ValueError, match="data.eval_holdout >= 1"):
-        RunawayEvalCallback(chatml_tok, [], [IM_END], 1, 8, tmp_path)
+        RunawayEvalCallback(ChatFormat(chatml_tok), [], [IM_END], 1, 8, tmp_path)
 
 
 @pytest.mark.distributed

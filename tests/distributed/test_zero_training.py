@@ -344,7 +344,7 @@ def test_data_report_trains_every_end_of_turn_and_no_role_marker(trained, stage)
     report = json.loads((trained(stage) / "data_report.json").read_text())
     assert report["role_markers_in_labels"] == 0
     assert report["assistant_turns"] > report["examples"] > 0  # some chats have 2 assistant turns
-    assert report["turns_with_im_end_trained"] == report["assistant_turns"]
+    assert report["turns_with_end_of_turn_trained"] == report["assistant_turns"]
     assert (report["records"], report["heldout"]) == (RECORDS, HOLDOUT)
     dropped = report["dropped"].get("too_long", 0)
     assert report["examples"] + dropped == RECORDS - HOLDOUT

@@ -189,14 +189,18 @@ def config_file(tmp_path, monkeypatch):
     return "configs/x.yaml"
 
 
-def test_a_bad_config_fails_before_anything_is_launched(config_file, capsys):
+def test_a_bad_config_fails_before_anything_is_launched(config_file, capsys, monkeypatch):
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a bad config"))
     with pytest.raises(SystemExit) as excinfo:
         cli.main([config_file, "--dry-run", "training.warmup_ratio=0.1", "lora.r=0"])
-
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2
+    assert "lora.r: must be an integer >= 1, got 0 (set on the command line)" in err
+    with pytest.raises(SystemExit) as excinfo:  # the config is well formed: the preflight checks the rest
+        cli.main([config_file, "training.warmup_ratio=0.1"])
     err = capsys.readouterr().err
     assert excinfo.value.code == 2
     assert "training.warmup_ratio: not a transformers.TrainingArguments field" in err
-    assert "lora.r: must be an integer >= 1, got 0" in err
     assert "deepspeed" not in capsys.readouterr().out
 
 

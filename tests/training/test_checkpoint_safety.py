@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
+from decoding.checkpoint import IncompleteAdapterError
 from training.checkpoint import (
     COMPLETE_MARKER,
-    IncompleteAdapterError,
     commit_checkpoint,
     find_resume_checkpoint,
     resolve_resume,
@@ -32,11 +32,11 @@ def _chat(i):
 
 @pytest.fixture(scope="module")
 def rows(chatml_tokenizer, tmp_path_factory):
-    from data_utils.dataset import prepare_data
+    from tiny_assets import prepare
 
     d = tmp_path_factory.mktemp("ckpt_data")
     (d / "chats.jsonl").write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(12)))
-    return prepare_data([str(d / "chats.jsonl")], chatml_tokenizer, max_seq_length=128, cache_dir=d / "cache").rows
+    return prepare([str(d / "chats.jsonl")], chatml_tokenizer, max_seq_length=128, cache_dir=d / "cache").rows
 
 
 def _trainer(out: Path, rows, tokenizer, save_total_limit=None, expected_extra=None):
@@ -55,7 +55,7 @@ def _trainer(out: Path, rows, tokenizer, save_total_limit=None, expected_extra=N
         per_device_train_batch_size=1, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
         report_to=[], use_cpu=True, seed=0, data_seed=0, remove_unused_columns=False,
     )  # fmt: skip
-    extras = CheckpointExtrasCallback(tokenizer, {"seed": 0}, STOP_IDS, 8, model)
+    extras = CheckpointExtrasCallback(tokenizer, {"seed": 0}, STOP_IDS, 0, 8, model)
     if expected_extra:
         extras.expected = {**extras.expected, **expected_extra}
     return PackloraTrainer(

@@ -36,7 +36,7 @@ def test_overrides_are_typed_with_yaml_and_win_over_the_file(cfg_file):
     assert cfg.lora.target_modules == ["q_proj"]
     assert cfg.deepspeed_path().endswith("ds_configs/zero2.json")
     assert cfg.decoding.max_new_tokens == 512
-    assert cfg.decoding.stop_tokens == ["<|im_end|>", "<|endoftext|>"]
+    assert cfg.decoding.stop_tokens is None  # the chat format's own: ChatFormat.default_stop_tokens
 
 
 def test_all_problems_are_reported_together_each_naming_its_key(cfg_file):
@@ -46,22 +46,48 @@ def test_all_problems_are_reported_together_each_naming_its_key(cfg_file):
         load_config(path)
     text = str(err.value)
     for key in ("lora.r: must be an integer >= 1, got 0", "data.overflow: 'truncate'", "model.dtype: 'fp8'",
-                "training.bf16: set by packlora; use model.dtype", "training.not_a_field: not a transformers",
-                "data.nope: unknown key", "banana: unknown key"):
+                "training.bf16: set by packlora; use model.dtype", "data.nope: unknown key", "banana: unknown key"):
         assert key in text
-    assert len(err.value.problems) == 7
+    assert len(err.value.problems) == 6
 
 
-def test_missing_data_file_and_deepspeed_config_are_named(cfg_file, tmp_path):
-    path = cfg_file(**{"data.train": [str(tmp_path / "missing.jsonl")], "deepspeed": "zero9.json"})
+def test_a_boolean_or_unknown_choice_is_refused_naming_key_and_allowed_values(cfg_file):
     with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert "missing.jsonl' does not exist" in str(err.value)
-    assert "deepspeed: 'zero9.json' is neither a file nor one of ds_configs/ ['zero2.json', 'zero3.json']" in str(err.value)
+        load_config(cfg_file(**{"lora.r": True, "data.chat_format": "chatlm", "data.packing": 1}))
+    assert err.value.problems == [
+        "lora.r: must be an integer >= 1, got True",
+        "data.packing: must be true or false, got 1",
+        "data.chat_format: 'chatlm' is not one of ['auto', 'chatml', 'qwen3', 'llama3', 'generic'] (did you mean 'chatml'?)",
+    ]
 
 
-def test_bad_override_syntax_is_refused():
-    with pytest.raises(ConfigError, match="'training.max_steps' is not of the form key.sub=value"):
+def test_unknown_keys_get_a_did_you_mean_and_override_typos_are_blamed_on_the_command_line(cfg_file):
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file(**{"data.max_seq_lenght": 64}), ["training.max_stpes=5", "lora.alhpa=3"])
+    assert err.value.problems == [
+        "lora.alhpa: unknown key (did you mean 'alpha'?) (set on the command line)",
+        "data.max_seq_lenght: unknown key (did you mean 'max_seq_length'?)",
+    ]
+
+
+def test_missing_data_file_deepspeed_config_and_training_field_are_named_by_the_preflight(cfg_file, tmp_path):
+    from training.preflight import load_and_check
+
+    path = cfg_file(**{"data.train": [str(tmp_path / "missing.jsonl")], "deepspeed": "zero9.json",
+                       "training.not_a_field": 1, "training.max_stpes": 2})
+    load_config(path)  # the config itself is well formed
+    with pytest.raises(ConfigError) as err:
+        load_and_check(path)
+    text = str(err.value)
+    assert "missing.jsonl' does not exist" in text
+    assert "deepspeed: 'zero9.json' is neither a file nor one of ds_configs/ ['zero2.json', 'zero3.json']" in text
+    assert "training.not_a_field: not a transformers.TrainingArguments field" in text
+    assert "training.max_stpes: not a transformers.TrainingArguments field (did you mean 'max_steps'?)" in text
+
+
+def test_bad_override_syntax_is_refused_naming_the_command_line():
+    with pytest.raises(ConfigError, match=r"in the command line:\n  - override 'training.max_steps' must have the form "
+                                          r"key.sub=value"):
         parse_overrides(["training.max_steps"])
 
 

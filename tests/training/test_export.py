@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
-from training.checkpoint import write_checkpoint_extras
+from decoding.checkpoint import write_extras
 from training.export import main
 
 RANK, ALPHA = 4, 8
@@ -26,8 +26,8 @@ def checkpoint(tmp_path_factory, chatml_tokenizer):
     peft = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"],
                                            init_lora_weights=False, task_type="CAUSAL_LM"))
     peft.save_pretrained(ws / "ckpt")
-    write_checkpoint_extras(ws / "ckpt", chatml_tokenizer, {"decoding": {"stop_tokens": ["<|im_end|>", "<|endoftext|>"],
-                                                                          "max_new_tokens": 16}}, [2, 0], 16)
+    write_extras(ws / "ckpt", chatml_tokenizer, {"decoding": {"stop_tokens": ["<|im_end|>", "<|endoftext|>"],
+                                                               "max_new_tokens": 16}}, [2, 0], 0, 16)
     return ws / "ckpt"
 
 

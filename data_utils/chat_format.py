@@ -1,0 +1,544 @@
+"""One chat-format object: how a chat becomes token ids and labels, and which ids matter.
+
+``ChatFormat`` is the single home of everything that depends on how a model's chats look.
+Training, the label audit, decoding, export and the runaway metrics all ask it:
+
+* **rendering and tokenising** a chat with the tokenizer's own chat template (``encode_chat``,
+  ``encode_prompt``), with the text of every message kept as text (``control tokens only from the
+  template``, below);
+* **which ids are control tokens** (``control_ids``) and where a role header sits
+  (``header_positions``);
+* **the end of a turn** (``end_of_turn_id``), the **stop ids** (``stop_ids``: strings resolved
+  once, with one error text) and the **pad id** (``pad_id``);
+* **how a prompt is split from its reference reply** (``split_reference``).
+
+The known formats are detected from the tokenizer (``detect_format``), or named in the config
+(``data.chat_format``):
+
+========= ============================================== =========================== ==============
+format    a turn                                         end of turn / end of text   role header
+========= ============================================== =========================== ==============
+chatml    ``<|im_start|>role\\n…<|im_end|>\\n``            ``<|im_end|>`` /            ``<|im_start|>role\\n``
+          (Qwen2, Qwen2.5)                               ``<|endoftext|>``
+qwen3     chatml, plus ``<think>\\n…\\n</think>\\n\\n``      as chatml                   as chatml
+          before the reply of the turn being answered
+llama3    ``<|start_header_id|>role<|end_header_id|>``   ``<|eot_id|>`` /            ``<|start_header_id|>
+          ``\\n\\n…<|eot_id|>``                             ``<|end_of_text|>``         role<|end_header_id|>\\n\\n``
+generic   whatever the template renders                  the tokenizer's eos / –     unknown
+========= ============================================== =========================== ==============
+
+**Training tokens are inference tokens.** At inference the model sees the generation prompt
+(ending with the assistant header), tokenised on its own, and then writes its reply. A training
+example is built the same way: the template renders ``messages[:i]`` with the generation prompt
+and ``messages[:i + 1]`` for every assistant message ``i``; their difference is the reply's text,
+the rest is prompt text, and each piece is tokenised on its own and the ids concatenated::
+
+    piece      <|im_start|>system\\nS<|im_end|>\\n<|im_start|>user\\nU<|im_end|>\\n<|im_start|>assistant\\n | Reply<|im_end|>\\n
+    labels     -100 ......................................................................... -100 | Reply<|im_end|> -100
+
+Only the reply and its closing end-of-turn are trained. A reply that starts with a newline is
+trained from its own newline token: the header's ``\\n`` and the reply's ``\\n`` are separate
+tokens, as at inference, instead of one ``\\n\\n`` that would straddle the boundary. When the
+template renders earlier turns differently once a later turn exists (Qwen3 strips earlier
+reasoning), one rendering cannot serve every turn: the chat becomes one example per assistant
+turn (``EncodedChat.per_turn``), each turn in the context the model sees when it writes it. A
+template that does not render a reply as an extension of its generation prompt cannot be split
+at all: ``LabelError`` (reason ``template_mismatch``) names the example.
+
+As an audit, not a gate, the concatenated ids of each example are decoded and compared with the
+template's rendering of the same messages (``EncodedChat.render_mismatch``); the data report
+counts the chats where they differ.
+
+**Control tokens only from the template.** The text of a message is tokenised as text: a user
+message containing ``<|im_end|>`` yields the characters ``<|im_end|>``, never the control token,
+so it can neither forge a turn nor put a control token into the labels. Control tokens are those
+of transformers' ``apply_chat_template(sanitize_control_tokens=True)``: the tokenizer's special
+tokens, those in ``tokenizer.chat_control_tokens``, and the added tokens the template's text
+contains. As there, control-token text in messages is marked before rendering; unlike there,
+the text between two template control tokens is then encoded in one piece, so the characters
+around a spelled control token tokenise as the same text would anywhere else (``Use <|``
+keeps its ``" <|"`` token).
+
+Example (the real Qwen2 tokenizer)::
+
+    >>> from transformers import AutoTokenizer
+    >>> fmt = ChatFormat(AutoTokenizer.from_pretrained("../shared/assets/qwen2-tokenizer"))
+    >>> fmt.name, fmt.end_of_turn_id, fmt.stop_ids()
+    ('chatml', 151645, [151645, 151643])
+    >>> [ex] = fmt.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]).examples
+    >>> fmt.tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
+    'Yes.<|im_end|>'
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from data_utils.types import IGNORE_INDEX, Segment
+
+FormatName = Literal["auto", "chatml", "qwen3", "llama3", "generic"]
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # private-use: around control-token text in messages
+FORMAT_NAMES: tuple[str, ...] = FormatName.__args__  # type: ignore[attr-defined]
+ROLE_NAMES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class FormatSpec:
+    """What packlora knows about one chat format (the rows of the module docstring's table).
+
+    Attributes:
+        end_of_turn: the token that closes every turn; None: the tokenizer's eos token.
+        end_of_text: a second stop token the model may emit at the end of a document, or None.
+        header_start: the control token that opens a role header, or None when unknown.
+        header_end: the control token that closes the header, or None: the header ends with the
+            first token whose text contains a newline (ChatML's ``<|im_start|>user\\n``).
+        reasoning_tags: ``(open, close)`` of a reasoning block inside an assistant reply, or None.
+    """
+
+    end_of_turn: str | None
+    end_of_text: str | None
+    header_start: str | None
+    header_end: str | None
+    reasoning_tags: tuple[str, str] | None = None
+
+
+SPECS: dict[str, FormatSpec] = {
+    "chatml": FormatSpec("<|im_end|>", "<|endoftext|>", "<|im_start|>", None),
+    "qwen3": FormatSpec("<|im_end|>", "<|endoftext|>", "<|im_start|>", None, ("<think>", "</think>")),
+    "llama3": FormatSpec("<|eot_id|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"),
+    "generic": FormatSpec(None, None, None, None),
+}
+
+
+class LabelError(ValueError):
+    """A chat that cannot be labelled exactly. ``reason`` is the data report's slug for it
+    (``template_mismatch``, ``no_end_of_turn``, ``reasoning_with_thinking_off``)."""
+
+    def __init__(self, message: str, reason: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+class StopTokenError(ValueError):
+    """A stop token string that is not exactly one token of the tokenizer."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedChat:
+    """The labelled examples of one chat (``ChatFormat.encode_chat``).
+
+    Attributes:
+        examples: one ``Segment`` per example: usually one per chat; one per assistant turn when
+            ``per_turn`` (see the module docstring).
+        per_turn: the template renders earlier turns differently once a later turn exists, so the
+            chat was split into one example per assistant turn.
+        render_mismatch: for how many examples the decoded ids differ from the template's own
+            rendering of the same messages (an audit: such examples are still trained).
+        control_text_messages: messages whose content (or reasoning) spells a control token,
+            which was tokenised as text.
+        turns_per_example: the assistant turns trained in each example (one end of turn each).
+    """
+
+    examples: tuple[Segment, ...]
+    turns_per_example: tuple[int, ...]
+    per_turn: bool = False
+    render_mismatch: int = 0
+    control_text_messages: int = 0
+
+
+def detect_format(tokenizer: Any) -> str:
+    """The known format a tokenizer's chat template writes (``chatml``, ``qwen3``, ``llama3``), else
+    ``generic``.
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
+    template = _template(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if "<|im_start|>" in template and "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        return "qwen3" if "<think>" in template and "reasoning_content" in template else "chatml"
+    if "<|start_header_id|>" in template and "<|eot_id|>" in vocab:
+        return "llama3"
+    return "generic"
+
+
+class ChatFormat:
+    """A tokenizer's chat format: rendering, labels, control tokens, stop and pad ids.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        name: one of ``FORMAT_NAMES``; ``auto`` detects it (``detect_format``).
+        enable_thinking: qwen3 only: passed to the template (None: the template's default, on).
+            With thinking off, a reply that carries reasoning is a ``LabelError``.
+        train_reasoning: qwen3 only: whether the reasoning block of a trained reply is trained
+            (True) or only context (False, label -100).
+
+    Raises:
+        ValueError: unknown ``name``, no chat template, a named format whose tokens the tokenizer
+            lacks, or no end-of-turn token at all (generic format without an eos token).
+    """
+
+    def __init__(self, tokenizer: Any, name: str = "auto", *, enable_thinking: bool | None = None,
+                 train_reasoning: bool = True):
+        if name not in FORMAT_NAMES:
+            raise ValueError(f"data.chat_format: {name!r} is not one of {list(FORMAT_NAMES)}")
+        template = _template(tokenizer)
+        self.tokenizer = tokenizer
+        self.name = detect_format(tokenizer) if name == "auto" else name
+        self.spec = SPECS[self.name]
+        self.enable_thinking = enable_thinking
+        self.train_reasoning = train_reasoning
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (self.spec.end_of_turn, self.spec.header_start, self.spec.header_end) if t and t not in vocab]
+        if missing:
+            raise ValueError(f"data.chat_format: {self.name} needs the tokens {missing}, which this tokenizer lacks; "
+                             "use chat_format: auto (detected: " + detect_format(tokenizer) + ")")
+        if self.spec.end_of_turn is not None:
+            self.end_of_turn_id = vocab[self.spec.end_of_turn]
+        elif tokenizer.eos_token_id is not None:
+            self.end_of_turn_id = tokenizer.eos_token_id
+        else:
+            raise ValueError("the tokenizer has no eos token and its chat format is unknown, so no token ends a turn; "
+                             "set the tokenizer's eos_token to the token its template closes a turn with")
+        self.control_tokens = _control_tokens(tokenizer, template)
+        self.control_ids = frozenset(vocab[t] for t in self.control_tokens)
+        self._control_re = _alternation(self.control_tokens)
+        self._template_control_re = re.compile(f"(?<!{_MARK_START})({self._control_re.pattern})")
+        self._control_id = {t: vocab[t] for t in self.control_tokens}
+        self._added_re = _alternation(tok.content for tok in tokenizer.added_tokens_decoder.values())
+        self._header_start_id = vocab.get(self.spec.header_start) if self.spec.header_start else None
+        self._header_end_id = vocab.get(self.spec.header_end) if self.spec.header_end else None
+        tags = self.spec.reasoning_tags
+        self._reasoning_ids = (vocab[tags[0]], vocab[tags[1]]) if tags and all(t in vocab for t in tags) else None
+        self._newline_ids = tokenizer.encode("\n", add_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"ChatFormat({self.name!r}, end_of_turn_id={self.end_of_turn_id})"
+
+    # ------------------------------------------------------------------------------ ids
+
+    @property
+    def default_stop_tokens(self) -> tuple[str, ...]:
+        """The format's own stop tokens: end of turn and end of text (``decoding.stop_tokens: null``)."""
+        tokens = [self.spec.end_of_turn or self.tokenizer.eos_token, self.spec.end_of_text]
+        return tuple(t for t in dict.fromkeys(tokens) if t is not None and t in self.tokenizer.get_vocab())
+
+    def stop_ids(self, stop_tokens: Iterable[str] | None = None, generation_config: Any = None) -> list[int]:
+        """Stop ids, in order and without duplicates: ``generation_config.eos_token_id`` (an int or a
+        list; a dict or ``GenerationConfig``), the end-of-turn id, the tokenizer's eos id, then each
+        of ``stop_tokens`` (default: ``default_stop_tokens``), each of which must be exactly one token.
+
+        Raises:
+            StopTokenError: a stop string is not exactly one token, or is not a string.
+            ValueError: an eos id in ``generation_config`` is not a non-negative int.
+        """
+        if isinstance(stop_tokens, str):
+            raise StopTokenError(f"stop tokens must be a list of strings, got the string {stop_tokens!r}; "
+                                 f"write [{stop_tokens!r}]")
+        ids: list[int] = []
+
+        def add(token_id: Any, where: str) -> None:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"{where} must be a non-negative int token id, got {token_id!r}")
+            if token_id not in ids:
+                ids.append(token_id)
+
+        if generation_config is not None:
+            eos = (generation_config.get("eos_token_id") if isinstance(generation_config, Mapping)
+                   else getattr(generation_config, "eos_token_id", None))
+            for token_id in [eos] if isinstance(eos, int) else (eos or []):
+                add(token_id, "generation_config.eos_token_id")
+        add(self.end_of_turn_id, "the end-of-turn id")
+        if self.tokenizer.eos_token_id is not None:
+            add(self.tokenizer.eos_token_id, "tokenizer.eos_token_id")
+        for text in self.default_stop_tokens if stop_tokens is None else stop_tokens:
+            add(self.token_id(text), f"stop token {text!r}")
+        return ids
+
+    def token_id(self, text: str) -> int:
+        """The id of ``text`` when it is exactly one token (special tokens included, e.g. the end of
+        turn, or ``"\\n\\n"`` where the vocabulary has it).
+
+        Raises:
+            StopTokenError: ``text`` is not a string, or encodes to zero or several tokens.
+        """
+        encoded = self.tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else None
+        if encoded is None or len(encoded) != 1:
+            got = "not a string" if encoded is None else f"{len(encoded)} tokens {encoded}"
+            end = self.spec.end_of_turn or self.tokenizer.eos_token
+            raise StopTokenError(
+                f"stop token {text!r} is {got} with this tokenizer; a stop token must be exactly one token, such as "
+                f"{end!r}. Multi-token stops such as '\\nuser\\n' are stop strings: pass them to the decoder "
+                "(packlora decode --stop-string)"
+            )
+        return encoded[0]
+
+    def pad_id(self, stop_ids: Sequence[int] = ()) -> int:
+        """The id written into padding: the tokenizer's pad token, else its eos, else the first stop id.
+
+        Raises:
+            ValueError: none of them exists.
+        """
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *stop_ids):
+            if candidate is not None:
+                return candidate
+        raise ValueError("no pad id: the tokenizer has neither a pad nor an eos token, and no stop id was given")
+
+    def format_ids(self, ids: Iterable[int]) -> str:
+        """``"id 'text', ..."`` for logs, each id decoded with special tokens kept."""
+        return ", ".join(f"{i} {self.tokenizer.decode([i], skip_special_tokens=False)!r}" for i in ids)
+
+    def header_positions(self, input_ids: Sequence[int]) -> list[int]:
+        """Positions of the role-header tokens in ``input_ids``: each header-start token through the
+        header's end (the header-end token and the newline tokens after it, or, without a
+        header-end token, the first token whose text contains a newline). Empty for ``generic``."""
+        if self._header_start_id is None:
+            return []
+        out, n = [], len(input_ids)
+        for p, t in enumerate(input_ids):
+            if t != self._header_start_id:
+                continue
+            q = p
+            while q < n and q - p <= 16:  # a role name is a few tokens; bound the scan
+                out.append(q)
+                if q > p and self._header_end_id is None and "\n" in self.tokenizer.decode([input_ids[q]]):
+                    break
+                if q > p and input_ids[q] == self._header_end_id:
+                    while q + 1 < n and "\n" in (t := self.tokenizer.decode([input_ids[q + 1]])) and not t.strip():
+                        q += 1  # the newlines that close the header (Llama-3: "\n\n")
+                        out.append(q)
+                    break
+                q += 1
+        return out
+
+    def trainable_control_ids(self) -> frozenset[int]:
+        """Control ids a label may hold: the end of turn, the reasoning tags of a Qwen3 reply, and
+        the tokenizer's eos, which ends a stage-1 text document."""
+        eos = self.tokenizer.eos_token_id
+        return frozenset({self.end_of_turn_id, *(self._reasoning_ids or ()), *(() if eos is None else (eos,))})
+
+    # ------------------------------------------------------------------------------ text
+
+    def spells_control_token(self, text: str) -> bool:
+        """True when ``text`` contains the text of a control token (tokenised as text all the same)."""
+        return self._control_re.search(text) is not None
+
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+        """The template's rendering of ``messages`` (reasoning normalised for qwen3), as a string."""
+        return self._render(self._prepare(messages, "render"), add_generation_prompt)
+
+    def encode_prompt(self, messages: Sequence[Mapping]) -> list[int]:
+        """Ids of the generation prompt for ``messages`` (ending with the assistant header), with the
+        messages' text kept as text: what a model sees before it writes its reply."""
+        return self._encode_piece(self._render(self._mark(self._prepare(messages, "prompt")), True), first=True)
+
+    @staticmethod
+    def split_reference(messages: Sequence[Mapping]) -> tuple[list[dict], str | None]:
+        """``(prompt, reference)``: a chat that ends with an assistant message is split into the
+        messages before it and that message's content; any other chat is all prompt.
+
+        >>> ChatFormat.split_reference([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+        ([{'role': 'user', 'content': 'a'}], 'b')
+        """
+        messages = [dict(m) for m in messages]
+        if messages and messages[-1].get("role") == "assistant":
+            return messages[:-1], messages[-1]["content"]
+        return messages, None
+
+    # ------------------------------------------------------------------------------ labels
+
+    def encode_full(self, messages: Sequence[Mapping]) -> list[int]:
+        """Ids of the whole rendered chat in one piece (message text kept as text). Only for
+        ``data.labels: legacy_full_sequence``, the bug reproduction that labels all of it."""
+        return self._encode_piece(self._render(self._mark(self._prepare(messages, "chat")), False), first=True)
+
+    def encode_chat(self, messages: Sequence[Mapping], example: str = "example") -> EncodedChat:
+        """The labelled example(s) of one chat: assistant replies and their end-of-turn trained,
+        everything else -100 (see the module docstring for how pieces are found).
+
+        Args:
+            messages: ``[{"role", "content", "reasoning_content"?}, ...]``, validated (``records.py``).
+            example: a name for error messages, e.g. ``"data.jsonl:12"``.
+
+        Raises:
+            LabelError: the template cannot be split at a reply (``template_mismatch``), a reply is
+                not closed by the end-of-turn token (``no_end_of_turn``), or a reply has reasoning
+                while thinking is off (``reasoning_with_thinking_off``).
+        """
+        plain = self._prepare(messages, example)
+        marked = self._mark(plain)
+        turns = [i for i, m in enumerate(plain) if m["role"] == "assistant"]
+        pieces_by_example: list[list[tuple[str, bool]]] = []
+        ends: list[int] = []  # index of the last message of each example
+        covered = ""
+        for i in turns:
+            prompt, full = self._render(marked[:i], True), self._render(marked[: i + 1], False)
+            if not full.startswith(prompt):
+                raise LabelError(
+                    f"{example}: the chat template does not render assistant messages[{i}] as a continuation of its "
+                    "generation prompt, so its reply cannot be split from the prompt; check the template (or set "
+                    "data.on_error: skip to leave such chats out, counted)", "template_mismatch")
+            if pieces_by_example and prompt.startswith(covered):
+                pieces_by_example[-1].append((prompt[len(covered):], False))
+            else:
+                pieces_by_example.append([(prompt, False)])
+                ends.append(-1)
+            pieces_by_example[-1].append((full[len(prompt):], True))
+            ends[-1] = i
+            covered = full
+        examples, mismatch = [], 0
+        turns_per_example = tuple(sum(is_reply for _, is_reply in pieces) for pieces in pieces_by_example)
+        for pieces, last in zip(pieces_by_example, ends):
+            seg = self._label(pieces, example)
+            if self.tokenizer.decode(list(seg.input_ids), skip_special_tokens=False) != self._render(plain[: last + 1], False):
+                mismatch += 1
+            examples.append(seg)
+        control_text = sum(
+            self.spells_control_token(m["content"]) or self.spells_control_token(m.get("reasoning_content") or "")
+            for m in plain
+        )
+        return EncodedChat(tuple(examples), turns_per_example, len(examples) > 1, mismatch, control_text)
+
+    def _label(self, pieces: list[tuple[str, bool]], example: str) -> Segment:
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (text, is_reply) in enumerate(pieces):
+            piece = self._encode_piece(text, first=k == 0)
+            ids += piece
+            if not is_reply:
+                labels += [IGNORE_INDEX] * len(piece)
+                continue
+            if self.end_of_turn_id not in piece:
+                raise LabelError(f"{example}: an assistant reply is not closed by the end-of-turn token "
+                                 f"{self.format_ids([self.end_of_turn_id])} in the template's rendering; packlora "
+                                 "trains that token so the model learns to stop", "no_end_of_turn")
+            last = len(piece) - 1 - piece[::-1].index(self.end_of_turn_id)
+            trained = piece[: last + 1] + [IGNORE_INDEX] * (len(piece) - last - 1)
+            if not self.train_reasoning:
+                trained = self._mask_reasoning(piece, trained)
+            labels += trained
+        return Segment(tuple(ids), tuple(labels))
+
+    def _mask_reasoning(self, piece: list[int], labels: list[int]) -> list[int]:
+        """-100 on a reply's reasoning block: its open tag through its close tag and the whitespace after."""
+        if self._reasoning_ids is None or self._reasoning_ids[0] not in piece or self._reasoning_ids[1] not in piece:
+            return labels
+        start, end = piece.index(self._reasoning_ids[0]), piece.index(self._reasoning_ids[1])
+        while end + 1 < len(piece) and not self.tokenizer.decode([piece[end + 1]]).strip():
+            end += 1
+        return [IGNORE_INDEX if start <= p <= end else lab for p, lab in enumerate(labels)]
+
+    def _mark(self, obj):
+        """Wrap every control token spelled in message text (strings in dicts and lists, recursively)
+        in private-use markers, so that ``_encode_piece`` can tell it from one the template wrote.
+        Markers already in the text are dropped first, so they cannot forge a marked token."""
+        if isinstance(obj, str):
+            obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+            return self._control_re.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, obj)
+        if isinstance(obj, dict):
+            return {k: self._mark(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._mark(v) for v in obj]
+        return obj
+
+    def _encode_piece(self, text: str, first: bool) -> list[int]:
+        """Ids of one rendered piece: the template's control tokens as tokens, everything between
+        them (marked control tokens included, markers dropped) as text, with no added token matched.
+
+        A text span from the middle of a chat is encoded after a newline that is then removed (as
+        transformers does for ``sanitize_control_tokens``), so that a SentencePiece tokenizer adds
+        no prefix space at its start; byte-level tokenizers encode it the same either way.
+        """
+        ids: list[int] = []
+        for k, part in enumerate(self._template_control_re.split(text)):
+            if k % 2:
+                ids.append(self._control_id[part])
+            elif part:
+                ids += self._encode_text(part.replace(_MARK_START, "").replace(_MARK_END, ""), first and k == 0)
+        return ids
+
+    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        encode = self._encode_plain if self._added_re.search(text) is None else self._encode_without_added
+        if at_start:
+            return encode(text)
+        ids = encode("\n" + text)
+        n = len(self._newline_ids)
+        return ids[n:] if ids[:n] == self._newline_ids else encode(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode_without_added(self, text: str) -> list[int]:
+        """Text with added-token strings in it, encoded as plain text (the tokenizers pipeline
+        without its added-token matching; a slow tokenizer skips special tokens only)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        splits = [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        return [t.id for split in splits for t in backend.model.tokenize(split)]
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **kwargs)
+
+    def _prepare(self, messages: Sequence[Mapping], example: str) -> list[dict]:
+        """Plain ``{"role", "content"}`` dicts; qwen3: reasoning moved into ``reasoning_content``."""
+        out = []
+        for m in messages:
+            d = {"role": m["role"], "content": m["content"]}
+            reasoning = m.get("reasoning_content")
+            if self.spec.reasoning_tags and m["role"] == "assistant":
+                if reasoning is None and self.spec.reasoning_tags[1] in d["content"]:
+                    reasoning, d["content"] = split_inline_reasoning(d["content"], self.spec.reasoning_tags)
+                if reasoning and self.enable_thinking is False:
+                    raise LabelError(f"{example}: an assistant reply carries reasoning but data.enable_thinking is "
+                                     "false; remove the reasoning or turn thinking on", "reasoning_with_thinking_off")
+            if reasoning is not None:
+                d["reasoning_content"] = reasoning
+            out.append(d)
+        return out
+
+
+def split_inline_reasoning(content: str, tags: tuple[str, str] = ("<think>", "</think>")) -> tuple[str, str]:
+    """``(reasoning, reply)`` of a reply written as ``<think>…</think>…``, split the way Qwen3's
+    template splits it (newlines next to the tags dropped).
+
+    >>> split_inline_reasoning("<think>\\nrain\\n</think>\\n\\nIt rains.")
+    ('rain', 'It rains.')
+    """
+    open_tag, close_tag = tags
+    head, _, tail = content.partition(close_tag)
+    return head.rstrip("\n").split(open_tag)[-1].lstrip("\n"), tail.lstrip("\n")
+
+
+def _alternation(tokens) -> re.Pattern:
+    """A regex matching any of ``tokens``, longest first (so a token wins over one it contains)."""
+    return re.compile("|".join(map(re.escape, sorted(set(tokens), key=len, reverse=True))) or "(?!)")
+
+
+def _template(tokenizer: Any) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one renders chats
+        template = template.get("default")
+    if not template:
+        raise ValueError("the tokenizer has no chat template; packlora renders chats with the model's own template "
+                         "(set model.tokenizer to a tokenizer that has one)")
+    return template
+
+
+def _control_tokens(tokenizer: Any, template: str) -> tuple[str, ...]:
+    """Special tokens, ``chat_control_tokens``, and added tokens the template writes (the rule of
+    transformers' ``apply_chat_template(sanitize_control_tokens=True)``, with the template's raw text
+    standing in for its literals)."""
+    listed = set(getattr(tokenizer, "chat_control_tokens", None) or ())
+    return tuple(
+        tok.content for tok in tokenizer.added_tokens_decoder.values()
+        if tok.special or tok.content in listed or (tok.content in template and not tok.content.isspace())
+    )

@@ -1,0 +1,73 @@
+"""Preflight: what a valid config needs from this machine, checked before any work starts.
+
+``training.config.load_config`` checks a config's shape without side effects; ``check_run`` then
+looks at the file system and the libraries: model, tokenizer, data and ``init_from`` paths, the
+DeepSpeed config, the preset, the resume checkpoint, and the ``training:`` keys against
+``transformers.TrainingArguments``. ``load_and_check`` does both and raises one ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from data_utils.configtools import ConfigError, unknown_key
+from training.config import OWNED_TRAINING_KEYS, RunConfig, load_config, resolve_deepspeed_config
+
+
+def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
+    """What the config needs from this machine, as problems naming their keys (empty: all there):
+    model, tokenizer, data and ``init_from`` paths, the DeepSpeed config, the preset, the resume
+    checkpoint, and (``training_arguments``, which imports transformers) that every ``training:``
+    key is a ``TrainingArguments`` field."""
+    m, p = cfg.model, []
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
+        if value is not None and not Path(value).exists():
+            p.append(f"{key}: {value!r} does not exist (paths are relative to the working directory {Path.cwd()})")
+    p += cfg.data.missing_files()
+    if cfg.deepspeed:
+        try:
+            resolve_deepspeed_config(cfg.deepspeed)
+        except FileNotFoundError as e:
+            p.append(str(e))
+    if cfg.preset is not None:
+        from presets import PresetError, load_preset
+
+        try:
+            load_preset(str(cfg.preset))
+        except PresetError as e:
+            p.append(f"preset: {e}")
+    p += _check_init_from(cfg)
+    resume = cfg.training.get("resume_from_checkpoint")
+    if resume not in (None, "auto", True, False) and (not isinstance(resume, str) or not Path(resume).is_dir()):
+        p.append(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint directory; give an existing "
+                 f"output_dir/checkpoint-N (relative to {Path.cwd()}), auto (the newest complete one), or null")
+    if training_arguments:
+        from transformers import TrainingArguments
+
+        valid = [f.name for f in dataclasses.fields(TrainingArguments)]
+        p += [unknown_key(f"training.{k}", valid).replace("unknown key", "not a transformers.TrainingArguments field")
+              for k in cfg.training if k not in valid and k not in OWNED_TRAINING_KEYS]
+    return p
+
+
+def _check_init_from(cfg: RunConfig) -> list[str]:
+    if cfg.init_from is None:
+        return []
+    ckpt = Path(cfg.init_from)
+    if not ((ckpt / "adapter_config.json").is_file() or (ckpt / "config.json").is_file()):
+        return [f"init_from: {cfg.init_from!r} is not a checkpoint directory (no adapter_config.json or config.json); "
+                f"point it at the stage-1 output_dir (paths are relative to {Path.cwd()})"]
+    if cfg.init_mode == "continue" and not (ckpt / "adapter_config.json").is_file():
+        return [f"init_mode: continue needs a LoRA checkpoint, but {cfg.init_from!r} is a full model; use merge"]
+    return []
+
+
+def load_and_check(path: str | Path, overrides=(), training_arguments: bool = True) -> RunConfig:
+    """``load_config`` then ``check_run``; raises one ``ConfigError`` with every problem."""
+    cfg = load_config(path, overrides)
+    problems = check_run(cfg, training_arguments)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return cfg
+
+
