@@ -29,13 +29,22 @@ CPU_NPROC_PER_NODE = 2
 
 def _validate_config(args, parser) -> None:
     """Load and validate the config with its overrides here, once, so a bad key fails in a second
-    instead of in every rank after start-up."""
+    instead of in every rank after start-up. When the training processes will run on this machine
+    (not Slurm, no hostfile), also refuse what this machine cannot run: an attention backend or
+    dtype that needs CUDA (``training.model.check_runs_here``)."""
     from training.config import ConfigError, load_config
 
     try:
-        load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except (FileNotFoundError, ConfigError) as err:
         parser.error(str(err))
+    if args.launcher != "slurm" and args.hostfile is None:
+        from training.model import check_runs_here
+
+        try:
+            check_runs_here(cfg.model, _cuda_device_count() > 0)
+        except ValueError as err:
+            parser.error(str(err))
 
 
 def main(argv: list[str]) -> int:

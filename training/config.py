@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "packed_sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("sdpa", "packed_sdpa", "varlen", "eager", "flash_attention_2", "flex_attention")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OVERFLOW_POLICIES = ("auto", "drop", "error", "split")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "text")
@@ -73,8 +73,10 @@ class ModelConfig:
     """Tokenizer directory; defaults to ``name_or_path``."""
     attn_implementation: str = "sdpa"
     """``sdpa`` (block-diagonal mask from the restarting positions), ``packed_sdpa`` (SDPA per
-    segment, no mask: faster, see training/packed_attention.py), ``eager``, ``flash_attention_2``
-    (GPU, varlen) or ``flex_attention`` (GPU for training: torch has no flex backward on CPU)."""
+    segment, no mask: faster, see training/packed_attention.py), ``varlen`` (GPU: PyTorch's own
+    Flash Attention varlen kernel on the flattened batch, bf16/fp16, nothing to install; see
+    training/varlen_attention.py), ``eager``, ``flash_attention_2`` (GPU, the flash-attn package) or
+    ``flex_attention`` (GPU for training: torch has no flex backward on CPU)."""
     dtype: str = "auto"
     """Weights and compute dtype. ``auto``: bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
@@ -333,6 +335,12 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"model.attn_implementation: {m.attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
     if m.dtype not in DTYPES:
         p.append(f"model.dtype: {m.dtype!r} is not one of {list(DTYPES)}")
+    if m.attn_implementation in ("varlen", "flash_attention_2") and m.dtype == "float32":
+        p.append(f"model.dtype: float32 with model.attn_implementation: {m.attn_implementation}; Flash Attention takes "
+                 "bfloat16 or float16 only: set model.dtype: bfloat16 (or auto, bf16 on CUDA)")
+    if m.attn_implementation in ("varlen", "flash_attention_2") and d.labels == "legacy_full_sequence":
+        p.append(f"data.labels: legacy_full_sequence cannot run with model.attn_implementation: "
+                 f"{m.attn_implementation}, which isolates segments by construction; use sdpa or eager")
     if lo is not None and (not isinstance(lo.r, int) or lo.r < 1):
         p.append(f"lora.r: must be an integer >= 1, got {lo.r!r}")
     if lo is not None and (not isinstance(lo.alpha, (int, float)) or lo.alpha <= 0):

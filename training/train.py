@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
     from training.data import load_run_preset, prepare_run_data
     from training.init_from import init_adapter
-    from training.model import build_model, load_tokenizer, materialize_base
+    from training.model import build_model, check_runs_here, load_tokenizer, materialize_base
     from training.trainer import CheckpointExtrasCallback, PackloraTrainer
+    from training.varlen_attention import FLATTENED_BACKENDS
 
     cfg = load_config(ns.config, ns.overrides)
+    check_runs_here(cfg.model)  # before the process group exists: a clear error, not a rank traceback
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "runs"))
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
     collator = PackedCollator(
-        pad_token_id=tokenizer.pad_token_id, flash_attn_varlen=cfg.model.attn_implementation == "flash_attention_2",
+        pad_token_id=tokenizer.pad_token_id, flash_attn_varlen=cfg.model.attn_implementation in FLATTENED_BACKENDS,
         loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
     extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, cfg.decoding.max_new_tokens, model)
