@@ -146,7 +146,10 @@ def _add_runaway_eval(trainer, cfg, tokenizer, data, stop_ids, out: Path) -> Non
 
 def build_training_arguments(cfg):
     """``TrainingArguments`` from the config: packlora's defaults, then ``training:``, then the keys
-    packlora owns (output_dir, deepspeed, seed, precision, remove_unused_columns)."""
+    packlora owns (output_dir, deepspeed, seed, precision, remove_unused_columns).
+
+    bf16 on CPU: ``model.dtype: bfloat16`` sets ``bf16=True`` (DeepSpeed's ``bf16`` section and its
+    bf16 ZeRO optimizer) also without CUDA, so CI runs the bf16 paths. See ``_bf16_on_cpu``."""
     import torch
     from transformers import TrainingArguments
 
@@ -164,7 +167,33 @@ def build_training_arguments(cfg):
         fp16=dtype == torch.float16,
         remove_unused_columns=False,
     )
-    return TrainingArguments(**kwargs)
+    with _bf16_on_cpu(dtype == torch.bfloat16 and not torch.cuda.is_available()):
+        return TrainingArguments(**kwargs)
+
+
+@contextlib.contextmanager
+def _bf16_on_cpu(active: bool):
+    """Let ``TrainingArguments(bf16=True)`` through on a machine without CUDA.
+
+    transformers 5.24 refuses bf16 unless ``is_torch_bf16_gpu_available()`` ("Your setup doesn't
+    support bf16/gpu"), a GPU capability check. On CPU, torch computes in bf16 and DeepSpeed 0.19's
+    CPU accelerator runs its bf16 ZeRO-2/3 optimizer over gloo (2-process runs train, save, reload,
+    decode and merge: ``tests/distributed/test_bf16_cpu.py``). transformers' own way round, ``use_cpu=True``, bypasses DeepSpeed's process
+    group set-up: ZeRO-3's ``zero.Init`` then sees world size 1 and stops (``train_batch_size is not
+    equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 * 1``). So only the check
+    is answered, only while the arguments are built, only without CUDA (a GPU without bf16 is still refused).
+    """
+    if not active:
+        yield
+        return
+    import transformers.training_args as training_args
+
+    original = training_args.is_torch_bf16_gpu_available
+    training_args.is_torch_bf16_gpu_available = lambda: True
+    try:
+        yield
+    finally:
+        training_args.is_torch_bf16_gpu_available = original
 
 
 def _log_batch_arithmetic(args, cfg, rows: int, main_rank: bool) -> None:
