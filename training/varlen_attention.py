@@ -145,9 +145,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         lens = [e - s for bounds in segment_bounds(positions.expand(B, -1)) for s, e in bounds]
         cu_q = cu_k = _cumulative(lens, query.device)
         max_q = max_k = max(lens)
-    q = query.transpose(1, 2).reshape(B * L, H, D)
-    k = key.transpose(1, 2).reshape(B * L, key.shape[1], D)
-    v = value.transpose(1, 2).reshape(B * L, value.shape[1], D)
+    # [B, H, L, D] -> [B * L, H, D], contiguous as flash-attention's varlen entry points expect
+    q = query.transpose(1, 2).reshape(B * L, H, D).contiguous()
+    k = key.transpose(1, 2).reshape(B * L, key.shape[1], D).contiguous()
+    v = value.transpose(1, 2).reshape(B * L, value.shape[1], D).contiguous()
     out = call_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scaling)
     return out.reshape(B, L, H, D), None
 
