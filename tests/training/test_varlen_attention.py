@@ -261,3 +261,21 @@ def test_packlora_launch_refuses_varlen_on_cpu_before_starting_any_process(tmp_p
     assert exit_.value.code == 2
     assert "varlen runs Flash Attention, which needs a CUDA GPU, and this machine has none; use packed_sdpa" \
         in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_real_kernel_on_cuda_packed_equals_each_example_alone_in_bf16():
+    """The real Flash Attention kernel: the flattened batch vs each example alone through the same
+    kernel, bf16 (the full bf16 tolerance study is benchmarks/gpu_check.sh)."""
+    rows = _rows()
+    model = _model("varlen", lora=False).to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in PackedCollator(pad_token_id=0, flash_attn_varlen=True)(rows).items()}
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0].float()
+        worst = 0.0
+        for s, e in zip(FLAT_CU[:-1], FLAT_CU[1:]):
+            alone = model(input_ids=batch["input_ids"][:, s:e], use_cache=False).logits[0].float()
+            worst = max(worst, (packed[s:e] - alone).abs().max().item())
+    assert worst < 2e-2, worst
