@@ -49,6 +49,7 @@ if ! eval "$install_cmd" > "$work/results/install.log" 2>&1; then
   export PATH=/tmp/site/bin:$PATH
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there: never wait on one
 export PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 "$PY" -c "import deepspeed, datasets, transformers, peft, torch; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__)" 2>&1 | grep installed | tee -a "$work/results/install.log"
 echo "install took $(( $(date +%s) - start )) s"
