@@ -179,18 +179,19 @@ def check_wheels(wheel_dir: Path | None = None) -> tuple[list[str], list[str]]:
             problems.append(f"constraints.txt pins {name}=={version}, which is neither carried nor in the GPU image "
                             f"(image: {image.get(name, 'absent')}); add it to gpu_wheels.txt")
     needed_by: dict[str, list[str]] = {}
+    unread = []
     for w in wheels:
-        try:
-            have = md.version(w.name)
-        except md.PackageNotFoundError:
-            problems.append(f"{w.name}=={w.version}: not installed here, so its requirements cannot be read; "
-                            "install the pinned versions (bash scripts/install.sh)")
+        texts, source = _requirements(w, wheel_dir)
+        if texts is None:
+            if w.role == "install":  # constraints.txt installs exactly this version here
+                problems.append(f"{w.name}: gpu_wheels.txt has {w.version} but this environment has {source}; "
+                                "carry the version packlora is tested with")
+            else:  # not pinned by packlora: this environment may have resolved a newer release
+                notes.append(f"{w.name}=={w.version}: requirements not checked (this environment has {source}; "
+                             "run --fetch to read them from the wheel)")
+            unread.append(w.name)
             continue
-        if canonical(have) != canonical(w.version) and Version(have) != Version(w.version):
-            problems.append(f"{w.name}: gpu_wheels.txt has {w.version} but this environment has {have}; "
-                            "carry the version packlora is tested with")
-            continue
-        for text in md.requires(w.name) or []:
+        for text in texts:
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate(GPU_PYTHON):
                 continue
@@ -208,7 +209,7 @@ def check_wheels(wheel_dir: Path | None = None) -> tuple[list[str], list[str]]:
             else:
                 problems.append(f"{w.name} needs {text}, which is neither carried nor in the GPU image")
     for w in wheels:
-        if w.role != "install" and w.name not in needed_by:
+        if w.role != "install" and w.name not in needed_by and not unread:
             problems.append(f"{w.name} ({w.role}) is needed by no carried package; remove it")
         if w.role == "dep" and w.name in image:
             problems.append(f"{w.name} is in the GPU image: role fallback, not dep")
@@ -250,6 +251,32 @@ def unsatisfied_requirements(names: list[str]) -> list[str]:
             if not req.specifier.contains(have, prereleases=True):
                 problems.append(f"{name} needs {text}: {req.name} {have} is installed")
     return problems
+
+
+def _requirements(w: Wheel, wheel_dir: Path | None) -> tuple[list[str] | None, str]:
+    """``Requires-Dist`` of ``w``: from its wheel file in ``wheel_dir`` when there is one, else from
+    this environment's installed metadata when it is the same version. ``(None, what is installed)``
+    when neither can be read."""
+    import importlib.metadata as md
+    import zipfile
+    from email.parser import Parser
+
+    from packaging.version import Version
+
+    if wheel_dir is not None and wheel_dir.is_dir():
+        for f in wheel_dir.glob("*.whl"):
+            parts = f.name.split("-")
+            if canonical(parts[0]) == w.name and parts[1] == w.version:
+                with zipfile.ZipFile(f) as z:
+                    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+                    return Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or [], str(f)
+    try:
+        have = md.version(w.name)
+    except md.PackageNotFoundError:
+        return None, "none installed"
+    if Version(have) != Version(w.version):
+        return None, have
+    return md.requires(w.name) or [], "installed metadata"
 
 
 def carried_size(carry: Path) -> int:
