@@ -457,7 +457,7 @@ def exactness(device: str, reference_varlen: bool, seq_lens: list[list[int]], ba
         return max((x - y).abs().max().item() for x, y in zip(a, b))
 
     def max_rel(a, b):
-        return max((a[k] - b[k]).abs().max().item() / b[k].abs().max().item() for k in b)
+        return max((a[k] - b[k]).abs().max().item() / max(b[k].abs().max().item(), 1e-30) for k in b)
 
     result = {"device": device, "seq_lens": seq_lens, "model": EXACT_MODEL, "lora_r": 8, "backends": {}}
     with _reference_varlen(reference_varlen):
