@@ -693,11 +693,14 @@ def environment() -> dict:
         "device_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() else None,
         "varlen_unavailable": unavailable_reason(torch.cuda.is_available()),
     }
-    if torch.cuda.is_available():
-        from torch.nn.attention.varlen import varlen_attn
+    try:
         import inspect
 
+        from torch.nn.attention.varlen import varlen_attn
+
         info["varlen_signature"] = str(inspect.signature(varlen_attn))
+    except ImportError as err:
+        info["varlen_signature"] = f"(none: {err})"
     return info
 
 
@@ -821,7 +824,7 @@ def report(results: Path, dry: bool) -> str:
              f"{_fmt(env.get('matmul_bf16_tflops'), '.0f')} TFLOP/s. Exit codes: {json.dumps(codes)}. Setup, "
              "tolerances and the MFU formula: `benchmarks/gpu_check.py`'s docstring.\n")
     if env.get("varlen_signature"):
-        head += f"\n`varlen_attn{env['varlen_signature']}`\n"
+        head += f"\nThe installed kernel: `varlen_attn{env['varlen_signature']}`\n"
     out = [head]
     ex = load("exactness.json")
     out.append("### Packed == unpacked in bf16 (logits: max abs; LoRA gradients: max relative)\n")
