@@ -18,7 +18,7 @@ Why the first label is masked: HF models shift labels inside the loss, so the lo
 token of segment ``k`` is scored against ``labels[first token of k+1]``. Masking it means no
 example is trained from the end of the previous one (chat and raw text alike).
 
-With ``flash_attn_varlen=True`` (GPU, ``attn_implementation="flash_attention_2"``) rows are instead
+With ``flash_attn_varlen=True`` (GPU, ``attn_implementation`` ``flash_attention_2`` or ``varlen``) rows are instead
 concatenated into one ``[1, T]`` row without padding and ``cu_seq_lens_q/k`` (int32, ``[S + 1]``) and
 ``max_length_q/k`` are added, as ``transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
 does.

@@ -30,14 +30,23 @@ CPU_NPROC_PER_NODE = 2
 def _validate_config(args, parser) -> None:
     """Load and check the config with its overrides here, once, so a bad key fails in a second
     instead of in every rank after start-up. ``--dry-run`` skips the check of ``training:`` keys
-    against ``TrainingArguments`` (it would import transformers just to print a command)."""
+    against ``TrainingArguments`` (it would import transformers just to print a command). When the
+    training processes will run on this machine (not Slurm, no hostfile), also refuse what this
+    machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``)."""
     from training.config import ConfigError
     from training.preflight import load_and_check
 
     try:
-        load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
+        cfg = load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
     except (FileNotFoundError, ConfigError) as err:
         parser.error(str(err))
+    if args.launcher != "slurm" and args.hostfile is None:
+        from training.model import check_runs_here
+
+        try:
+            check_runs_here(cfg.model, _cuda_device_count() > 0)
+        except ValueError as err:
+            parser.error(str(err))
 
 
 def main(argv: list[str]) -> int:

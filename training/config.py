@@ -27,7 +27,7 @@ from data_utils.configtools import ConfigError, Section, build_config, load_yaml
 
 __all__ = ["ConfigError", "ModelConfig", "LoraConfig", "RunawayEvalConfig", "RunConfig", "load_config",
            "config_from_dict", "parse_overrides", "resolve_deepspeed_config"]
-AttnImplementation = Literal["sdpa", "packed_sdpa", "eager", "flash_attention_2", "flex_attention"]
+AttnImplementation = Literal["sdpa", "packed_sdpa", "varlen", "eager", "flash_attention_2", "flex_attention"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 OWNED_TRAINING_KEYS = {  # TrainingArguments keys packlora sets itself, and where the user sets them instead
     "output_dir": "output_dir", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
@@ -50,8 +50,10 @@ class ModelConfig(Section):
     """Tokenizer directory; defaults to ``name_or_path``."""
     attn_implementation: AttnImplementation = "sdpa"
     """``sdpa`` (block-diagonal mask from the restarting positions), ``packed_sdpa`` (SDPA per
-    packed segment, no mask, see training/packed_attention.py), ``eager``, ``flash_attention_2``
-    (GPU, varlen) or ``flex_attention`` (GPU for training: torch has no flex backward on CPU)."""
+    packed segment, no mask, see training/packed_attention.py), ``varlen`` (GPU: PyTorch's own
+    Flash Attention varlen kernel on the flattened batch, bf16/fp16, nothing to install; see
+    training/varlen_attention.py), ``eager``, ``flash_attention_2`` (GPU, the flash-attn package) or
+    ``flex_attention`` (GPU for training: torch has no flex backward on CPU)."""
     dtype: Dtype = "auto"
     """Weights and compute dtype. ``auto``: bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
@@ -65,6 +67,9 @@ class ModelConfig(Section):
             p.append("model.config: must be a mapping with a model_type (e.g. qwen2)")
         if self.name_or_path is None and self.tokenizer is None:
             p.append("model.tokenizer: required when the model is built from model.config")
+        if self.attn_implementation in ("varlen", "flash_attention_2") and self.dtype == "float32":
+            p.append(f"model.dtype: float32 with model.attn_implementation: {self.attn_implementation}; Flash Attention "
+                     "takes bfloat16 or float16 only: set model.dtype: bfloat16 (or auto, bf16 on CUDA)")
         return p
 
 
@@ -127,6 +132,9 @@ class RunConfig(Section):
         p = [f"training.{k}: set by packlora; use {v} instead" for k, v in OWNED_TRAINING_KEYS.items() if k in self.training]
         if self.runaway_eval.every_steps and self.data.eval_holdout < 1:
             p.append("runaway_eval.every_steps: needs held-out prompts; set data.eval_holdout >= 1 or every_steps: 0")
+        if self.model.attn_implementation in ("varlen", "flash_attention_2") and self.data.labels == "legacy_full_sequence":
+            p.append(f"data.labels: legacy_full_sequence cannot run with model.attn_implementation: "
+                     f"{self.model.attn_implementation}, which isolates segments by construction; use sdpa or eager")
         if self.init_mode == "continue" and self.lora is None:
             p.append("init_mode: continue keeps training a LoRA adapter; it cannot be combined with lora: null")
         if not self.output_dir:

@@ -11,6 +11,7 @@ transformers 5.24 (``../shared/ENVIRONMENT.md``, ``tests/data_utils/test_packed_
 | any ``attention_mask`` (2-D padding mask or 4-D)     | no / only some 4-D float masks | raise |
 | ``use_cache=True`` or ``past_key_values``            | no (a cache disables packed masks) | raise |
 | flash-attention 2, several rows, no ``cu_seq_lens``   | no (varlen only for one flattened row) | raise |
+| ``cu_seq_lens_q`` not ending at the row's length, or several rows | no | raise |
 
 Install it once with ``install_isolation_guard(model)``; it is a forward pre-hook, so it also
 checks what a caller passes outside the Trainer. Inputs without restarts (ordinary unpacked
@@ -50,6 +51,7 @@ def check_packed_inputs(kwargs: dict, attn_implementation: str | None, default_u
     ``position_ids`` together with something that breaks isolation. See the module table.
 
     ``default_use_cache`` is the model config's ``use_cache``, used when ``kwargs`` does not say."""
+    _check_cu_seq_lens(kwargs)
     position_ids = kwargs.get("position_ids")
     if position_ids is None or not has_restarts(position_ids, kwargs.get("attention_mask")):
         return
@@ -71,6 +73,22 @@ def check_packed_inputs(kwargs: dict, attn_implementation: str | None, default_u
                 f"flash-attention packed batch has {position_ids.shape[0]} rows and no cu_seq_lens_q; varlen "
                 "boundaries only apply to one flattened row. Use PackedCollator(flash_attn_varlen=True)"
             )
+
+
+def _check_cu_seq_lens(kwargs: dict) -> None:
+    """The flattened layout (``flash_attention_2``, ``varlen``): one row whose length ``cu_seq_lens_q``
+    ends at, so every token belongs to exactly one segment. One host sync per forward pass."""
+    cu = kwargs.get("cu_seq_lens_q")
+    ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if cu is None or ids is None:
+        return
+    rows, length = ids.shape[0], ids.shape[1]
+    end = int(cu[-1])
+    if rows != 1 or end != length:
+        raise PackedInputError(
+            f"cu_seq_lens_q ends at {end} but the batch is {rows} row(s) of {length} tokens; the flattened layout "
+            "is one row holding every segment. Use PackedCollator(flash_attn_varlen=True)"
+        )
 
 
 def install_isolation_guard(model) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
+from training import varlen_attention  # (registers attn_implementation varlen)
 from decoding.checkpoint import BASE_MODEL_DIR, set_stop_ids
 from training.config import LoraConfig, ModelConfig, RunConfig
 from training.distributed import without_zero3_init
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU (bf16 training on CPU is refused by transformers)."""
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU (bfloat16 works on CPU too, when asked for)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, name)
@@ -91,9 +92,14 @@ def check_attention_backend(attn_implementation: str, cuda: bool) -> None:
     """Refuse, before any work, backends that cannot train on this machine.
 
     Raises:
-        ValueError: ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU), or
-            ``flash_attention_2`` without CUDA.
+        ValueError: ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU),
+            ``flash_attention_2`` without CUDA, or ``varlen`` without CUDA or without
+            ``torch.nn.attention.varlen`` (each message names the fix).
     """
+    if attn_implementation == varlen_attention.NAME:
+        reason = varlen_attention.unavailable_reason(cuda)
+        if reason:
+            raise ValueError(reason)
     if cuda:
         return
     if attn_implementation == "flex_attention":
@@ -103,6 +109,27 @@ def check_attention_backend(attn_implementation: str, cuda: bool) -> None:
         )
     if attn_implementation.startswith("flash_attention"):
         raise ValueError(f"model.attn_implementation: {attn_implementation} needs a CUDA GPU; use packed_sdpa or sdpa on CPU")
+
+
+def check_dtype(dtype: str, cuda: bool) -> None:
+    """Refuse, before any work, a ``model.dtype`` this machine cannot train in.
+
+    Raises:
+        ValueError: ``float16`` without CUDA (DeepSpeed refuses fp16 on its CPU accelerator,
+            ``Type fp16 is not supported on your device``, after every process has started).
+    """
+    if dtype == "float16" and not cuda:
+        raise ValueError("model.dtype: float16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); use bfloat16 or "
+                         "float32 on CPU")
+
+
+def check_runs_here(model_cfg: ModelConfig, cuda: bool | None = None) -> None:
+    """``check_attention_backend`` and ``check_dtype`` for this machine (``cuda``: default, whether
+    torch sees a CUDA device). Called by ``packlora launch`` before it starts any process, and
+    by every training process before the process group exists."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    check_attention_backend(model_cfg.attn_implementation, cuda)
+    check_dtype(model_cfg.dtype, cuda)
 
 
 def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | None, seed: int,
@@ -121,7 +148,7 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | N
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    check_attention_backend(model_cfg.attn_implementation, torch.cuda.is_available())
+    check_runs_here(model_cfg)
     model = AutoModelForCausalLM.from_pretrained(
         base_path,
         use_safetensors=True,  # never unpickle weights

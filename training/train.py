@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import resolve_resume
     from training.data import load_run_preset, prepare_run_data, run_stop_ids
     from training.init_from import init_adapter, materialize_init_base
-    from training.model import build_model, load_tokenizer, materialize_base
+    from training.model import build_model, check_runs_here, load_tokenizer, materialize_base
     from training.preflight import load_and_check
     from training.trainer import CheckpointExtrasCallback, PackloraTrainer
+    from training.varlen_attention import FLATTENED_BACKENDS
 
     cfg = load_and_check(ns.config, ns.overrides)
+    check_runs_here(cfg.model)  # before the process group exists: a clear error, not a rank traceback
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "runs"))
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
     collator = PackedCollator(
-        pad_token_id=pad_id, flash_attn_varlen=cfg.model.attn_implementation == "flash_attention_2",
+        pad_token_id=pad_id, flash_attn_varlen=cfg.model.attn_implementation in FLATTENED_BACKENDS,
         loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
     extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, pad_id, cfg.decoding.max_new_tokens, model)
@@ -148,7 +150,10 @@ def _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out: Path) -> None:
 
 def build_training_arguments(cfg):
     """``TrainingArguments`` from the config: packlora's defaults, then ``training:``, then the keys
-    packlora owns (output_dir, deepspeed, seed, precision, remove_unused_columns)."""
+    packlora owns (output_dir, deepspeed, seed, precision, remove_unused_columns).
+
+    bf16 on CPU: ``model.dtype: bfloat16`` sets ``bf16=True`` (DeepSpeed's ``bf16`` section and its
+    bf16 ZeRO optimizer) also without CUDA, so CI runs the bf16 paths. See ``_bf16_on_cpu``."""
     import torch
     from transformers import TrainingArguments
 
@@ -166,7 +171,33 @@ def build_training_arguments(cfg):
         fp16=dtype == torch.float16,
         remove_unused_columns=False,
     )
-    return TrainingArguments(**kwargs)
+    with _bf16_on_cpu(dtype == torch.bfloat16 and not torch.cuda.is_available()):
+        return TrainingArguments(**kwargs)
+
+
+@contextlib.contextmanager
+def _bf16_on_cpu(active: bool):
+    """Let ``TrainingArguments(bf16=True)`` through on a machine without CUDA.
+
+    transformers 5.24 refuses bf16 unless ``is_torch_bf16_gpu_available()`` ("Your setup doesn't
+    support bf16/gpu"), a GPU capability check. On CPU, torch computes in bf16 and DeepSpeed 0.19's
+    CPU accelerator runs its bf16 ZeRO-2/3 optimizer over gloo (2-process runs train, save, reload,
+    decode and merge: ``tests/distributed/test_bf16_cpu.py``). transformers' own way round, ``use_cpu=True``, bypasses DeepSpeed's process
+    group set-up: ZeRO-3's ``zero.Init`` then sees world size 1 and stops (``train_batch_size is not
+    equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 * 1``). So only the check
+    is answered, only while the arguments are built, only without CUDA (a GPU without bf16 is still refused).
+    """
+    if not active:
+        yield
+        return
+    import transformers.training_args as training_args
+
+    original = training_args.is_torch_bf16_gpu_available
+    training_args.is_torch_bf16_gpu_available = lambda: True
+    try:
+        yield
+    finally:
+        training_args.is_torch_bf16_gpu_available = original
 
 
 def _log_batch_arithmetic(args, cfg, rows: int, main_rank: bool) -> None:
