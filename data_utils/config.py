@@ -12,18 +12,11 @@ Whether the files exist is checked separately (``missing_files``), right before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
-
 from data_utils.chat_format import FormatName as ChatFormatName
 from data_utils.configtools import Section
+from data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
+from data_utils.sources import parse_source
 
-RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text"]
-Overflow = Literal["auto", "drop", "error", "split"]
-OnError = Literal["error", "skip"]
-Stage = Literal["auto", "pretrain", "sft"]
-TextEos = Literal["document", "chunk"]
-LabelMode = Literal["assistant_only", "legacy_full_sequence"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +25,15 @@ class DataConfig(Section):
 
     section = "data"
 
-    train: list[str] = field(default_factory=list)
-    """JSONL file(s) to train on (a single path is read as a list of one)."""
+    train: list[str | dict] = field(default_factory=list)
+    """Sources to train on: paths (JSONL, JSON, Parquet, CSV, a ``save_to_disk`` directory, a dataset
+    name) or mappings with ``path``, ``format``, ``split``, ``columns``, ``weight``, ``max_records``
+    (``data_utils/sources.py``). A single path is read as a list of one."""
+    eval: list[str | dict] = field(default_factory=list)
+    """Sources of the evaluation-loss set (as ``train``; ``weight`` is ignored). Or ``eval_split``."""
+    eval_split: float | int | None = None
+    """Records drawn (seeded) out of the training sources for the evaluation loss: a fraction in
+    (0, 1) or a count. Drawn after ``eval_holdout``, so the decoded prompts are never in it."""
     format: RecordFormat = "auto"
     """``messages``, ``sharegpt``, ``alpaca``, ``text`` or ``auto`` (per line, from its keys)."""
     max_seq_length: int = field(default=2048, metadata={"min": 8, "unit": "tokens"})
@@ -72,21 +72,48 @@ class DataConfig(Section):
     ``false``, a reply that carries reasoning is refused (an error, or a counted skip)."""
     train_reasoning: bool = True
     """qwen3: train a reply's ``<think>…</think>`` block (true) or use it only as context (false)."""
+    num_proc: int | None = field(default=None, metadata={"min": 1})
+    """Processes that tokenise and label in parallel (``datasets.map(num_proc=...)``). null: the CPUs
+    this process may use, or 1 below 2,000 records (starting processes costs more than it saves)."""
 
     def normalize(self) -> None:
-        if isinstance(self.train, str):
-            object.__setattr__(self, "train", [self.train])
+        for name in ("train", "eval"):
+            if isinstance(getattr(self, name), (str, dict)):
+                object.__setattr__(self, name, [getattr(self, name)])
 
     def rules(self) -> list[str]:
-        p = [] if self.train else [f"{self.key('train')}: give at least one data file"]
+        p = [] if self.train else [f"{self.key('train')}: give at least one data source"]
+        for name in ("train", "eval"):
+            for i, entry in enumerate(getattr(self, name)):
+                try:
+                    p += parse_source(entry).problems(f"{self.key(name)}[{i}]")
+                except TypeError as e:
+                    p.append(f"{self.key(name)}[{i}]: {e}")
         if self.stage == "sft" and self.overflow == "split":
             p.append(f"{self.key('overflow')}: split would cut chats mid-answer under data.stage=sft; use drop or error")
+        split = self.eval_split
+        if split is not None and (isinstance(split, float) and not 0 < split < 1 or isinstance(split, int) and split < 1):
+            p.append(f"{self.key('eval_split')}: a fraction in (0, 1) or a count >= 1 of records, got {split!r}")
+        if split is not None and self.eval:
+            p.append(f"{self.key('eval_split')}: give data.eval or data.eval_split, not both")
         return p
 
+    def sources(self, name: str = "train") -> list:
+        """The ``SourceSpec`` of every entry of ``data.train`` (or ``data.eval``)."""
+        return [parse_source(e) for e in getattr(self, name)]
+
     def missing_files(self) -> list[str]:
-        """Problems for data files that do not exist (relative paths: from the working directory)."""
-        return [f"{self.key('train')}: file {f!r} does not exist (paths are relative to {Path.cwd()})"
-                for f in self.train if not Path(f).is_file()]
+        """Problems for local data files that do not exist (relative paths: from the working directory)."""
+        return [p for name in ("train", "eval") for i, s in enumerate(self.sources(name))
+                for p in s.missing(f"{self.key(name)}[{i}]")]
+
+    def resolved_num_proc(self, records: int) -> int:
+        """``num_proc``, or its default for ``records`` records (see the field)."""
+        if self.num_proc is not None:
+            return self.num_proc
+        import os
+
+        return 1 if records < 2000 else max(1, len(os.sched_getaffinity(0)))
 
     def chat_format_for(self, tokenizer):
         """The ``ChatFormat`` these settings ask for, over ``tokenizer``."""

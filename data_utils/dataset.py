@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from data_utils.audit import audit_rows
 from data_utils.chat_format import ChatFormat, EncodedChat, LabelError
 from data_utils.config import DataConfig
 from data_utils.packing import best_fit_decreasing, packing_efficiency
-from data_utils.records import RecordError, read_records
+from data_utils.records import RecordError
+from data_utils.sources import iter_source, mix, parse_source
 from data_utils.tokenize_text import split_segment, tokenize_text
 from data_utils.types import ChatRecord, Message, Segment, TextRecord
 from presets import GUARDED_ACTIONS, apply_preset
@@ -69,6 +71,9 @@ class DataReport:
     ``render_mismatch`` the examples whose ids do not decode to the template's rendering (an
     audit); ``messages_with_control_text`` the messages whose text spells a control token (kept as
     text). The label audit's counts are in ``supervised_tokens`` ... ``turns_with_end_of_turn_trained``.
+    ``sources`` gives each source's ``lines_read``, unique ``records`` and ``in_mix`` (records in the
+    training mix after hold-outs and ``weight``); ``evaluation`` the evaluation-loss set's ``records``,
+    ``examples`` and ``rows``.
     """
 
     records: int
@@ -92,6 +97,8 @@ class DataReport:
     chats_split_per_turn: int = 0
     render_mismatch: int = 0
     messages_with_control_text: int = 0
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    evaluation: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,30 +106,39 @@ class DataReport:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """Output of ``prepare_data``: packed training rows, held-out chats and the report."""
+    """Output of ``prepare_data``: packed training rows, evaluation rows, held-out chats, the report."""
 
     rows: Any  # datasets.Dataset with columns input_ids, labels, seq_lens
     heldout: list[ChatRecord]
     report: DataReport
+    eval_rows: Any = None  # the same, for the evaluation loss (data.eval / data.eval_split), or None
 
 
 @dataclass(frozen=True)
 class RecordSet:
-    """``read_stage``: the valid, unique records of the files, and how many lines were left out."""
+    """``read_stage``: the valid, unique records of the sources, and how many lines were left out.
+
+    ``source_of[i]`` is the index (in ``data.train``) of the source ``records[i]`` came from;
+    ``per_source`` maps each source's name to its ``lines_read`` and unique ``records``."""
 
     records: tuple[ChatRecord | TextRecord, ...]
     lines_read: int
     skipped: dict[str, int]
+    source_of: tuple[int, ...] = ()
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Split:
-    """``split_stage``: records to train on, held-out chats (and their indices), preset actions."""
+    """``split_stage``: the training mix, held-out chats (and their indices), the evaluation-loss
+    records drawn by ``eval_split``, what the preset did, and each source's share of the mix."""
 
     train: tuple[ChatRecord | TextRecord, ...]
     heldout: tuple[ChatRecord, ...]
     heldout_idx: tuple[int, ...]
     preset_actions: dict[str, int]
+    eval: tuple[ChatRecord | TextRecord, ...] = ()
+    in_mix: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,18 +163,21 @@ class Packed:
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything the tokenised and packed datasets depend on, hashed once (``digest``)."""
+    """Everything the tokenised and packed datasets depend on, hashed once (``digest``): the sources
+    (contents and specs), the tokenizer and template, the chat format, the ``data:`` settings that
+    change a token, the preset and the hold-out draw. Not ``num_proc``: it changes no token."""
 
     pipeline_version: str
-    file_sha256: tuple[str, ...]
+    sources: tuple[str, ...]
     tokenizer: str
     chat_format: tuple
     data: tuple
     preset: str
     heldout_idx: tuple[int, ...]
+    seed: int
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def digest(self, part: str = "train") -> str:
+        return hashlib.sha256(json.dumps([asdict(self), part], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=None,
@@ -166,10 +185,10 @@ def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=Non
     """Read, label, pack and audit the data of ``cfg`` (see the module docstring for the stages).
 
     Args:
-        cfg: the ``data:`` settings (files, ``max_seq_length``, overflow and error policies, ...).
+        cfg: the ``data:`` settings (sources, ``max_seq_length``, overflow and error policies, ...).
         fmt: the chat format (tokenizer, template, labels, control tokens).
-        seed: seeds the hold-out draw.
-        preset: a ``presets.Preset`` applied to every chat (held-out ones too), or None.
+        seed: seeds the hold-out and evaluation draws and the weighted mix.
+        preset: a ``presets.Preset`` applied to every chat (held-out and evaluation ones too), or None.
         preset_overrides_system: let the preset replace a chat's own system message.
 
     Raises:
@@ -177,75 +196,104 @@ def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=Non
         LabelError: a chat that cannot be labelled under ``on_error: error`` (its file:line too).
         OverflowError_: an over-long example under ``overflow: error``.
         NoExampleError: no example left (every record bad, duplicate, too long or untrained).
-        ValueError: a record of the wrong kind for ``data.stage``, or too few chats for the hold-out.
+        ValueError: a record of the wrong kind for ``data.stage``, or too few records for the draws.
     """
-    records = read_stage(cfg.train, cfg.format, cfg.on_error)
+    specs = cfg.sources("train")
+    records = read_stage(specs, cfg.format, cfg.on_error)
     split = split_stage(records, cfg, seed, preset, preset_overrides_system)
-    key = CacheKey(PIPELINE_VERSION, tuple(_sha256(f) for f in cfg.train), _tokenizer_digest(fmt.tokenizer),
-                   (fmt.name, fmt.enable_thinking, fmt.train_reasoning),
-                   (cfg.format, cfg.max_seq_length, cfg.overflow, cfg.stage, cfg.text_eos, cfg.labels, cfg.on_error),
-                   f"{preset!r}/{preset_overrides_system}", split.heldout_idx)
+    if cfg.eval:
+        extra = read_stage(cfg.sources("eval"), cfg.format, cfg.on_error)
+        split = replace(split, eval=tuple(_stage_and_preset(extra.records, cfg, preset, preset_overrides_system)[0]))
+    key = CacheKey(PIPELINE_VERSION, tuple(s.digest() for s in (*specs, *cfg.sources("eval"))),
+                   _tokenizer_digest(fmt.tokenizer), (fmt.name, fmt.enable_thinking, fmt.train_reasoning),
+                   (cfg.format, cfg.max_seq_length, cfg.overflow, cfg.stage, cfg.text_eos, cfg.labels, cfg.on_error,
+                    cfg.packing, [(s.weight, s.max_records) for s in specs], cfg.eval_split),
+                   f"{preset!r}/{preset_overrides_system}", split.heldout_idx, seed)
     cache = Path(cfg.cache_dir or DEFAULT_CACHE_DIR)
     cache.mkdir(parents=True, exist_ok=True)
     tokenized = tokenize_stage(split.train, fmt, cfg, key.digest(), cache, records)
     packed = pack_stage(tokenized, cfg, key.digest(), cache)
-    report = build_report(records, split, tokenized, packed, audit_rows(packed.rows, fmt), cfg, fmt)
+    eval_packed = None
+    if split.eval:
+        eval_tokenized = tokenize_stage(split.eval, fmt, cfg, key.digest("eval"), cache, None, part="evaluation")
+        eval_packed = pack_stage(eval_tokenized, cfg, key.digest("eval"), cache)
+    report = build_report(records, split, tokenized, packed, audit_rows(packed.rows, fmt), cfg, fmt, eval_packed)
     for reason, n in report.dropped.items():
         hint = "data.on_error" if reason in records.skipped else "data.overflow / data.max_seq_length"
         logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
-    return PreparedData(rows=packed.rows, heldout=list(split.heldout), report=report)
+    return PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None)
 
 
-def read_stage(files: list[str], format: str = "auto", on_error: str = "error") -> RecordSet:
-    """Every line of ``files`` parsed into records; duplicates (equal after normalising whitespace)
-    are errors, or under ``on_error: skip`` left out and counted with the bad lines.
+def read_stage(sources, format: str = "auto", on_error: str = "error") -> RecordSet:
+    """Every record of ``sources`` (``SourceSpec`` or paths); duplicates (equal after normalising
+    whitespace) are errors, or under ``on_error: skip`` left out and counted with the bad lines.
 
     Raises:
         RecordError: a bad or duplicate line under ``on_error: error``.
         NoExampleError: every line was skipped.
     """
-    records: list[ChatRecord | TextRecord] = []
+    specs = [parse_source(s) for s in sources]
     skipped: list[RecordError] = []
-    for f in files:
-        records.extend(read_records(f, format, on_error, skipped))
     first: dict[str, ChatRecord | TextRecord] = {}
-    unique = []
-    for r in records:
-        key = record_key(r)
-        if key in first:
-            err = RecordError(r.source, f"duplicate record: same content as {first[key].source} (after normalising "
-                              "whitespace); remove one copy, or set data.on_error=skip to drop it (counted as "
-                              "'duplicate')", "duplicate")
-            if on_error == "error":
-                raise err
-            skipped.append(err)
-        else:
+    unique, source_of = [], []
+    per_source = {s.name: {"lines_read": 0, "records": 0} for s in specs}
+    for k, spec in enumerate(specs):
+        before = len(skipped)
+        for r in iter_source(spec, format, on_error, skipped):
+            per_source[spec.name]["lines_read"] += 1
+            key = record_key(r)
+            if key in first:
+                err = RecordError(r.source, f"duplicate record: same content as {first[key].source} (after normalising "
+                                  "whitespace); remove one copy, or set data.on_error=skip to drop it (counted as "
+                                  "'duplicate')", "duplicate")
+                if on_error == "error":
+                    raise err
+                skipped.append(err)
+                continue
             first[key] = r
             unique.append(r)
+            source_of.append(k)
+            per_source[spec.name]["records"] += 1
+        per_source[spec.name]["lines_read"] += sum(e.reason != "duplicate" for e in skipped[before:])
     for e in skipped[:5]:
         logger.warning("skipped (data.on_error=skip): %s", e)
     drops = dict(sorted(Counter(e.reason for e in skipped).items()))
     lines = len(unique) + len(skipped)
+    names = [s.name for s in specs]
     if not unique:
         raise NoExampleError(
-            f"no example left to train on: {drops} dropped of {lines} lines in {files}. Every line was skipped; "
+            f"no example left to train on: {drops} dropped of {lines} lines in {names}. Every line was skipped; "
             "set data.on_error=error to stop at the first bad line and see why",
             {"lines_read": lines, "records": 0, "examples": 0, "dropped": drops})
-    return RecordSet(tuple(unique), lines, drops)
+    return RecordSet(tuple(unique), lines, drops, tuple(source_of), per_source)
 
 
 def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, override: bool = False) -> Split:
-    """Refuse records of the wrong kind for ``data.stage``, apply the preset to every chat, and draw
-    ``data.eval_holdout`` chats (seeded) out of training.
+    """Refuse records of the wrong kind for ``data.stage`` and apply the preset to every chat; draw
+    ``data.eval_holdout`` chats (seeded) to decode after training, then ``data.eval_split`` records
+    for the evaluation loss; mix the rest by each source's ``weight`` (``sources.mix``).
 
     Raises:
-        ValueError: a chat under ``stage: pretrain``, a text record under ``stage: sft``, or no
-            more chats than ``eval_holdout``.
+        ValueError: a chat under ``stage: pretrain``, a text record under ``stage: sft``, or too few
+            records for the draws.
     """
+    out, actions = _stage_and_preset(records.records, cfg, preset, override)
+    held = _draw_heldout(out, cfg.eval_holdout, seed)
+    rest = [i for i in range(len(out)) if i not in set(held)]
+    evals = set(_draw_eval(rest, cfg.eval_split, seed))
+    specs = cfg.sources("train") if records.source_of else []
+    by_source = [(spec, [out[i] for i in rest if i not in evals and records.source_of[i] == k])
+                 for k, spec in enumerate(specs)]
+    train, in_mix = mix(by_source, seed) if specs else ([out[i] for i in rest if i not in evals], {})
+    return Split(tuple(train), tuple(out[i] for i in held), tuple(held), dict(sorted(actions.items())),
+                 tuple(out[i] for i in sorted(evals)), in_mix)
+
+
+def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
     wrong = {"pretrain": ChatRecord, "sft": TextRecord}.get(cfg.stage)
     actions: Counter = Counter()
     out = []
-    for r in records.records:
+    for r in records:
         if wrong is not None and isinstance(r, wrong):
             kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
             raise ValueError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
@@ -260,14 +308,14 @@ def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, ove
                     "it unless preset_overrides_system is true", preset.name,
                     sum(n for a, n in actions.items() if a in GUARDED_ACTIONS), sum(actions.values()),
                     ", ".join(f"{a}: {n}" for a, n in sorted(actions.items())) or "no chats")
-    held = _draw_heldout(out, cfg.eval_holdout, seed)
-    train = tuple(r for i, r in enumerate(out) if i not in set(held))
-    return Split(train, tuple(out[i] for i in held), tuple(held), dict(sorted(actions.items())))
+    return out, actions
 
 
-def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Path, records: RecordSet) -> Tokenized:
+def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Path, records: RecordSet | None,
+                   part: str = "training") -> Tokenized:
     """Label every record (``ChatFormat.encode_chat`` for chats, ``tokenize_text`` for text) and
-    apply the overflow policy, as a cached ``datasets.map``.
+    apply the overflow policy, with ``datasets.map`` over ``data.num_proc`` processes; the result is
+    cached in ``cache/tokenized-KEY`` (``save_to_disk``), whatever ``num_proc`` was.
 
     Raises:
         LabelError, OverflowError_: under ``on_error: error`` / ``overflow: error``.
@@ -275,26 +323,32 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
     """
     import datasets
 
-    raw = datasets.Dataset.from_dict({
-        "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train],
-        "text": [r.text if isinstance(r, TextRecord) else "" for r in train],
-        "source": [str(r.source) for r in train],
-    })
-    tok_file = cache / f"tokenized-{key}.arrow"
-    out = raw.map(_tokenize_batch, batched=True, remove_columns=raw.column_names,
-                  fn_kwargs=dict(fmt=fmt, cfg=cfg), cache_file_name=str(tok_file),
-                  new_fingerprint=f"tok-{key}", desc="Tokenising")
+    tok_dir = cache / f"tokenized-{key}"
+    if (tok_dir / "state.json").is_file():
+        out = datasets.load_from_disk(str(tok_dir))
+    else:
+        raw = datasets.Dataset.from_dict({
+            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train],
+            "text": [r.text if isinstance(r, TextRecord) else "" for r in train],
+            "source": [str(r.source) for r in train],
+        })
+        num_proc = cfg.resolved_num_proc(len(raw))
+        out = raw.map(_tokenize_batch, batched=True, remove_columns=raw.column_names, fn_kwargs=dict(fmt=fmt, cfg=cfg),
+                      num_proc=num_proc if num_proc > 1 else None, desc=f"Tokenising ({num_proc} process{'es' if num_proc > 1 else ''})")
+        _save(out, tok_dir)
     reasons = list(out["drop_reason"])
     dropped = Counter(r for r in reasons if r)
     kept = [i for i, r in enumerate(reasons) if not r]
     if not kept:
-        all_drops = dict(sorted((dropped + Counter(records.skipped)).items()))
+        earlier = Counter(records.skipped) if records else Counter()
         raise NoExampleError(
-            f"no example left to train on: {dict(dropped)} dropped of {len(train)} records in {cfg.train}. "
+            f"no example left {'to train on' if part == 'training' else 'in the ' + part + ' data'}: {dict(dropped)} "
+            f"dropped of {len(train)} records. "
             f"Check data.max_seq_length ({cfg.max_seq_length}), data.overflow and the data",
-            {"lines_read": records.lines_read, "records": len(records.records), "examples": 0, "dropped": all_drops})
+            {"lines_read": records.lines_read if records else 0, "records": len(records.records) if records else 0,
+             "examples": 0, "dropped": dict(sorted((dropped + earlier).items()))})
     counts = {c: sum(out[c]) for c in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")}
-    return Tokenized(out.select(kept), dict(dropped), counts, str(tok_file))
+    return Tokenized(out.select(kept), dict(dropped), counts, str(tok_dir))
 
 
 def pack_stage(tokenized: Tokenized, cfg: DataConfig, key: str, cache: Path) -> Packed:
@@ -303,18 +357,40 @@ def pack_stage(tokenized: Tokenized, cfg: DataConfig, key: str, cache: Path) -> 
 
     lengths = list(tokenized.examples["length"])
     L = cfg.max_seq_length
-    bins = best_fit_decreasing(lengths, L) if cfg.packing else [[i] for i in range(len(lengths))]
-    name = f"packed-{key}" if cfg.packing else f"unpacked-{key}"
-    rows = datasets.Dataset.from_dict({"members": bins}).map(
-        _pack_batch, batched=True, remove_columns=["members"], fn_kwargs=dict(kept=tokenized.examples),
-        cache_file_name=str(cache / f"{name}.arrow"), new_fingerprint=name, desc="Packing")
-    return Packed(rows, round(packing_efficiency(lengths, len(rows), L), 6), str(cache / f"{name}.arrow"))
+    pack_dir = cache / (f"packed-{key}" if cfg.packing else f"unpacked-{key}")
+    if (pack_dir / "state.json").is_file():
+        rows = datasets.load_from_disk(str(pack_dir))
+    else:
+        bins = best_fit_decreasing(lengths, L) if cfg.packing else [[i] for i in range(len(lengths))]
+        rows = datasets.Dataset.from_dict({"members": bins}).map(
+            _pack_batch, batched=True, remove_columns=["members"], fn_kwargs=dict(kept=tokenized.examples), desc="Packing")
+        _save(rows, pack_dir)
+    return Packed(rows, round(packing_efficiency(lengths, len(rows), L), 6), str(pack_dir))
+
+
+def _save(ds, path: Path):
+    """Write ``ds`` to ``path`` atomically (a temporary directory renamed), for later runs to load."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        ds.save_to_disk(str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        if not (path / "state.json").is_file():  # not another process that got there first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_report(records: RecordSet, split: Split, tokenized: Tokenized, packed: Packed, audit, cfg: DataConfig,
-                 fmt: ChatFormat) -> DataReport:
+                 fmt: ChatFormat, eval_packed: Packed | None = None) -> DataReport:
     """The ``DataReport`` of one ``prepare_data`` call."""
     c = tokenized.counts
+    sources = {name: {**counts, "in_mix": split.in_mix.get(name, 0)} for name, counts in records.per_source.items()}
+    evaluation = {"records": len(split.eval), "rows": len(eval_packed.rows) if eval_packed else 0,
+                  "examples": sum(len(r) for r in eval_packed.rows["seq_lens"]) if eval_packed else 0}
     return DataReport(
         records=len(records.records), heldout=len(split.heldout), examples=len(tokenized.examples),
         dropped=dict(sorted((Counter(tokenized.dropped) + Counter(records.skipped)).items())),
@@ -326,7 +402,7 @@ def build_report(records: RecordSet, split: Split, tokenized: Tokenized, packed:
         cache_files=[tokenized.cache_file, packed.cache_file], lines_read=records.lines_read,
         chats_with_guard=sum(n for a, n in split.preset_actions.items() if a in GUARDED_ACTIONS),
         preset_actions=split.preset_actions, chats_split_per_turn=c["per_turn"], render_mismatch=c["render_mismatch"],
-        messages_with_control_text=c["control_text"],
+        messages_with_control_text=c["control_text"], sources=sources, evaluation=evaluation,
     )
 
 
@@ -345,6 +421,17 @@ def record_key(record: ChatRecord | TextRecord) -> str:
     else:
         payload = norm(record.text)
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def _draw_eval(candidates: list[int], split, seed: int) -> list[int]:
+    """``data.eval_split`` of ``candidates`` (a fraction or a count), drawn with a seed of its own."""
+    if split is None:
+        return []
+    n = round(split * len(candidates)) if isinstance(split, float) else split
+    if not 1 <= n < len(candidates):
+        raise ValueError(f"data.eval_split={split} draws {n} of {len(candidates)} records; leave at least one to "
+                         "train on and draw at least one")
+    return sorted(random.Random(seed + 1).sample(candidates, n))
 
 
 def _draw_heldout(records, n: int, seed: int) -> list[int]:
@@ -440,11 +527,6 @@ def _pack_batch(batch, kept):
         out["seq_lens"].append(list(lens[k : k + m]))
         k += m
     return out
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tokenizer_digest(tokenizer) -> str:

@@ -37,7 +37,7 @@ import json
 from pathlib import Path
 from typing import Iterator, get_args
 
-from data_utils.config import OnError, RecordFormat
+from data_utils.types import OnError, RecordFormat
 from data_utils.types import ROLES, ChatRecord, Message, Source, TextRecord
 
 FORMATS = get_args(RecordFormat)

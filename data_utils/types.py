@@ -9,11 +9,20 @@ The shift happens inside the Hugging Face model (logits at ``t`` are scored agai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.CrossEntropyLoss`` (and every HF causal-LM loss) skips."""
 
 ROLES = ("system", "user", "assistant")
+
+# The choices of the ``data:`` settings, defined once (``data_utils/config.py`` documents each).
+RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text"]
+Overflow = Literal["auto", "drop", "error", "split"]
+OnError = Literal["error", "skip"]
+Stage = Literal["auto", "pretrain", "sft"]
+TextEos = Literal["document", "chunk"]
+LabelMode = Literal["assistant_only", "legacy_full_sequence"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,6 @@ from data_utils.config import DataConfig
 from decoding.config import DecodingConfig, RunawayEvalConfig
 from data_utils.configtools import ConfigError, Section, build_config, load_yaml_config, parse_overrides
 
-__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "RunawayEvalConfig", "RunConfig", "load_config",
-           "config_from_dict", "parse_overrides", "resolve_deepspeed_config"]
 AttnImplementation = Literal["sdpa", "packed_sdpa", "varlen", "eager", "flash_attention_2", "flex_attention"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 OWNED_TRAINING_KEYS = {  # TrainingArguments keys packlora sets itself, and where the user sets them instead
@@ -115,6 +113,9 @@ class RunConfig(Section):
     init_mode: Literal["merge", "continue"] = "merge"
     """``merge``: merge ``init_from``'s adapter into its base, save that as ``output_dir/base_model``
     and train a fresh LoRA on it. ``continue``: keep training ``init_from``'s adapter (same base)."""
+    early_stopping_patience: int | None = field(default=None, metadata={"min": 1})
+    """Stop after this many evaluations without a lower ``eval_loss`` and end on the best checkpoint
+    (``load_best_model_at_end``); needs ``data.eval`` or ``data.eval_split``. null: off."""
     loss_normalization: Literal["per_token", "per_example"] = "per_token"
     """``per_token``: every trained token weighs the same over the whole optimizer step (all
     accumulation steps and ranks). ``per_example``: every example weighs the same whatever its
@@ -135,6 +136,10 @@ class RunConfig(Section):
         if self.model.attn_implementation in ("varlen", "flash_attention_2") and self.data.labels == "legacy_full_sequence":
             p.append(f"data.labels: legacy_full_sequence cannot run with model.attn_implementation: "
                      f"{self.model.attn_implementation}, which isolates segments by construction; use sdpa or eager")
+        evaluates = bool(self.data.eval) or self.data.eval_split is not None
+        wants = [f"training.{k}" for k in ("eval_strategy", "load_best_model_at_end") if self.training.get(k) not in
+                 (None, False, "no")] + (["early_stopping_patience"] if self.early_stopping_patience else [])
+        p += [f"{k}: needs an evaluation set; set data.eval (sources) or data.eval_split" for k in wants if not evaluates]
         if self.init_mode == "continue" and self.lora is None:
             p.append("init_mode: continue keeps training a LoRA adapter; it cannot be combined with lora: null")
         if not self.output_dir:

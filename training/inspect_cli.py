@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--rows", type=int, default=1, help="packed rows to show in the coloured view (default 1)")
     parser.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     from datasets.utils.logging import disable_progress_bar
 

@@ -70,3 +70,24 @@ class LossNormalizationMixin:
                 n = self.accelerator.gather(n).sum()
             return n
         return super()._get_num_items_in_batch(batch_samples, device)
+
+
+def row_loss_stats(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the numerator and denominator of the loss, so that an evaluation over many batches
+    and ranks is normalised like training: ``loss = sum(num) / sum(den)`` over the whole set.
+
+    ``per_token`` (``weights`` None): ``num`` = summed cross-entropy of the row's trained labels,
+    ``den`` = their number. ``per_example`` (``weights`` = the collator's ``loss_weights``):
+    ``num = sum_t w_t ce_t``, ``den = sum_t w_t`` = the row's examples. Either way the result does
+    not depend on how examples were packed into rows (``tests/training/test_eval_loss.py``).
+
+    Args:
+        logits: ``[B, L, V]``; labels: ``[B, L]`` int64 (-100 untrained); weights: ``[B, L]`` float32.
+
+    Returns:
+        ``[B, 2]`` float64: ``(num, den)`` per row.
+    """
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+    w = (target != IGNORE_INDEX).to(ce.dtype) if weights is None else weights[:, 1:].to(ce.dtype)
+    return torch.stack([(ce * w).sum(1), w.sum(1)], dim=1).double()

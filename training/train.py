@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="packlora train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
     _setup_logging()
     distributed.configure()  # before TrainingArguments initialises the process group
 
@@ -71,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
     extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, pad_id, cfg.decoding.max_new_tokens, model)
+    callbacks = [extras, *distributed.fault_injection_callbacks()]
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = PackloraTrainer(
-        model=model, args=args, train_dataset=data.rows, data_collator=collator, processing_class=tokenizer,
-        callbacks=[extras, *distributed.fault_injection_callbacks()], batch_digest_dir=out if cfg.log_batch_digests else None,
+        model=model, args=args, train_dataset=data.rows, eval_dataset=data.eval_rows, data_collator=collator,
+        processing_class=tokenizer, callbacks=callbacks, batch_digest_dir=out if cfg.log_batch_digests else None,
         packing_stats={"packing_efficiency": data.report.packing_efficiency, "rows_per_epoch": data.report.rows},
     )
     if cfg.runaway_eval.every_steps:
@@ -161,6 +166,11 @@ def build_training_arguments(cfg):
 
     dtype = resolve_dtype(cfg.model.dtype)
     kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500)
+    if cfg.data.eval or cfg.data.eval_split is not None:  # an evaluation set: evaluate as often as we save
+        kwargs.update(eval_strategy="steps", eval_steps=cfg.training.get("save_steps", 500),
+                      per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8))
+    if cfg.early_stopping_patience:
+        kwargs.update(load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False)
     kwargs.update(cfg.training)
     kwargs.update(
         output_dir=cfg.output_dir,

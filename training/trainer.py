@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput
 
 from decoding.checkpoint import verify_adapter, write_extras
 from training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
-from training.loss import LossNormalizationMixin
+from training.loss import LossNormalizationMixin, row_loss_stats
 from training.model import lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
     ``Trainer._save_checkpoint`` into ``tmp-checkpoint-N/checkpoint-N``; after a barrier rank 0
     writes the extras, verifies the adapter, marks it complete, renames it to
     ``output_dir/checkpoint-N`` and rotates old checkpoints under ``save_total_limit``.
+
+    Evaluation (``data.eval`` / ``data.eval_split``) runs on packed, isolated rows like training, on
+    every rank, and reports ``eval_loss`` normalised like the training loss over the whole set
+    (``prediction_step``); TensorBoard shows it as ``eval/loss``.
     """
 
     def __init__(self, *args, batch_digest_dir: Path | None = None, packing_stats: dict | None = None, **kwargs):
@@ -55,6 +60,7 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
         self._tokens = [0, 0]  # supervised labels, label slots since the last log (this rank)
         self._last_log_time = None
         self._digest_file = None
+        self._eval_sums = None
         if batch_digest_dir is not None:
             self._digest_file = Path(batch_digest_dir) / f"batches.rank{self.args.process_index}.jsonl"
 
@@ -78,17 +84,43 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
         finally:
             self._packlora_staging = None
         self.accelerator.wait_for_everyone()  # every rank's shards are written
+        written, final = staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}"
+        best_moved = bool(self.state.best_model_checkpoint) and Path(self.state.best_model_checkpoint) == written
+        if best_moved:  # every rank: all of them load the best checkpoint at the end
+            self.state.best_model_checkpoint = str(final)
         if self.args.should_save:
-            written, final = staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}"
+            if best_moved:  # the saved state names the checkpoint's final place too (a resume reads it)
+                self.state.save_to_json(str(written / "trainer_state.json"))
             extras = next((c for c in self.callback_handler.callbacks if isinstance(c, CheckpointExtrasCallback)), None)
             if extras is not None:
                 extras.finish(written)  # raises IncompleteAdapterError before anything becomes visible
             commit_checkpoint(written, final, step)
             staging.rmdir()
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == written:
-                self.state.best_model_checkpoint = str(final)
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(self.state.best_model_checkpoint,))
         self.accelerator.wait_for_everyone()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: gather each row's loss numerator and denominator (``training.loss.row_loss_stats``)
+        from every rank, the duplicates that even out the ranks' batches dropped; ``evaluation_loop``
+        turns the sums into ``eval_loss``, normalised exactly like the training loss."""
+        inputs = self._prepare_inputs(inputs)
+        weights = inputs.pop("loss_weights", None)
+        labels = inputs.pop("labels")
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        stats = self.accelerator.gather_for_metrics(row_loss_stats(logits, labels, weights))
+        self._eval_sums = stats.sum(0) + (self._eval_sums if self._eval_sums is not None else 0)
+        return None, None, None
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        self._eval_sums = None
+        out = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        metrics = dict(out.metrics)
+        if self._eval_sums is not None and float(self._eval_sums[1]) > 0:
+            num, den = (float(x) for x in self._eval_sums)
+            metrics[f"{metric_key_prefix}_loss"] = num / den
+            metrics[f"{metric_key_prefix}_loss_denominator"] = den  # trained tokens (per_token) or examples
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=out.num_samples)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         labels = inputs["labels"]

@@ -29,3 +29,12 @@ def test_human_view_marks_trained_spans(capsys, tmp_path, monkeypatch):
     assert "<|im_start|>assistant\n[[" in out and "<|im_end|>]]" in out
     assert "[[<|im_start|>" not in out
     assert re.search(r"\nrole_markers_in_labels +0\n", out)
+
+
+def test_overrides_may_come_before_or_after_the_flags(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["configs/shishuo_tiny.yaml", f"data.cache_dir={tmp_path}", "--json", "data.max_seq_length=256",
+            "data.eval_holdout=2"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["heldout"] == 2 and report["examples"] + 2 + sum(report["dropped"].values()) == report["records"]
