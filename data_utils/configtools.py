@@ -309,3 +309,44 @@ def _describe(tp, meta=None) -> str:
     if origin is dict or tp is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""What a command reports in one line: bad configs, records, paths and settings (``ConfigError``,
+``RecordError``, ``LabelError``, ``PresetError``... are ``ValueError``s)."""
+
+
+def cli_entry(prog: str):
+    """Decorate a subcommand's ``main(argv) -> int``: a user error prints ``PROG: error: MESSAGE`` (its
+    fix included) on stderr and returns 1, with no traceback; ``--debug`` anywhere in ``argv`` (or
+    ``PACKLORA_DEBUG=1``) lets the traceback through instead.
+
+    >>> @cli_entry("packlora demo")
+    ... def main(argv):
+    ...     raise ValueError("data.train: give at least one data source")
+    >>> import contextlib, io
+    >>> err = io.StringIO()
+    >>> with contextlib.redirect_stderr(err):
+    ...     code = main(["x"])
+    >>> code, err.getvalue().splitlines()[0]
+    (1, 'packlora demo: error: data.train: give at least one data source')
+    """
+    import functools
+    import os
+    import sys
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(argv=None):
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = "--debug" in argv or os.environ.get("PACKLORA_DEBUG") == "1"
+            try:
+                return fn([a for a in argv if a != "--debug"])
+            except USER_ERRORS as e:
+                if debug:
+                    raise
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                print(f"{prog}: (add --debug to see where it was raised)", file=sys.stderr)
+                return 1
+        return main
+    return wrap

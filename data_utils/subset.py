@@ -32,6 +32,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from data_utils.configtools import cli_entry
 from data_utils.records import read_records
 from data_utils.types import ChatRecord
 
@@ -207,6 +208,7 @@ def _by_turns(turns: list[int]) -> dict[str, int]:
     return {str(t): c for t, c in sorted(Counter(turns).items())}
 
 
+@cli_entry("packlora subset")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``packlora subset``: 0 ok, 1 bad input, 2 bad flags."""
     p = argparse.ArgumentParser(prog="packlora subset", description=__doc__.splitlines()[0])
@@ -220,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: characters)")
     p.add_argument("--bins", type=int, default=10, help="length bins per turn count (default 10 = deciles)")
     args = p.parse_args(argv)
-    try:
-        m = make_subset(args.input, args.output, args.ratio, args.seed, args.stratify, args.tokenizer, args.bins)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"packlora subset: error: {e}", file=sys.stderr)
-        return 1
+    m = make_subset(args.input, args.output, args.ratio, args.seed, args.stratify, args.tokenizer, args.bins)
     q0, q1 = m["length_quantiles"]["source"], m["length_quantiles"]["subset"]
     print(f"wrote {m['counts']['subset']} of {m['counts']['source']} records to {args.output} "
           f"(by assistant turns {m['counts']['subset_by_assistant_turns']}); median length "

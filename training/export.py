@@ -23,6 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from data_utils.configtools import cli_entry
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,6 +75,7 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
     return out_dir
 
 
+@cli_entry("packlora export")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``packlora export``; 0 on success, 1 on a bad checkpoint or output directory."""
     p = argparse.ArgumentParser(prog="packlora export", description=__doc__.splitlines()[0])
@@ -82,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="packlora export: %(message)s")
-    try:
-        out = export_merged(args.checkpoint, args.merge, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"packlora export: error: {e}", file=sys.stderr)
-        return 1
+    out = export_merged(args.checkpoint, args.merge, overwrite=args.overwrite)
     print(f"wrote merged model {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 

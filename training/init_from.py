@@ -21,6 +21,7 @@ modes (``continue`` is refused: there is no adapter to continue).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -90,18 +91,17 @@ def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int], pad_id: int
         logger.info("init_from %s (%s): base %s", ckpt, cfg.init_mode, base)
         return str(base)
 
-
     out = Path(cfg.output_dir).resolve() / BASE_MODEL_DIR
-    recipe = {"init_from": str(ckpt), "init_mode": "merge", "stage1_base": str(base),
-              "adapter_sha256": adapter_sha256(ckpt)}
+    # What the merged base is made of, by content: the same after the runs are moved or copied.
+    recipe = {"init_mode": "merge", "adapter_sha256": adapter_sha256(ckpt), "stage1_base": _model_identity(base)}
     marker = out / MARKER
     if marker.is_file():
-        if json.loads(marker.read_text()) != recipe:
-            raise ValueError(
-                f"{out} holds a base merged from another checkpoint ({json.loads(marker.read_text())}); "
-                "use a new output_dir or delete it"
-            )
+        made = json.loads(marker.read_text())
+        if {k: made.get(k) for k in recipe} != recipe:
+            raise ValueError(f"{out} holds a base merged from another checkpoint or base ({made}); use a new "
+                             "output_dir or delete it")
         return str(out)
+    recipe.update(init_from=str(ckpt), stage1_base_path=str(base))  # where they were, for the record
     if args.process_index == 0:
         with without_zero3_init(args):
             merged, dtype = merge_adapter(ckpt, base)
@@ -111,3 +111,12 @@ def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int], pad_id: int
         marker.write_text(json.dumps(recipe, indent=1))
         logger.info("merged stage-1 adapter %s into %s -> %s (%s)", ckpt, base, out, str(dtype).removeprefix("torch."))
     return str(out)
+
+
+def _model_identity(model_dir: Path) -> str:
+    """sha256 of a model directory's ``config.json`` and the names and sizes of its weight files:
+    cheap for a 7B model, and unchanged when the directory is moved or copied."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()

@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+from data_utils.configtools import cli_entry
+
 JSON_KEYS = (
     "records", "heldout", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",
     "role_markers_in_labels", "control_tokens_in_labels", "turns_with_end_of_turn_trained", "assistant_turns",
@@ -23,6 +25,7 @@ JSON_KEYS = (
 )
 
 
+@cli_entry("packlora inspect")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="packlora inspect", description="Label audit and packing report.")
     parser.add_argument("config", help="YAML run config")

@@ -18,11 +18,13 @@ import os
 import sys
 from pathlib import Path
 
+from data_utils.configtools import cli_entry
 from training import distributed
 
 logger = logging.getLogger("packlora.train")
 
 
+@cli_entry("packlora train")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="packlora train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML run config")

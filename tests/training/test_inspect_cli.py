@@ -1,6 +1,8 @@
 """`packlora inspect` on the bundled default config: the real Qwen2 tokenizer and real chats."""
 import json
 import re
+
+import pytest
 from pathlib import Path
 
 from training.inspect_cli import JSON_KEYS, main
@@ -38,3 +40,24 @@ def test_overrides_may_come_before_or_after_the_flags(capsys, tmp_path, monkeypa
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["heldout"] == 2 and report["examples"] + 2 + sum(report["dropped"].values()) == report["records"]
+
+
+def test_missing_model_bad_key_and_bad_record_are_one_line_errors_without_traceback(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "Hi", "completion": "Yes."}\n')
+    cases = [
+        (["configs/shishuo_tiny.yaml", "model.config=null", "model.name_or_path=models/nowhere"],
+         "model.name_or_path: 'models/nowhere' does not exist"),
+        (["configs/shishuo_tiny.yaml", "data.max_seq_lenght=64"],
+         "data.max_seq_lenght: unknown key (did you mean 'max_seq_length'?) (set on the command line)"),
+        (["configs/shishuo_tiny.yaml", f"data.train=[{bad}]", f"data.cache_dir={tmp_path}"],
+         f"{bad}:1: cannot tell the format from keys ['completion', 'prompt']"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("packlora inspect: error: ")
+        assert message in err, err
+    with pytest.raises(ValueError, match="unknown key"):  # --debug lets the exception through
+        main(["configs/shishuo_tiny.yaml", "data.max_seq_lenght=64", "--debug"])

@@ -184,3 +184,31 @@ def test_packlora_decode_uses_the_stop_ids_and_cuts_the_reply_at_im_end(run_dir,
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "改写：他笑了。"}]}) + "\n")
     [row] = decode_file(loaded, prompts, tmp_path / "out.jsonl")
     assert (row["stop_reason"], row["num_new_tokens"], row["reply"]) == ("stop_id", 3, "好。")
+
+
+# ---------------------------------------------------------------------- a run moved elsewhere
+
+
+def test_a_moved_run_decodes_exports_and_resumes(run_dir, tmp_path, monkeypatch):
+    """Last in this file: it moves the module's run for good (the recorded base path goes stale)."""
+    import shutil
+
+    from decoding.decode import decode_file
+    from training import train
+    from training.export import main as export
+
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(run_dir), str(moved))
+    recorded = json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert not Path(recorded).exists()  # PEFT's own path is stale; packlora finds moved/base_model
+    rows = decode_file(moved, moved / "heldout.jsonl", tmp_path / "decoded.jsonl")
+    assert len(rows) == HOLDOUT
+    assert export([str(moved / f"checkpoint-{SAVE_STEPS}"), "--merge", str(tmp_path / "merged")]) == 0
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    config = run_dir.parent / "run.yaml"
+    assert train.main([str(config), f"output_dir={moved}", f"training.max_steps={MAX_STEPS + 2}",
+                       "training.resume_from_checkpoint=auto"]) == 0
+    state = json.loads((moved / f"checkpoint-{MAX_STEPS + 2}" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps[-2:] == [MAX_STEPS + 1, MAX_STEPS + 2]  # continued from checkpoint-4, not from step 0
