@@ -71,3 +71,12 @@ def load_and_check(path: str | Path, overrides=(), training_arguments: bool = Tr
     return cfg
 
 
+def advice(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but almost certainly not meant (logged as warnings, never refused)."""
+    t = cfg.training
+    out = []
+    max_steps, warmup = t.get("max_steps", -1), t.get("warmup_steps", 0)
+    if isinstance(max_steps, int) and max_steps > 0 and isinstance(warmup, int) and warmup >= max_steps:
+        out.append(f"training.warmup_steps={warmup} >= training.max_steps={max_steps}: the learning rate never "
+                   "leaves warm-up, so the loss barely moves; lower warmup_steps (e.g. to a tenth of max_steps)")
+    return out

@@ -115,6 +115,10 @@ def _log_start(cfg, args, out: Path) -> None:
     logger.info("rank 0 of %d; checkpoints -> %s (every %s steps); TensorBoard logs -> %s; collective "
                 "timeout %d s (training.ddp_timeout)", args.world_size, out.resolve(), args.save_steps,
                 os.environ["TENSORBOARD_LOGGING_DIR"], args.ddp_timeout)
+    from training.preflight import advice
+
+    for line in advice(cfg):
+        logger.warning("%s", line)
     if cfg.model.trust_remote_code:
         logger.warning("model.trust_remote_code=true: Python code shipped with %s will run in this process",
                        cfg.model.name_or_path or cfg.model.tokenizer)

@@ -111,3 +111,23 @@ def test_backends_that_cannot_train_on_cpu_are_refused_up_front(attn):
         check_attention_backend(attn, cuda=False)
     check_attention_backend(attn, cuda=True)
     check_attention_backend("packed_sdpa", cuda=False)
+
+
+def test_warmup_at_least_as_long_as_the_run_is_flagged_not_refused(cfg_file):
+    from training.preflight import advice
+
+    cfg = load_config(cfg_file(**{"training.max_steps": 10, "training.warmup_steps": 20}))
+    assert advice(cfg) == ["training.warmup_steps=20 >= training.max_steps=10: the learning rate never leaves "
+                           "warm-up, so the loss barely moves; lower warmup_steps (e.g. to a tenth of max_steps)"]
+    assert advice(load_config(cfg_file(**{"training.max_steps": 10, "training.warmup_steps": 2}))) == []
+
+
+def test_early_stopping_ends_on_the_best_checkpoint_and_needs_an_evaluation_set(cfg_file):
+    from training.train import build_training_arguments
+
+    with pytest.raises(ConfigError, match="early_stopping_patience: needs an evaluation set"):
+        load_config(cfg_file(early_stopping_patience=2))
+    cfg = load_config(cfg_file(**{"early_stopping_patience": 2, "data.eval_split": 0.5, "training.save_steps": 3}))
+    args = build_training_arguments(cfg)
+    assert (args.load_best_model_at_end, args.metric_for_best_model, args.eval_strategy, args.eval_steps) == (
+        True, "loss", "steps", 3)
