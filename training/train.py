@@ -266,6 +266,26 @@ def _setup_logging() -> None:
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    _quiet_known_noise()
+
+
+# Messages every run printed that say nothing about this run (transformers 5.24, torch 2.13,
+# accelerate 1.15, DeepSpeed 0.19): deprecations inside the libraries, a C-compiler probe that
+# DeepSpeed's op builder logs at INFO, and accelerate's "Gradient accumulation steps mismatch" (its
+# own plugin says 1, DeepSpeed's config has training.gradient_accumulation_steps, and it takes
+# DeepSpeed's, which is right; the batch arithmetic line states the value).
+_NOISE = (r"`is_gradient_checkpointing` is deprecated", r"`torch\.distributed\.\w+` is deprecated",
+          r"'pin_memory' argument is set as true but no accelerator is found")
+
+
+def _quiet_known_noise() -> None:
+    import warnings
+
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("compilers.C.base").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.accelerator").addFilter(
+        lambda record: "Gradient accumulation steps mismatch" not in record.getMessage())
 
 
 if __name__ == "__main__":

@@ -409,3 +409,14 @@ def test_launch_dry_run_prints_a_two_process_deepspeed_command(workspace):
     assert "--no_local_rank --module training.train" in line
     assert line.endswith(f"{workspace / 'run.yaml'} output_dir={out} training.max_steps=3")
     assert not out.exists(), "--dry-run started training"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_run_log_holds_no_library_noise(trained, stage, workspace):
+    """Deprecations inside the libraries, DeepSpeed's compiler probe and accelerate's accumulation
+    "mismatch" say nothing about the run; packlora filters them (``training.train._quiet_known_noise``)."""
+    trained(stage)
+    log = (workspace / f"{stage}.log").read_text(encoding="utf-8")
+    for noise in ("FutureWarning", "compilers.C.base", "Gradient accumulation steps mismatch", "pin_memory"):
+        assert noise not in log, noise
+    assert "batch arithmetic:" in log  # what is worth saying is still said
