@@ -21,10 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from data_utils.configtools import Section
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "packlora_config.yaml"
@@ -32,6 +35,23 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 BASE_MODEL_DIR = "base_model"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodingConfig(Section):
+    """A run's ``decoding:`` section: how its checkpoints stop (``generation_config.json``)::
+
+        decoding: {stop_tokens: null, max_new_tokens: 512}   # null: the chat format's end of turn and text
+    """
+
+    section = "decoding"
+
+    stop_tokens: list[str] | None = None
+    """Tokens that end generation, each exactly one token of the tokenizer; their ids become
+    ``generation_config.eos_token_id``. null: the chat format's own end-of-turn and end-of-text
+    tokens (``ChatFormat.default_stop_tokens``). Multi-token stop strings belong to the decoder."""
+    max_new_tokens: int = field(default=512, metadata={"min": 1, "unit": "tokens"})
+    """Generation length limit."""
 
 
 class IncompleteAdapterError(RuntimeError):

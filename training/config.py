@@ -16,13 +16,12 @@ It has no side effects: files, the preset and ``training:`` keys are checked by
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from data_utils.config import DataConfig
-from decoding.config import DecodingConfig, RunawayEvalConfig
+from decoding.checkpoint import DecodingConfig
 from data_utils.configtools import ConfigError, Section, build_config, load_yaml_config, parse_overrides
 
 AttnImplementation = Literal["sdpa", "packed_sdpa", "varlen", "eager", "flash_attention_2", "flex_attention"]
@@ -91,6 +90,20 @@ class LoraConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunawayEvalConfig(Section):
+    """Runaway metrics on held-out prompts during training (``training/runaway_callback.py``)."""
+
+    section = "runaway_eval"
+
+    every_steps: int = field(default=0, metadata={"min": 0, "unit": "optimizer steps"})
+    """Every this many optimizer steps (0 = off); needs ``data.eval_holdout`` >= 1."""
+    num_prompts: int = field(default=4, metadata={"min": 1})
+    """The first ``num_prompts`` held-out chats are decoded each time."""
+    max_new_tokens: int = field(default=64, metadata={"min": 1, "unit": "tokens"})
+    """Tokens per reply before it counts as ``hit_max_new_tokens``."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig(Section):
     """A whole run. ``training`` is passed to ``transformers.TrainingArguments`` as is."""
 
@@ -146,10 +159,6 @@ class RunConfig(Section):
             p.append("output_dir: required (where checkpoints and logs go)")
         return p
 
-    def deepspeed_path(self) -> str | None:
-        """The DeepSpeed JSON to use, resolved against ``ds_configs/`` for bare names."""
-        return resolve_deepspeed_config(self.deepspeed) if self.deepspeed else None
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -181,18 +190,3 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         return build_config(RunConfig, raw, _SECTIONS, source, nullable=("lora",))
     except ConfigError as e:  # the owned keys too, also when another section failed first
         raise ConfigError(list(dict.fromkeys(owned + e.problems)), source) from None
-
-
-def resolve_deepspeed_config(name: str) -> str:
-    """``zero3.json`` -> the packaged ``ds_configs/zero3.json``; an existing path is returned as is.
-
-    Raises:
-        FileNotFoundError: neither a path nor a packaged config.
-    """
-    if Path(name).is_file():
-        return str(Path(name).resolve())
-    packaged = importlib.resources.files("ds_configs") / name
-    if packaged.is_file():
-        return str(packaged)
-    available = sorted(p.name for p in importlib.resources.files("ds_configs").iterdir() if p.name.endswith(".json"))
-    raise FileNotFoundError(f"deepspeed: {name!r} is neither a file nor one of ds_configs/ {available}")

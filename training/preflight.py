@@ -8,10 +8,11 @@ DeepSpeed config, the preset, the resume checkpoint, and the ``training:`` keys 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 
 from data_utils.configtools import ConfigError, unknown_key
-from training.config import OWNED_TRAINING_KEYS, RunConfig, load_config, resolve_deepspeed_config
+from training.config import OWNED_TRAINING_KEYS, RunConfig, load_config
 
 
 def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
@@ -80,3 +81,23 @@ def advice(cfg: RunConfig) -> list[str]:
         out.append(f"training.warmup_steps={warmup} >= training.max_steps={max_steps}: the learning rate never "
                    "leaves warm-up, so the loss barely moves; lower warmup_steps (e.g. to a tenth of max_steps)")
     return out
+
+
+def resolve_deepspeed_config(name: str) -> str:
+    """``zero3.json`` -> the packaged ``ds_configs/zero3.json``; an existing path is returned as is.
+
+    Raises:
+        FileNotFoundError: neither a path nor a packaged config.
+    """
+    if Path(name).is_file():
+        return str(Path(name).resolve())
+    packaged = importlib.resources.files("ds_configs") / name
+    if packaged.is_file():
+        return str(packaged)
+    available = sorted(p.name for p in importlib.resources.files("ds_configs").iterdir() if p.name.endswith(".json"))
+    raise FileNotFoundError(f"deepspeed: {name!r} is neither a file nor one of ds_configs/ {available}")
+
+
+def deepspeed_path(cfg: RunConfig) -> str | None:
+    """The run's DeepSpeed JSON (``resolve_deepspeed_config``), or None without DeepSpeed."""
+    return resolve_deepspeed_config(cfg.deepspeed) if cfg.deepspeed else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +28,21 @@ logger = logging.getLogger(__name__)
 
 
 class RunawayEvalCallback(TrainerCallback):
-    """Runs ``decoding.runaway.evaluate_runaway`` every ``every_steps`` steps.
+    """Runs ``evaluate`` every ``every_steps`` steps and logs what it reports.
 
     Args:
-        fmt: the run's ``ChatFormat`` (tokenizer, template, stop and control tokens).
-        prompts: ``(messages, reference, source)`` triples, the held-out chats split before their
-            final assistant turn.
-        stop_ids: the run's stop ids (those written to ``generation_config.json``).
-        every_steps, max_new_tokens: see ``RunawayEvalConfig``.
+        evaluate: ``evaluate(model, synced_gpus=bool) -> report``, a report with ``to_dict()`` and
+            ``scalars()`` (``decoding.runaway.evaluate_runaway`` with the run's format, held-out
+            prompts, stop ids and ``max_new_tokens`` bound; the entry point builds it, so training
+            needs no decoding code of its own).
+        every_steps: see ``RunawayEvalConfig``.
         output_dir: where rank 0 appends ``runaway_eval.jsonl``.
 
     Call ``attach(trainer)`` once the trainer exists (the metrics go through ``trainer.log``).
     """
 
-    def __init__(self, fmt: Any, prompts: Sequence[tuple], stop_ids: Sequence[int], every_steps: int,
-                 max_new_tokens: int, output_dir: str | Path):
-        if not prompts:
-            raise ValueError("runaway_eval needs held-out prompts; set data.eval_holdout >= 1")
-        self.fmt, self.prompts, self.stop_ids = fmt, list(prompts), list(stop_ids)
-        self.every_steps, self.max_new_tokens = every_steps, max_new_tokens
+    def __init__(self, evaluate: Callable[..., Any], every_steps: int, output_dir: str | Path):
+        self.run_eval, self.every_steps = evaluate, every_steps
         self.output_dir = Path(output_dir)
         self.trainer = None
 
@@ -70,17 +66,12 @@ class RunawayEvalCallback(TrainerCallback):
         return control
 
     def evaluate(self, model):
-        """One ``RunawayReport`` on the prompts; every rank must call it under ZeRO-3."""
+        """One report on the prompts; every rank must call it under ZeRO-3 (``synced_gpus``)."""
         import torch.distributed as dist
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        from decoding.runaway import evaluate_runaway
-
         synced = bool(is_deepspeed_zero3_enabled() and dist.is_initialized() and dist.get_world_size() > 1)
-        return evaluate_runaway(
-            model, self.fmt, self.prompts, self.stop_ids, self.max_new_tokens,
-            batch_size=len(self.prompts), synced_gpus=synced,
-        )
+        return self.run_eval(model, synced_gpus=synced)
 
 
 def heldout_prompts(heldout, limit: int) -> list[tuple]:

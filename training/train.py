@@ -151,12 +151,15 @@ def _audit_labels(data, tokenizer, out: Path, legacy: bool, main_rank: bool) -> 
 
 
 def _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out: Path) -> None:
+    from functools import partial
+
+    from decoding.runaway import evaluate_runaway
     from training.runaway_callback import RunawayEvalCallback, heldout_prompts
 
-    trainer.add_callback(RunawayEvalCallback(
-        fmt, heldout_prompts(data.heldout, cfg.runaway_eval.num_prompts), stop_ids,
-        cfg.runaway_eval.every_steps, cfg.runaway_eval.max_new_tokens, out,
-    ).attach(trainer))
+    prompts = heldout_prompts(data.heldout, cfg.runaway_eval.num_prompts)
+    evaluate = partial(evaluate_runaway, fmt=fmt, prompts=prompts, stop_ids=stop_ids,
+                       max_new_tokens=cfg.runaway_eval.max_new_tokens, batch_size=len(prompts))
+    trainer.add_callback(RunawayEvalCallback(evaluate, cfg.runaway_eval.every_steps, out).attach(trainer))
 
 
 def build_training_arguments(cfg):
@@ -169,6 +172,7 @@ def build_training_arguments(cfg):
     from transformers import TrainingArguments
 
     from training.model import resolve_dtype
+    from training.preflight import deepspeed_path
 
     dtype = resolve_dtype(cfg.model.dtype)
     kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500)
@@ -180,7 +184,7 @@ def build_training_arguments(cfg):
     kwargs.update(cfg.training)
     kwargs.update(
         output_dir=cfg.output_dir,
-        deepspeed=cfg.deepspeed_path(),
+        deepspeed=deepspeed_path(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from decoding_testutils import ENDOFTEXT, IM_END, REPO_ROOT, chatml_tok, scripted_lm, tiny_qwen2_config  # noqa: F401
 
 from data_utils.chat_format import ChatFormat
+from decoding.runaway import evaluate_runaway
 from training.runaway_callback import RunawayEvalCallback, heldout_prompts
 
 A = [{"role": "user", "content": "Hello!"}]
@@ -33,8 +35,9 @@ def test_callback_runs_every_n_steps_logs_scalars_and_appends_the_report(chatml_
                                      add_special_tokens=False))
     model = scripted_lm(len(chatml_tok), {prompt: [*chatml_tok.encode("Hi"), IM_END]}, filler=ENDOFTEXT)
     trainer = _Trainer()
-    cb = RunawayEvalCallback(ChatFormat(chatml_tok), [(A, "Hi", "h:1")], [IM_END, ENDOFTEXT], every_steps=2,
-                             max_new_tokens=8, output_dir=tmp_path).attach(trainer)
+    evaluate = partial(evaluate_runaway, fmt=ChatFormat(chatml_tok), prompts=[(A, "Hi", "h:1")],
+                       stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=8, batch_size=1)
+    cb = RunawayEvalCallback(evaluate, every_steps=2, output_dir=tmp_path).attach(trainer)
     for step in (1, 2, 3, 4):
         control = SimpleNamespace(should_log=True)
         trainer.control = control
@@ -51,11 +54,6 @@ def test_heldout_prompts_split_off_the_reference():
 
     rec = ChatRecord((Message("user", "q"), Message("assistant", "a")), Source("f", 3))
     assert heldout_prompts([rec, rec], 1) == [([{"role": "user", "content": "q"}], "a", "f:3")]
-
-
-def test_callback_without_prompts_raises(chatml_tok, tmp_path):
-    with pytest.raises(ValueError, match="data.eval_holdout >= 1"):
-        RunawayEvalCallback(ChatFormat(chatml_tok), [], [IM_END], 1, 8, tmp_path)
 
 
 @pytest.mark.distributed

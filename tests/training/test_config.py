@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from training.config import ConfigError, load_config, parse_overrides, resolve_deepspeed_config
+from training.config import ConfigError, load_config, parse_overrides
+from training.preflight import deepspeed_path, resolve_deepspeed_config
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_overrides_are_typed_with_yaml_and_win_over_the_file(cfg_file):
     cfg = load_config(cfg_file(), ["training.max_steps=7", "lora.target_modules=[q_proj]", "deepspeed=zero2.json"])
     assert cfg.training == {"max_steps": 7}
     assert cfg.lora.target_modules == ["q_proj"]
-    assert cfg.deepspeed_path().endswith("ds_configs/zero2.json")
+    assert deepspeed_path(cfg).endswith("ds_configs/zero2.json")
     assert cfg.decoding.max_new_tokens == 512
     assert cfg.decoding.stop_tokens is None  # the chat format's own: ChatFormat.default_stop_tokens
 
