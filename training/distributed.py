@@ -210,9 +210,32 @@ def _describe(place: ProcessPlace, env: Mapping[str, str]) -> str:
     return "no launcher variables: a single process"
 
 
+def describe_place(env: Mapping[str, str]) -> str:
+    """One line: this process's rank, host and the CPUs it may run on (``os.sched_getaffinity``),
+    with the Slurm and OpenMP settings that decide them, and the Slurm node name inside a job.
+
+    Example:
+        >>> describe_place({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "SLURM_CPUS_PER_TASK": "4",
+        ...                 "OMP_NUM_THREADS": "1"})  # doctest: +ELLIPSIS
+        'rank 1 of 2 (local rank 0) on ...: ... CPU(s) usable, SLURM_CPUS_PER_TASK=4, OMP_NUM_THREADS=1'
+    """
+    import socket
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    node = f", Slurm node {env['SLURMD_NODENAME']}" if env.get("SLURMD_NODENAME") else ""
+    return (
+        f"rank {env.get('RANK', 0)} of {env.get('WORLD_SIZE', 1)} (local rank {env.get('LOCAL_RANK', 0)}) on "
+        f"{socket.gethostname()}: {cpus} CPU(s) usable, SLURM_CPUS_PER_TASK={env.get('SLURM_CPUS_PER_TASK', '<unset>')}, "
+        f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '<unset>')}{node}"
+    )
+
+
 FAULT_ENV = "PACKLORA_TEST_FAULT"
-"""Test hook, off unless set: ``RANK:STEP:exit`` or ``RANK:STEP:hang`` makes that rank die
-(``os._exit(17)``) or stop answering collectives after optimizer step STEP."""
+"""Test hook, off unless set: ``RANK:STEP:exit``, ``RANK:STEP:hang`` or ``RANK:STEP:pause`` makes that
+rank die (``os._exit(17)``), stop answering collectives, or wait until the stop file
+(``PACKLORA_STOP_FILE``, ``training.preemption``) exists, after optimizer step STEP."""
+PAUSE_LIMIT_S = 600
+"""The longest a ``pause`` fault waits for the stop file."""
 
 
 def fault_injection_callbacks() -> list:
@@ -224,22 +247,28 @@ def fault_injection_callbacks() -> list:
     try:
         rank_s, step_s, action = spec.split(":")
         fault_rank, fault_step = int(rank_s), int(step_s)
-        if action not in ("exit", "hang"):
+        if action not in ("exit", "hang", "pause"):
             raise ValueError
     except ValueError:
-        raise LaunchEnvError(f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit or RANK:STEP:hang") from None
+        raise LaunchEnvError(f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit, RANK:STEP:hang or RANK:STEP:pause") from None
+    stop_file = os.environ.get("PACKLORA_STOP_FILE")
+    if action == "pause" and not stop_file:
+        raise LaunchEnvError(f"{FAULT_ENV}={spec!r}: pause waits for PACKLORA_STOP_FILE, which is not set")
+    import time
+
     from transformers import TrainerCallback
 
     class _Fault(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == fault_step and rank() == fault_rank:
-                print(f"{FAULT_ENV}: rank {fault_rank} {action}s after step {fault_step}", flush=True)
+                until = f" until {stop_file} exists" if action == "pause" else ""
+                print(f"{FAULT_ENV}: rank {fault_rank} {action}s after step {fault_step}{until} "
+                      f"(at {time.time():.3f})", flush=True)  # epoch time: tests measure from it
                 if action == "exit":
                     os._exit(17)
-                import time
-
-                while True:
-                    time.sleep(60)
+                deadline = time.monotonic() + PAUSE_LIMIT_S
+                while action == "hang" or (not os.path.exists(stop_file) and time.monotonic() < deadline):
+                    time.sleep(60 if action == "hang" else 0.1)
 
     return [_Fault()]
 

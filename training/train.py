@@ -30,16 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
-    _setup_logging()
-    distributed.configure()  # before TrainingArguments initialises the process group
+    distributed.configure()  # before TrainingArguments initialises the process group; sets RANK under srun
+    _setup_logging()  # after configure: the rank in every log line is this process's own
+    _log_place()
 
     from data_utils.collator import PackedCollator
     from training.checkpoint import resolve_resume
     from training.data import load_run_preset, prepare_run_data, run_stop_ids
     from training.init_from import init_adapter, materialize_init_base
     from training.model import build_model, check_runs_here, load_tokenizer, materialize_base
+    from training.preemption import STOP_FILE_ENV, StopRequest
     from training.preflight import load_and_check
-    from training.trainer import CheckpointExtrasCallback, PackloraTrainer
+    from training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
     from training.varlen_attention import FLATTENED_BACKENDS
 
     cfg = load_and_check(ns.config, ns.overrides)
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
     extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, pad_id, cfg.decoding.max_new_tokens, model)
-    callbacks = [extras, *distributed.fault_injection_callbacks()]
+    stop = StopOnRequestCallback(StopRequest(os.environ.get(STOP_FILE_ENV) or None, args.process_index))
+    callbacks = [extras, *distributed.fault_injection_callbacks(), stop]
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out)
 
     result = trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:
+        return _exit_stopped(trainer, stop, out, main_rank)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         extras.finish(out)
@@ -99,6 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_stopped(trainer, stop, out: Path, main_rank: bool) -> int:
+    """After a stop on request (``training.preemption``): ``checkpoint-N`` is complete on disk; rank 0
+    acknowledges it to the batch script, every rank leaves together. No final save, no decoding:
+    the run is not finished, and ``resume_from_checkpoint=auto`` continues it from that checkpoint."""
+    from training.preemption import STOPPED_EXIT_CODE, acknowledge
+
+    ckpt = (out / f"checkpoint-{stop.stopped_at}").resolve()
+    if main_rank:
+        acknowledge(stop.request.stop_file, ckpt, stop.stopped_at)
+        logger.warning(
+            "stopped on request (%s) at step %d of %d: complete checkpoint %s; exit code %d. Continue with "
+            "training.resume_from_checkpoint=auto (a requeued packlora Slurm job does that by itself)",
+            stop.reason, stop.stopped_at, trainer.state.max_steps, ckpt, STOPPED_EXIT_CODE,
+        )
+    trainer.accelerator.wait_for_everyone()  # the acknowledgement exists before any rank exits
+    _shutdown_process_group()
+    return STOPPED_EXIT_CODE
+
+
 def _shutdown_process_group() -> None:
     """Every rank tears the process group down explicitly, together: left to interpreter exit,
     gloo's threads were destroyed mid-flight on 2 CPU ranks (``terminate called without an active
@@ -108,6 +132,13 @@ def _shutdown_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _log_place() -> None:
+    """Every rank, one line: where it runs and the CPUs it may use (a starved rank shows here)."""
+    place = logging.getLogger("packlora.place")
+    place.setLevel(logging.INFO)  # on every rank, not only rank 0
+    place.info("%s", distributed.describe_place(os.environ))
 
 
 def _log_start(cfg, args, out: Path) -> None:

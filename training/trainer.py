@@ -39,6 +39,45 @@ class CheckpointExtrasCallback(TrainerCallback):
         logger.info("checkpoint %s: %d LoRA tensors at full shape, stop ids %s", ckpt_dir, n, self.stop_ids)
 
 
+class StopOnRequestCallback(TrainerCallback):
+    """Stop every rank at the same step boundary, with a checkpoint, once any rank is asked to
+    (``training.preemption.StopRequest``: SIGUSR1, or the stop file on rank 0).
+
+    After every optimizer step all ranks all-reduce (max) one int32 on ``args.device``, then set
+    ``should_save`` and ``should_training_stop`` together; the Trainer saves ``checkpoint-N`` right
+    after this callback and leaves its loop. A request at the last step changes nothing.
+
+    Attributes:
+        stopped_at: the step the run stopped at on request (its checkpoint is complete once
+            ``Trainer.train`` returns), or None.
+        reason: what asked, for the log (``"SIGUSR1"``, ``"stop file ..."``, ``"another rank's request"``).
+    """
+
+    def __init__(self, request):
+        self.request = request
+        self.stopped_at: int | None = None
+        self.reason = ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.request.install()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.request.uninstall()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        reason = self.request.reason()
+        flag = torch.tensor([1 if reason else 0], dtype=torch.int32, device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not int(flag.item()) or state.global_step >= state.max_steps:
+            return control  # not asked, or the last step anyway: finish normally
+        self.stopped_at, self.reason = state.global_step, reason or "another rank's request"
+        control.should_save = control.should_training_stop = True
+        if state.is_world_process_zero:
+            logger.warning("stop requested (%s): saving checkpoint-%d, then stopping", self.reason, state.global_step)
+        return control
+
+
 class PackloraTrainer(LossNormalizationMixin, Trainer):
     """Trainer with atomic checkpoints (see ``training.checkpoint``) that can log a digest of each
     batch per rank (``log_batch_digests: true``).
