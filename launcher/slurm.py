@@ -25,6 +25,13 @@ SLURM_LAUNCHERS = ("torchrun", "deepspeed", "srun")
 """What starts the training processes on each node: a per-node launcher, or srun itself."""
 
 _TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
+DEFAULT_CPUS_PER_GPU = 8
+"""CPU cores asked per GPU unless ``--cpus-per-gpu`` says otherwise: enough for the process's main
+thread, tokenisation and a few data-loading workers, and available on common GPU nodes (8 GPUs and
+64 or more cores)."""
+DEFAULT_WARN_BEFORE_S = 300
+"""Default warning before the time limit: Slurm may send it up to 60 s early, and a step plus a
+DeepSpeed checkpoint of a multi-billion-parameter model takes minutes."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +75,16 @@ class SlurmSpec:
     """Directory put first on ``PATH`` (the virtual environment's ``bin``); ``None`` leaves PATH alone."""
     output_dir: str | None = None
     """The config's ``output_dir`` (checkpoints, ``runs/`` TensorBoard logs), echoed at start and end."""
+    cpus_per_process: int | None = None
+    """CPU cores per training process, i.e. per GPU on a GPU job; default ``DEFAULT_CPUS_PER_GPU`` with
+    GPUs, 1 on CPU (where each process runs one thread, ``OMP_NUM_THREADS=1``)."""
+    warn_before: int = DEFAULT_WARN_BEFORE_S
+    """Seconds before the time limit at which Slurm sends USR1 to the batch script
+    (``#SBATCH --signal=B:USR1@...``): the run then saves a checkpoint at the next step boundary and
+    stops. Must cover one step plus one checkpoint save. 0: no warning."""
+    requeue: bool = True
+    """Requeue the job after a stop on the warning (``scontrol requeue``) and let Slurm requeue it
+    (``#SBATCH --requeue``); a requeued job resumes from the newest complete checkpoint."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -87,6 +104,18 @@ class SlurmSpec:
         """Training processes in the job: ``nodes * procs_per_node``."""
         return self.nodes * self.procs_per_node
 
+    @property
+    def cpus_per_proc(self) -> int:
+        """CPU cores per training process: ``cpus_per_process``, else 8 per GPU, else 1 (CPU)."""
+        if self.cpus_per_process is not None:
+            return self.cpus_per_process
+        return DEFAULT_CPUS_PER_GPU if self.gpus_per_node else 1
+
+    @property
+    def cpus_per_task(self) -> int:
+        """``--cpus-per-task`` of each Slurm task: one task per process (srun) or per node (launchers)."""
+        return self.cpus_per_proc * (1 if self.launcher == "srun" else self.procs_per_node)
+
     def _problems(self) -> list[str]:
         problems = []
         if self.nodes < 1:
@@ -102,6 +131,10 @@ class SlurmSpec:
             )
         if self.launcher not in SLURM_LAUNCHERS:
             problems.append(f"--launcher must be one of {', '.join(SLURM_LAUNCHERS)}, got {self.launcher!r}")
+        if self.cpus_per_process is not None and self.cpus_per_process < 1:
+            problems.append(f"--cpus-per-gpu (--cpus-per-process) must be >= 1, got {self.cpus_per_process}")
+        if self.warn_before < 0:
+            problems.append(f"--warn-before must be >= 0 seconds (0: no warning), got {self.warn_before}")
         if self.master_port is not None and not 1 <= self.master_port <= 65535:
             problems.append(f"--master-port must be in 1..65535, got {self.master_port}")
         if self.time is not None and not _TIME.fullmatch(self.time):
@@ -120,7 +153,13 @@ class SlurmSpec:
 
 
 def sbatch_script(spec: SlurmSpec) -> str:
-    """The sbatch script for ``spec``: ``#SBATCH`` header, rendezvous, then one ``srun`` line.
+    """The sbatch script for ``spec``: ``#SBATCH`` header, rendezvous, stop and requeue handling, then
+    one ``srun`` line, run in the background so that the USR1 trap fires while it runs.
+
+    A stop (the ``PACKLORA_STOP_FILE`` exists: the USR1 trap made it, or a user) ends the training at
+    the next step boundary with a complete checkpoint (``training.preemption``); the script then exits
+    ``STOPPED_EXIT_CODE`` and, after USR1 with ``requeue``, requeues the job first. A requeued job
+    (``SLURM_RESTART_COUNT`` > 0) passes ``training.resume_from_checkpoint=auto``.
 
     Returns:
         bash text, newline-terminated; golden-tested in ``tests/launcher/test_slurm.py``.
@@ -133,11 +172,19 @@ def sbatch_script(spec: SlurmSpec) -> str:
         #SBATCH --nodes=2
         #SBATCH --ntasks-per-node=1
         #SBATCH --gpus-per-node=4
+        #SBATCH --cpus-per-task=32
         #SBATCH --output=/scratch/o/slurm-%j.out
+        #SBATCH --open-mode=append
+        #SBATCH --signal=B:USR1@300
+        #SBATCH --requeue
+        export PACKLORA_STOP_FILE=/scratch/o/stop-"$SLURM_JOB_ID"
         export PACKLORA_WORLD_SIZE=8
         export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
         export MASTER_PORT=29500
+        export PACKLORA_RESUME=
     """
+    from training.preemption import STOPPED_EXIT_CODE  # light: no torch at import
+
     n, g = spec.nodes, spec.procs_per_node
     per_process = spec.launcher == "srun"
     lines = [
@@ -150,17 +197,36 @@ def sbatch_script(spec: SlurmSpec) -> str:
     ]
     if spec.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
-    else:  # CPU: one core per training process
-        lines.append(f"#SBATCH --cpus-per-task={1 if per_process else g}")
+    lines.append(f"#SBATCH --cpus-per-task={spec.cpus_per_task}")
     optional = (("partition", spec.partition), ("time", spec.time), ("account", spec.account))
     lines += [f"#SBATCH --{flag}={value}" for flag, value in optional if value is not None]
     lines += [
         f"#SBATCH --output={spec.output}/slurm-%j.out",
+        "#SBATCH --open-mode=append",  # a requeued run adds to the log instead of truncating it
+    ]
+    if spec.warn_before:
+        lines.append(f"#SBATCH --signal=B:USR1@{spec.warn_before}")
+    lines += [
+        "#SBATCH --requeue" if spec.requeue else "#SBATCH --no-requeue",
         "set -euo pipefail",
         f"cd {shlex.quote(spec.workdir)}",
     ]
     if spec.bin_dir is not None:
         lines.append(f'export PATH={shlex.quote(spec.bin_dir)}:"$PATH"')
+    lines += [
+        f"# Once this file exists the training saves a complete checkpoint at the next step boundary and "
+        f"exits {STOPPED_EXIT_CODE}.",
+        f'export PACKLORA_STOP_FILE={shlex.quote(spec.output)}/stop-"$SLURM_JOB_ID"',
+        'rm -f "$PACKLORA_STOP_FILE" "$PACKLORA_STOP_FILE".checkpoint  # left by the run before a requeue',
+    ]
+    if spec.warn_before:
+        then = "then requeue" if spec.requeue else f"then exit {STOPPED_EXIT_CODE}"
+        lines += [
+            "warned=0",
+            f"trap 'warned=1; echo \"packlora: job $SLURM_JOB_ID got USR1 (time limit or pre-emption in "
+            f"{spec.warn_before} s): checkpoint at the next step boundary, {then}\"; "
+            "touch \"$PACKLORA_STOP_FILE\"' USR1",
+        ]
     if not spec.gpus_per_node:
         lines.append("export OMP_NUM_THREADS=1")
     lines += [
@@ -171,6 +237,12 @@ def sbatch_script(spec: SlurmSpec) -> str:
         else 'export MASTER_PORT="$(python -m launcher.ports --seed "$SLURM_JOB_ID")"',
         f'echo "packlora: job $SLURM_JOB_ID, {n} node(s) x {g} process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"',
     ]
+    if spec.requeue:
+        lines += [
+            "# A requeued job (SLURM_RESTART_COUNT > 0) resumes from the newest complete checkpoint in output_dir.",
+            "export PACKLORA_RESUME=",
+            f'if [ "${{SLURM_RESTART_COUNT:-0}}" != 0 ]; then PACKLORA_RESUME={RESUME_OVERRIDE}; fi',
+        ]
     lines.append(_echo_paths(spec, "started;"))
     if spec.launcher == "deepspeed":
         lines.append(
@@ -178,27 +250,54 @@ def sbatch_script(spec: SlurmSpec) -> str:
             f'$(scontrol show hostnames "$SLURM_JOB_NODELIST") > {shlex.quote(spec.output)}/hostfile-"$SLURM_JOB_ID"'
         )
     lines += [
-        srun_line(spec) + " && status=0 || status=$?",
+        srun_line(spec) + " &",
+        "srun_pid=$!",
+        "while :; do  # a trapped signal interrupts wait while srun still runs: wait again",
+        '  wait "$srun_pid" && status=0 || status=$?',
+        '  kill -0 "$srun_pid" 2>/dev/null || break',
+        "done",
+        'if [ -e "$PACKLORA_STOP_FILE".checkpoint ]; then  # the training stopped on request, checkpoint complete',
+        f"  status={STOPPED_EXIT_CODE}",
+        '  echo "packlora: job $SLURM_JOB_ID stopped cleanly: $(cat "$PACKLORA_STOP_FILE".checkpoint)"',
+    ]
+    if spec.warn_before and spec.requeue:
+        lines += [
+            '  if [ "$warned" = 1 ]; then',
+            '    echo "packlora: requeueing job $SLURM_JOB_ID; the next run resumes from that checkpoint"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "  fi",
+        ]
+    lines += [
+        "fi",
         _echo_paths(spec, "finished with exit code $status;"),
         'exit "$status"',
     ]
     return "\n".join(lines) + "\n"
 
 
+RESUME_OVERRIDE = "training.resume_from_checkpoint=auto"
+"""What a requeued job adds to the training command (``$PACKLORA_RESUME`` in the script)."""
+
+
 def srun_line(spec: SlurmSpec) -> str:
     """The ``srun`` line that starts the training: one launcher per node, or one task per process.
 
+    Every step gets its CPUs on the line itself (``--cpus-per-task``): from Slurm 22.05 on, srun no
+    longer inherits the batch job's ``--cpus-per-task``. With ``requeue``, the unquoted
+    ``$PACKLORA_RESUME`` at the end is empty on the first run and ``RESUME_OVERRIDE`` after a requeue.
+
     Example:
-        >>> print(srun_line(SlurmSpec(nodes=1, gpus_per_node=0, launcher="srun", config="c.yaml",
+        >>> print(srun_line(SlurmSpec(nodes=1, gpus_per_node=0, launcher="srun", config="c.yaml", requeue=False,
         ...                           output="/o", workdir="/w", overrides=("training.max_steps=5",))))
-        srun --nodes=1 --ntasks-per-node=2 --kill-on-bad-exit=1 python -m training.train c.yaml training.max_steps=5
+        srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train c.yaml training.max_steps=5
     """
     n, g = spec.nodes, spec.procs_per_node
+    resume = " $PACKLORA_RESUME" if spec.requeue else ""
     if spec.launcher == "srun":
         return shlex.join(
-            ["srun", f"--nodes={n}", f"--ntasks-per-node={g}", "--kill-on-bad-exit=1",
-             "python", "-m", TRAIN_MODULE, spec.config, *spec.overrides]
-        )  # fmt: skip
+            ["srun", f"--nodes={n}", f"--ntasks-per-node={g}", f"--cpus-per-task={spec.cpus_per_task}",
+             "--kill-on-bad-exit=1", "python", "-m", TRAIN_MODULE, spec.config, *spec.overrides]
+        ) + resume  # fmt: skip
     runtime = {"--node-rank": '"$SLURM_NODEID"', "--node_rank": '"$SLURM_NODEID"',
                "--master-addr": '"$MASTER_ADDR"', "--master_addr": '"$MASTER_ADDR"',
                "--master-port": '"$MASTER_PORT"', "--master_port": '"$MASTER_PORT"',
@@ -210,7 +309,7 @@ def srun_line(spec: SlurmSpec) -> str:
     )  # placeholders, replaced by the shell variables the job sets
     argv = build_argv(launch)
     words = [runtime[argv[i - 1]] if i and argv[i - 1] in runtime else shlex.quote(w) for i, w in enumerate(argv)]
-    inner = "exec " + " ".join(words)
+    inner = "exec " + " ".join(words) + resume
     if spec.launcher == "deepspeed" and spec.gpus_per_node:
         # deepspeed sets CUDA_VISIBLE_DEVICES=0..G-1 itself, i.e. it would remap the GPUs Slurm assigned.
         expected = ",".join(str(i) for i in range(g))
@@ -220,9 +319,10 @@ def srun_line(spec: SlurmSpec) -> str:
             'use --launcher torchrun" >&2; '
             f"exit 2;; esac; {inner}"
         )
-    return shlex.join(["srun", f"--nodes={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]) + (
-        " " + shlex.quote(inner)
-    )
+    return shlex.join(
+        ["srun", f"--nodes={n}", "--ntasks-per-node=1", f"--cpus-per-task={spec.cpus_per_task}",
+         "--kill-on-bad-exit=1", "bash", "-c"]
+    ) + (" " + shlex.quote(inner))  # fmt: skip
 
 
 def _echo_paths(spec: SlurmSpec, when: str) -> str:

@@ -8,6 +8,11 @@ The config is loaded (and validated) here, before anything is queued; its ``outp
 on a file system every node sees (checkpoints and TensorBoard logs go there). The script, the
 hostfile (deepspeed) and the Slurm log ``slurm-<jobid>.out`` go to ``--output``, by default
 ``<output_dir>/slurm``. The script text comes from the pure ``launcher.slurm.sbatch_script``.
+
+GPUs per node come from ``--gpus-per-node``, else the config's ``gpus_per_node``, else the
+partition's GRES when every node has the same count (``launcher.sinfo``), never from this machine;
+otherwise it is an error naming the flag. The rendezvous port: ``--master-port``, else
+``MASTER_PORT`` from the environment, else chosen on the first node when the job starts.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.slurm import SLURM_LAUNCHERS, SlurmSpec, sbatch_script
+from launcher import sinfo
+from launcher.ports import explicit_port
+from launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S, SLURM_LAUNCHERS, SlurmSpec, sbatch_script
 
 SCRIPT_NAME = "packlora.sbatch"
 
@@ -85,13 +92,23 @@ def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Slu
         parser.error(str(err))
     output_dir = str(Path(cfg.output_dir).resolve())
     output = str(Path(args.output).resolve()) if args.output else f"{output_dir}/slurm"
+    gpus = _gpus_per_node(args, cfg, parser)
+    try:
+        port, note = explicit_port(args.master_port, os.environ)
+    except ValueError as err:
+        parser.error(str(err))
+    if note:
+        print(f"packlora slurm: {note}", file=sys.stderr)
     try:
         return SlurmSpec(
             nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
+            gpus_per_node=gpus,
             nproc_per_node=args.nproc_per_node,
+            cpus_per_process=args.cpus_per_gpu,
+            warn_before=args.warn_before,
+            requeue=not args.no_requeue,
             launcher=args.launcher,
-            master_port=args.master_port,
+            master_port=port,
             partition=args.partition,
             time=args.time,
             account=args.account,
@@ -107,6 +124,26 @@ def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Slu
         parser.error(str(err))
 
 
+def _gpus_per_node(args: argparse.Namespace, cfg, parser: argparse.ArgumentParser) -> int:
+    """``--gpus-per-node``, else the config's ``gpus_per_node``, else the partition's GRES when
+    unambiguous; never this machine's GPUs (a login node has none). Says on stderr where it came from."""
+    if args.gpus_per_node is not None:
+        return args.gpus_per_node
+    if cfg.gpus_per_node is not None:
+        print(f"packlora slurm: {cfg.gpus_per_node} GPU(s) per node from gpus_per_node in {args.config}", file=sys.stderr)
+        return cfg.gpus_per_node
+    found, why = sinfo.query(args.partition)
+    if found is None:
+        parser.error(
+            f"--gpus-per-node is required: the GPUs of this machine say nothing about the compute nodes, and "
+            f"{why}. Pass --gpus-per-node G (GPUs per node; 0 for CPU processes with gloo), or set "
+            f"gpus_per_node: G in {args.config}"
+        )
+    where = f"partition {args.partition!r}" if args.partition else "the default partition"
+    print(f"packlora slurm: {found} GPU(s) per node, the GRES of every node in {where} (sinfo)", file=sys.stderr)
+    return found
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="packlora slurm",
@@ -115,15 +152,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="training YAML config; relative paths are read from the current directory")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, passed on in order")
     p.add_argument("--nodes", type=int, required=True, help="machines to allocate")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per machine; 0: CPU processes (gloo)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="GPUs per machine; 0: CPU processes (gloo). Default: the config's gpus_per_node, else the "
+        "partition's GRES if every node has the same number of GPUs, else an error (never this machine's GPUs)",
+    )
     p.add_argument("--nproc-per-node", type=int, help="CPU processes per machine when --gpus-per-node 0 (default 2)")
+    p.add_argument(
+        "--cpus-per-gpu",
+        "--cpus-per-process",
+        type=int,
+        help=f"CPU cores per training process, i.e. per GPU; every srun step gets them "
+        f"(default: {DEFAULT_CPUS_PER_GPU} per GPU, 1 per CPU process)",
+    )
+    p.add_argument(
+        "--warn-before",
+        type=int,
+        default=DEFAULT_WARN_BEFORE_S,
+        metavar="SECONDS",
+        help="Slurm signals the job this long before its time limit (--signal=B:USR1@SECONDS); the run then "
+        "saves a checkpoint at the next step and stops (exit 75). Must cover a step plus a checkpoint "
+        "save; 0: no signal (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-requeue",
+        action="store_true",
+        help="after that stop, end the job (exit 75) instead of requeueing it; a requeued job resumes "
+        "from the newest complete checkpoint",
+    )
     p.add_argument(
         "--launcher",
         choices=SLURM_LAUNCHERS,
         default="torchrun",
         help="per-node launcher started by srun, or srun itself one task per process (default: %(default)s)",
     )
-    p.add_argument("--master-port", type=int, help="rendezvous port (default: chosen on the first node at start)")
+    p.add_argument(
+        "--master-port",
+        type=int,
+        help="rendezvous port (default: MASTER_PORT from the environment, else chosen on the first node at start)",
+    )
     p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
     p.add_argument("--time", help="time limit, e.g. 04:00:00 (default: the partition's)")
     p.add_argument("--account", help="Slurm account to charge (default: yours)")

@@ -115,6 +115,9 @@ class RunConfig(Section):
     """A file in ``ds_configs/`` (``zero2.json``, ``zero3.json``) or a path; null disables DeepSpeed."""
     log_batch_digests: bool = False
     """Debug: each rank appends a digest of every batch it trains on to ``output_dir/batches.rank{R}.jsonl``."""
+    gpus_per_node: int | None = field(default=None, metadata={"min": 0})
+    """GPUs of each Slurm node for ``packlora slurm`` when ``--gpus-per-node`` is not given (0: CPU
+    processes with gloo); null: the partition's GRES decides, when unambiguous. Never the submit host's."""
     preset: str | None = None
     """A style preset (``presets/``: ``zhang_henshui``, ``shishuo``, ``none``, or a YAML path): its
     system prompt and guard go into the chats (see presets/__init__.py), its stop tokens join
