@@ -5,10 +5,11 @@
     packlora launch configs/sft.yaml --launcher torchrun --nnodes 2 --node-rank 1 \\
         --master-addr 10.0.0.1 --master-port 29500                        # run on each node
     packlora launch configs/sft.yaml --hostfile hosts --master-port 29500 # deepspeed over ssh
-    packlora launch configs/sft.yaml --launcher slurm --nnodes 2          # = packlora slurm --submit --wait
+    packlora launch configs/sft.yaml --launcher slurm --nnodes 2 --gpus-per-node 8  # = packlora slurm --submit --wait
 
 This module holds the impure parts (CUDA detection, a free port, the environment, the
-subprocess); the command itself comes from the pure ``launcher.commands``.
+subprocess); the command itself comes from the pure ``launcher.commands``. The rendezvous port is
+``--master-port``, else ``MASTER_PORT`` from the environment, else a free one (single node).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from launcher.commands import build_argv, format_command
 from launcher.hostfile import HostfileError, read_hostfile
-from launcher.ports import choose_port
+from launcher.ports import choose_port, explicit_port
 from launcher.spec import LAUNCHERS, LaunchSpec
 
 CPU_NPROC_PER_NODE = 2
@@ -66,6 +68,11 @@ def main(argv: list[str]) -> int:
     _validate_config(args, parser)
     if args.launcher == "slurm":
         return _slurm(args, parser)
+    if args.gpus_per_node is not None:
+        parser.error(
+            f"--gpus-per-node is only read by --launcher slurm, got it with {args.launcher}; here "
+            "--nproc-per-node sets the processes of this machine (default: one per visible GPU)"
+        )
 
     spec = _spec(args, parser)
     command = build_argv(spec)
@@ -102,10 +109,26 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSp
             master_addr = hosts[0].name  # deepspeed starts rank 0 on the first host
     if nproc is None:
         nproc = cuda or CPU_NPROC_PER_NODE
-    port = args.master_port
+    cpus = _usable_cpus()
+    if not cuda and nproc > cpus:
+        print(
+            f"packlora launch: warning: {nproc} CPU processes (--nproc-per-node) on the {cpus} CPU core(s) this "
+            f"machine lets us use and no GPU: the processes will share cores and every step slows down; "
+            f"use --nproc-per-node {cpus} or fewer",
+            file=sys.stderr,
+        )
+    try:
+        port, note = explicit_port(args.master_port, os.environ)
+    except ValueError as err:
+        parser.error(str(err))
+    if note:
+        print(f"packlora launch: {note}", file=sys.stderr)
     if port is None:
         if nnodes > 1:
-            parser.error("--master-port is required with --nnodes > 1: every node must use the same port")
+            parser.error(
+                "--master-port is required with --nnodes > 1 (or MASTER_PORT in the environment): every node "
+                "must use the same port"
+            )
         try:
             port = choose_port(addr=master_addr)
         except (OSError, ValueError) as err:
@@ -177,10 +200,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--master-port",
         type=int,
-        help="rendezvous port on node 0 (default: a free port, single node only)",
+        help="rendezvous port on node 0 (default: MASTER_PORT from the environment, else a free port, single node only)",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="--launcher slurm only: GPUs per Slurm node (0: CPU processes); default: the config's "
+        "gpus_per_node, else the partition's GRES, else an error. Never this machine's GPUs",
     )
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p
+
+
+def _usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or a Slurm step's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _cuda_device_count() -> int:
@@ -198,8 +232,9 @@ def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(
             "--hostfile, --no-ssh, --node-rank and --master-addr come from Slurm with --launcher slurm; drop them"
         )
-    cuda = _cuda_device_count()
-    argv = [args.config, *args.overrides, "--nodes", str(args.nnodes or 1), "--gpus-per-node", str(cuda)]
+    argv = [args.config, *args.overrides, "--nodes", str(args.nnodes or 1)]
+    if args.gpus_per_node is not None:  # never this machine's GPUs: the compute nodes may differ
+        argv += ["--gpus-per-node", str(args.gpus_per_node)]
     if args.nproc_per_node is not None:
         argv += ["--nproc-per-node", str(args.nproc_per_node)]
     if args.master_port is not None:

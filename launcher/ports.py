@@ -19,7 +19,7 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 LINUX_DEFAULT_EPHEMERAL = (32768, 60999)
@@ -147,6 +147,40 @@ def choose_port(
         return explicit
     ephemeral = read_ephemeral_range() if ephemeral is None else ephemeral
     return pick_port(ephemeral, os.getpid() if seed is None else seed, lambda p: port_is_free(p, addr))
+
+
+PORT_ENV = "MASTER_PORT"
+
+
+def explicit_port(flag: int | None, env: Mapping[str, str]) -> tuple[int | None, str]:
+    """The rendezvous port the user chose: ``--master-port``, else ``MASTER_PORT`` from the
+    environment (torchrun's and deepspeed's own variable, e.g. exported by a site's job prolog);
+    ``None`` when neither is set. Also a note for stderr when the environment decided or was overridden.
+
+    Raises:
+        ValueError: ``MASTER_PORT`` is set (and no flag) but is not a port number; the message says
+            to unset it or pass ``--master-port``.
+
+    Example:
+        >>> explicit_port(None, {"MASTER_PORT": "29500"})
+        (29500, 'using MASTER_PORT=29500 from the environment as the rendezvous port')
+        >>> explicit_port(29511, {"MASTER_PORT": "29500"})
+        (29511, '--master-port 29511 overrides MASTER_PORT=29500 from the environment')
+        >>> explicit_port(None, {})
+        (None, '')
+    """
+    value = env.get(PORT_ENV, "").strip()
+    if flag is not None:
+        note = f"--master-port {flag} overrides {PORT_ENV}={value} from the environment" if value and value != str(flag) else ""
+        return flag, note
+    if not value:
+        return None, ""
+    if not value.isdigit() or not 1 <= int(value) <= MAX_PORT:
+        raise ValueError(
+            f"{PORT_ENV}={value!r} in the environment is not a port number (1..{MAX_PORT}); "
+            "unset it, or pass --master-port"
+        )
+    return int(value), f"using {PORT_ENV}={value} from the environment as the rendezvous port"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,10 +176,13 @@ def test_spec_is_frozen():
 
 @pytest.fixture
 def config_file(tmp_path, monkeypatch):
-    """A config at ``configs/x.yaml`` relative to the working directory; no GPU visible."""
+    """A config at ``configs/x.yaml`` relative to the working directory; no GPU visible, 4 usable
+    CPU cores, no MASTER_PORT in the environment."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "_usable_cpus", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     (tmp_path / "configs").mkdir()
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "configs" / "x.yaml").write_text(
@@ -261,7 +264,60 @@ def test_multi_node_without_master_port_is_an_error(config_file, capsys):
     with pytest.raises(SystemExit):
         cli.main([config_file, "--launcher", "torchrun", "--nnodes", "2", "--master-addr", "10.0.0.1", "--dry-run"])
 
-    assert "--master-port is required with --nnodes > 1" in capsys.readouterr().err
+    assert "--master-port is required with --nnodes > 1 (or MASTER_PORT in the environment)" in capsys.readouterr().err
+
+
+def test_master_port_from_the_environment_is_honoured_like_the_flag(config_file, capsys, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "29533")
+
+    cli.main([config_file, "--launcher", "torchrun", "--nnodes", "2", "--master-addr", "10.0.0.1", "--dry-run"])
+
+    captured = capsys.readouterr()
+    assert " --master-port 29533 " in captured.out
+    assert "packlora launch: using MASTER_PORT=29533 from the environment as the rendezvous port" in captured.err
+
+
+def test_master_port_flag_overrides_the_environment_and_says_so(config_file, capsys, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "29533")
+
+    cli.main([config_file, "--master-port", "29511", "--dry-run"])
+
+    captured = capsys.readouterr()
+    assert " --master_port 29511 " in captured.out
+    assert "--master-port 29511 overrides MASTER_PORT=29533 from the environment" in captured.err
+
+
+def test_a_master_port_in_the_environment_that_is_no_port_is_an_error(config_file, capsys, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "auto")
+    with pytest.raises(SystemExit):
+        cli.main([config_file, "--dry-run"])
+    assert "MASTER_PORT='auto' in the environment is not a port number (1..65535); unset it, or pass --master-port" in (
+        capsys.readouterr().err
+    )
+
+
+def test_more_cpu_processes_than_cpu_cores_warns_on_a_machine_without_gpu(config_file, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_usable_cpus", lambda: 2)
+
+    cli.main([config_file, "--nproc-per-node", "3", "--master-port", "29511", "--dry-run"])
+    warned = capsys.readouterr().err
+    cli.main([config_file, "--nproc-per-node", "2", "--master-port", "29511", "--dry-run"])
+
+    assert warned == (
+        "packlora launch: warning: 3 CPU processes (--nproc-per-node) on the 2 CPU core(s) this machine lets us "
+        "use and no GPU: the processes will share cores and every step slows down; use --nproc-per-node 2 or fewer\n"
+    )
+    assert capsys.readouterr().err == ""
+
+
+def test_no_cpu_warning_with_gpus(config_file, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    cli.main([config_file, "--master-port", "29511", "--dry-run"])
+    assert capsys.readouterr().err == ""
 
 
 def test_launch_runs_the_printed_command_and_returns_its_exit_code(config_file, capsys, monkeypatch):
