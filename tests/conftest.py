@@ -51,3 +51,22 @@ def qwen2_tokenizer():
 @pytest.fixture
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def multinode_config(tmp_path_factory) -> Path:
+    """The tiny run every two-node test trains (``tests/multinode.py``); one workspace per session."""
+    from multinode import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("multinode"))
+
+
+@pytest.fixture(scope="session")
+def one_node_reference(multinode_config) -> Path:
+    """``output_dir`` of the one-node, two-process run of ``multinode_config`` that every two-node run
+    must match step for step; trained once per session, on first use."""
+    from launching import launch
+
+    out = multinode_config.parent / "one-node-reference"
+    launch(multinode_config, "--nproc-per-node", "2", f"output_dir={out}", log=out.with_suffix(".log"), timeout=600)
+    return out
