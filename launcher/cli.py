@@ -200,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--master-port",
         type=int,
-        help="rendezvous port on node 0 (default: MASTER_PORT from the environment, else a free port, single node only)",
+        help="rendezvous port on node 0 (default: MASTER_PORT from the environment, else a free port, "
+        "single node only)",
     )
     p.add_argument(
         "--gpus-per-node",

@@ -171,8 +171,8 @@ def explicit_port(flag: int | None, env: Mapping[str, str]) -> tuple[int | None,
     """
     value = env.get(PORT_ENV, "").strip()
     if flag is not None:
-        note = f"--master-port {flag} overrides {PORT_ENV}={value} from the environment" if value and value != str(flag) else ""
-        return flag, note
+        overridden = value and value != str(flag)
+        return flag, f"--master-port {flag} overrides {PORT_ENV}={value} from the environment" if overridden else ""
     if not value:
         return None, ""
     if not value.isdigit() or not 1 <= int(value) <= MAX_PORT:

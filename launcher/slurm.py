@@ -287,9 +287,9 @@ def srun_line(spec: SlurmSpec) -> str:
     ``$PACKLORA_RESUME`` at the end is empty on the first run and ``RESUME_OVERRIDE`` after a requeue.
 
     Example:
-        >>> print(srun_line(SlurmSpec(nodes=1, gpus_per_node=0, launcher="srun", config="c.yaml", requeue=False,
+        >>> print(srun_line(SlurmSpec(nodes=1, gpus_per_node=0, launcher="srun", config="c.yaml",
         ...                           output="/o", workdir="/w", overrides=("training.max_steps=5",))))
-        srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train c.yaml training.max_steps=5
+        srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train c.yaml training.max_steps=5 $PACKLORA_RESUME
     """
     n, g = spec.nodes, spec.procs_per_node
     resume = " $PACKLORA_RESUME" if spec.requeue else ""

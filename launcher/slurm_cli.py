@@ -130,7 +130,8 @@ def _gpus_per_node(args: argparse.Namespace, cfg, parser: argparse.ArgumentParse
     if args.gpus_per_node is not None:
         return args.gpus_per_node
     if cfg.gpus_per_node is not None:
-        print(f"packlora slurm: {cfg.gpus_per_node} GPU(s) per node from gpus_per_node in {args.config}", file=sys.stderr)
+        print(f"packlora slurm: {cfg.gpus_per_node} GPU(s) per node from gpus_per_node in {args.config}",
+              file=sys.stderr)
         return cfg.gpus_per_node
     found, why = sinfo.query(args.partition)
     if found is None:

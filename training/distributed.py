@@ -223,10 +223,10 @@ def describe_place(env: Mapping[str, str]) -> str:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     node = f", Slurm node {env['SLURMD_NODENAME']}" if env.get("SLURMD_NODENAME") else ""
+    slurm_cpus, threads = env.get("SLURM_CPUS_PER_TASK", "<unset>"), env.get("OMP_NUM_THREADS", "<unset>")
     return (
         f"rank {env.get('RANK', 0)} of {env.get('WORLD_SIZE', 1)} (local rank {env.get('LOCAL_RANK', 0)}) on "
-        f"{socket.gethostname()}: {cpus} CPU(s) usable, SLURM_CPUS_PER_TASK={env.get('SLURM_CPUS_PER_TASK', '<unset>')}, "
-        f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '<unset>')}{node}"
+        f"{socket.gethostname()}: {cpus} CPU(s) usable, SLURM_CPUS_PER_TASK={slurm_cpus}, OMP_NUM_THREADS={threads}{node}"
     )
 
 
@@ -250,7 +250,9 @@ def fault_injection_callbacks() -> list:
         if action not in ("exit", "hang", "pause"):
             raise ValueError
     except ValueError:
-        raise LaunchEnvError(f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit, RANK:STEP:hang or RANK:STEP:pause") from None
+        raise LaunchEnvError(
+            f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit, RANK:STEP:hang or RANK:STEP:pause"
+        ) from None
     stop_file = os.environ.get("PACKLORA_STOP_FILE")
     if action == "pause" and not stop_file:
         raise LaunchEnvError(f"{FAULT_ENV}={spec!r}: pause waits for PACKLORA_STOP_FILE, which is not set")
