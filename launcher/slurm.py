@@ -139,6 +139,12 @@ class SlurmSpec:
             problems.append(f"--master-port must be in 1..65535, got {self.master_port}")
         if self.time is not None and not _TIME.fullmatch(self.time):
             problems.append(f"--time must be Slurm time like 30, 04:00:00 or 1-00:00, got {self.time!r}")
+        elif self.time is not None and self.warn_before * 2 > slurm_time_seconds(self.time):
+            problems.append(
+                f"--warn-before {self.warn_before} s would stop the run before half of --time {self.time} "
+                f"({slurm_time_seconds(self.time)} s) is used, every time it is requeued; lower --warn-before "
+                "or raise --time"
+            )
         for name in ("output", "workdir"):
             if not getattr(self, name).startswith("/"):
                 problems.append(
@@ -150,6 +156,24 @@ class SlurmSpec:
                 problems.append(f"--{name.replace('_', '-')} must be one word, got {value!r}")
         problems += config_problems(self.config, self.overrides)
         return problems
+
+
+def slurm_time_seconds(text: str) -> int:
+    """Seconds in a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``
+    (sbatch(1), ``--time``).
+
+    Example:
+        >>> [slurm_time_seconds(t) for t in ("30", "30:15", "04:00:00", "1-00", "1-02:30", "1-00:00:10")]
+        [1800, 1815, 14400, 86400, 95400, 86410]
+    """
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 3:
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
 
 
 def sbatch_script(spec: SlurmSpec) -> str:
