@@ -447,15 +447,24 @@ def test_launch_rejects_a_hostfile_that_disagrees(config_file, capsys, hostfile,
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("value", "ok"), [(None, True), (0, True), (8, True), (-1, False), ("8", False), (True, False)])
-def test_gpus_per_node_config_key_is_validated(value, ok, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (None, None), (0, None), (8, None),
+        (-1, "gpus_per_node: must be an integer >= 0 or null, got -1"),
+        ("8", "gpus_per_node: must be an integer or null, got '8'"),
+        (True, "gpus_per_node: must be an integer or null, got True"),
+    ],
+)  # fmt: skip
+def test_gpus_per_node_config_key_is_validated(value, error, tmp_path, monkeypatch):
     from training.config import ConfigError, config_from_dict
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     raw = {"output_dir": "out", "gpus_per_node": value, "model": {"name_or_path": "."}, "data": {"train": ["d.jsonl"]}}
-    if ok:
+    if error is None:
         assert config_from_dict(raw).gpus_per_node == value
     else:
-        with pytest.raises(ConfigError, match="gpus_per_node: must be an integer >= 0"):
+        with pytest.raises(ConfigError) as excinfo:
             config_from_dict(raw)
+        assert excinfo.value.problems == [error]
