@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
+    _quiet_known_noise()  # before configure imports DeepSpeed
     distributed.configure()  # before TrainingArguments initialises the process group; sets RANK under srun
     _setup_logging()  # after configure: the rank in every log line is this process's own
     _log_place()
@@ -301,7 +302,6 @@ def _setup_logging() -> None:
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    _quiet_known_noise()
 
 
 # Messages every run printed that say nothing about this run (transformers 5.24, torch 2.13,
