@@ -249,8 +249,9 @@ def test_training_run_with_every_example_dropped_stops_before_training_and_write
         [sys.executable, "-m", "training.train", str(tmp_path / "run.yaml")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
-    assert proc.returncode != 0
-    assert "NoExampleError: no example left to train on: {'too_long': 2} dropped of 2 records" in proc.stderr
+    assert proc.returncode == 1
+    assert "packlora train: error: no example left to train on: {'too_long': 2} dropped of 2 records" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert json.loads((out / "data_report.json").read_text()) == {
         "lines_read": 2, "records": 2, "examples": 0, "dropped": {"too_long": 2}
     }

@@ -140,7 +140,7 @@ def test_config_paths_are_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_and_check(cfg)  # then what the machine must have, before any work
     keys = [p.split(":")[0] for p in err.value.problems]
-    assert keys == ["model.name_or_path", "data.train", "training.resume_from_checkpoint"], keys
+    assert keys == ["model.name_or_path", "data.train[0]", "training.resume_from_checkpoint"], keys
     assert not (tmp_path / "out").exists(), "load_config created the output directory"
 
 
