@@ -513,7 +513,7 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
     from training.data import prepare_run_data
     from training.model import build_model
     from training.trainer import PackloraTrainer
-    from training.train import build_training_arguments
+    from packlora.train import build_training_arguments
 
     cuda = torch.cuda.is_available()
     spec = TINY if tiny else QWEN25_05B

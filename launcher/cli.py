@@ -164,7 +164,7 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSp
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="packlora launch",
-        description="Start `python -m training.train CONFIG [key.sub=value ...]` on every process.",
+        description="Start `python -m packlora.train CONFIG [key.sub=value ...]` on every process.",
     )
     p.add_argument("config", help="training YAML config; must exist")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, passed on in order")

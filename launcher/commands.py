@@ -1,7 +1,7 @@
 """Pure functions from a ``LaunchSpec`` to the launcher's argv, and from argv to a shell line.
 
 Nothing here reads the environment or the file system; ``launcher.cli`` does that.
-Every launched process runs ``python -m training.train CONFIG [key.sub=value ...]`` and
+Every launched process runs ``python -m packlora.train CONFIG [key.sub=value ...]`` and
 reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from its environment.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from launcher.spec import LaunchSpec
 
-TRAIN_MODULE = "training.train"
+TRAIN_MODULE = "packlora.train"
 """The module each launched process runs, as with ``python -m``."""
 
 
@@ -21,7 +21,7 @@ def deepspeed_argv(spec: LaunchSpec) -> list[str]:
     ``--num_accelerators`` (alias of ``--num_gpus``) is always passed: without it the
     deepspeed CLI starts a single process on a machine without GPUs. ``--no_local_rank``
     stops it appending ``--local_rank=N`` to our module's arguments (the rank is in the
-    environment), and ``--module`` runs ``training.train`` as ``python -m`` would.
+    environment), and ``--module`` runs ``packlora.train`` as ``python -m`` would.
 
     Returns:
         argv, starting with ``"deepspeed"``; ``--hostfile`` only when ``spec.hostfile`` is set,
@@ -36,7 +36,7 @@ def deepspeed_argv(spec: LaunchSpec) -> list[str]:
         >>> deepspeed_argv(spec)  # doctest: +NORMALIZE_WHITESPACE
         ['deepspeed', '--num_nodes', '1', '--num_accelerators', '2',
          '--master_addr', '127.0.0.1', '--master_port', '29500',
-         '--no_local_rank', '--module', 'training.train', 'configs/sft.yaml', 'training.max_steps=5']
+         '--no_local_rank', '--module', 'packlora.train', 'configs/sft.yaml', 'training.max_steps=5']
     """
     _check_launcher(spec, "deepspeed")
     argv = [
@@ -69,7 +69,7 @@ def torchrun_argv(spec: LaunchSpec) -> list[str]:
         ...                   config="configs/sft.yaml")
         >>> torchrun_argv(spec)  # doctest: +NORMALIZE_WHITESPACE
         ['torchrun', '--nnodes', '1', '--nproc-per-node', '2', '--node-rank', '0',
-         '--master-addr', '127.0.0.1', '--master-port', '29500', '-m', 'training.train', 'configs/sft.yaml']
+         '--master-addr', '127.0.0.1', '--master-port', '29500', '-m', 'packlora.train', 'configs/sft.yaml']
     """
     _check_launcher(spec, "torchrun")
     return [
@@ -100,8 +100,8 @@ def format_command(argv: Sequence[str], env: Iterable[tuple[str, str]] = ()) -> 
         ``NAME=value ... argv...``, which a POSIX shell runs as the launcher would.
 
     Example:
-        >>> format_command(["torchrun", "-m", "training.train", "my config.yaml"], [("OMP_NUM_THREADS", "1")])
-        "OMP_NUM_THREADS=1 torchrun -m training.train 'my config.yaml'"
+        >>> format_command(["torchrun", "-m", "packlora.train", "my config.yaml"], [("OMP_NUM_THREADS", "1")])
+        "OMP_NUM_THREADS=1 torchrun -m packlora.train 'my config.yaml'"
     """
     assignments = [f"{name}={shlex.quote(value)}" for name, value in env]
     return " ".join([*assignments, shlex.join(argv)])

@@ -313,7 +313,7 @@ def srun_line(spec: SlurmSpec) -> str:
     Example:
         >>> print(srun_line(SlurmSpec(nodes=1, gpus_per_node=0, launcher="srun", config="c.yaml",
         ...                           output="/o", workdir="/w", overrides=("training.max_steps=5",))))
-        srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train c.yaml training.max_steps=5 $PACKLORA_RESUME
+        srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m packlora.train c.yaml training.max_steps=5 $PACKLORA_RESUME
     """
     n, g = spec.nodes, spec.procs_per_node
     resume = " $PACKLORA_RESUME" if spec.requeue else ""

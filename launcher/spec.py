@@ -45,7 +45,7 @@ class LaunchSpec:
     """deepspeed only: start just this node's processes (``--no_ssh --node_rank``), as when every node
     runs its own launcher (Slurm); otherwise deepspeed starts all hostfile nodes from node 0 over ssh."""
     config: str
-    """Path of the training YAML config passed to ``training.train``."""
+    """Path of the training YAML config passed to ``packlora.train``."""
     overrides: tuple[str, ...] = ()
     """Config overrides ``key.sub=value`` appended after the config path, in order."""
     env: tuple[tuple[str, str], ...] = ()

@@ -21,7 +21,7 @@ import sys
 SUBCOMMANDS = {
     "launch": ("launcher.cli", "build and run the deepspeed/torchrun command for a config"),
     "slurm": ("launcher.slurm_cli", "write (and submit) an sbatch script: one launcher task per node"),
-    "train": ("training.train", "run one training process (started by `launch`)"),
+    "train": ("packlora.train", "run one training process (started by `launch`)"),
     "inspect": ("training.inspect_cli", "label audit: what is trained, packing efficiency"),
     "decode": ("decoding.cli", "generate replies from a checkpoint, stopping at its stop IDs"),
     "subset": ("data_utils.subset", "reproducible length-stratified subset of a JSONL file, with a manifest"),

@@ -158,7 +158,7 @@ def run_training(config_path: Path, done_file: Path, config: dict, force: bool =
         return False
     shutil.rmtree(config["output_dir"], ignore_errors=True)  # a stale run would be resumed or mixed in
     config_path.write_text(text, encoding="utf-8")
-    _run([sys.executable, "-m", "training.train", str(config_path)])
+    _run([sys.executable, "-m", "packlora.train", str(config_path)])
     return True
 
 

@@ -246,7 +246,7 @@ def test_training_run_with_every_example_dropped_stops_before_training_and_write
     }  # fmt: skip
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
-        [sys.executable, "-m", "training.train", str(tmp_path / "run.yaml")],
+        [sys.executable, "-m", "packlora.train", str(tmp_path / "run.yaml")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 1

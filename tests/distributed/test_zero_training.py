@@ -406,7 +406,7 @@ def test_launch_dry_run_prints_a_two_process_deepspeed_command(workspace):
     words = line.split()
     assert "deepspeed" in words
     assert "--num_accelerators 2" in line
-    assert "--no_local_rank --module training.train" in line
+    assert "--no_local_rank --module packlora.train" in line
     assert line.endswith(f"{workspace / 'run.yaml'} output_dir={out} training.max_steps=3")
     assert not out.exists(), "--dry-run started training"
 
@@ -414,7 +414,7 @@ def test_launch_dry_run_prints_a_two_process_deepspeed_command(workspace):
 @pytest.mark.parametrize("stage", STAGES)
 def test_the_run_log_holds_no_library_noise(trained, stage, workspace):
     """Deprecations inside the libraries, DeepSpeed's compiler probe and accelerate's accumulation
-    "mismatch" say nothing about the run; packlora filters them (``training.train._quiet_known_noise``)."""
+    "mismatch" say nothing about the run; packlora filters them (``packlora.train._quiet_known_noise``)."""
     trained(stage)
     log = (workspace / f"{stage}.log").read_text(encoding="utf-8")
     for noise in ("FutureWarning", "compilers.C.base", "Gradient accumulation steps mismatch", "pin_memory"):

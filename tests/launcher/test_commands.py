@@ -31,7 +31,7 @@ def test_deepspeed_single_node_cpu_argv_starts_two_processes():
         "--master_addr", "127.0.0.1",
         "--master_port", "29500",
         "--no_local_rank",
-        "--module", "training.train",
+        "--module", "packlora.train",
         "configs/sft.yaml", "training.max_steps=5", "lora.r=8",
     ]  # fmt: skip
     assert spec.world_size == 2
@@ -48,7 +48,7 @@ def test_deepspeed_multi_node_argv_passes_hostfile():
         "--master_port", "29500",
         "--hostfile", "/etc/packlora/hosts",
         "--no_local_rank",
-        "--module", "training.train",
+        "--module", "packlora.train",
         "configs/sft.yaml",
     ]  # fmt: skip
     assert spec.world_size == 16
@@ -64,7 +64,7 @@ def test_torchrun_single_node_argv_forwards_overrides_in_order():
         "--node-rank", "0",
         "--master-addr", "127.0.0.1",
         "--master-port", "29500",
-        "-m", "training.train",
+        "-m", "packlora.train",
         "configs/sft.yaml", "b.x=1", "a.y=2",
     ]  # fmt: skip
 
@@ -79,7 +79,7 @@ def test_torchrun_multi_node_argv_carries_this_nodes_rank():
         "--node-rank", "3",
         "--master-addr", "node0.cluster",
         "--master-port", "29500",
-        "-m", "training.train",
+        "-m", "packlora.train",
         "configs/sft.yaml",
     ]  # fmt: skip
     assert spec.world_size == 32
@@ -97,19 +97,19 @@ def test_argv_builder_refuses_a_spec_for_the_other_launcher():
 
 def test_format_command_quotes_values_with_spaces_and_prefixes_env():
     line = format_command(
-        ["torchrun", "-m", "training.train", "my configs/a.yaml", "data.name=it's here"],
+        ["torchrun", "-m", "packlora.train", "my configs/a.yaml", "data.name=it's here"],
         [("OMP_NUM_THREADS", "1"), ("TENSORBOARD_LOGGING_DIR", "runs/a b")],
     )
 
     assert line == (
         "OMP_NUM_THREADS=1 TENSORBOARD_LOGGING_DIR='runs/a b' "
-        "torchrun -m training.train 'my configs/a.yaml' 'data.name=it'\"'\"'s here'"
+        "torchrun -m packlora.train 'my configs/a.yaml' 'data.name=it'\"'\"'s here'"
     )
 
 
 def test_format_command_without_env_is_just_the_quoted_argv():
-    assert format_command(["deepspeed", "--module", "training.train", "c.yaml"]) == (
-        "deepspeed --module training.train c.yaml"
+    assert format_command(["deepspeed", "--module", "packlora.train", "c.yaml"]) == (
+        "deepspeed --module packlora.train c.yaml"
     )
 
 
@@ -213,7 +213,7 @@ def test_dry_run_on_cpu_prints_deepspeed_command_with_overrides_and_one_thread(c
     assert code == 0
     assert capsys.readouterr().out == (
         "OMP_NUM_THREADS=1 deepspeed --num_nodes 1 --num_accelerators 2 --master_addr 127.0.0.1 "
-        "--master_port 29511 --no_local_rank --module training.train configs/x.yaml training.max_steps=5 lora.r=4\n"
+        "--master_port 29511 --no_local_rank --module packlora.train configs/x.yaml training.max_steps=5 lora.r=4\n"
     )
 
 
@@ -224,7 +224,7 @@ def test_dry_run_keeps_the_users_omp_num_threads(config_file, capsys, monkeypatc
 
     assert capsys.readouterr().out == (
         "torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr 127.0.0.1 --master-port 29511 "
-        "-m training.train configs/x.yaml\n"
+        "-m packlora.train configs/x.yaml\n"
     )
 
 

@@ -51,7 +51,7 @@ echo "packlora: job $SLURM_JOB_ID, 2 node(s) x 8 process(es), rendezvous $MASTER
 export PACKLORA_RESUME=
 if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then PACKLORA_RESUME=training.resume_from_checkpoint=auto; fi
 echo "packlora: job $SLURM_JOB_ID started;" "checkpoints in" /shared/runs/sft "TensorBoard logs in" /shared/runs/sft/runs "Slurm log" /shared/runs/sft/slurm/slurm-"$SLURM_JOB_ID".out
-srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 bash -c 'exec torchrun --nnodes 2 --nproc-per-node 8 --node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m training.train configs/sft.yaml training.max_steps=100 $PACKLORA_RESUME' &
+srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 bash -c 'exec torchrun --nnodes 2 --nproc-per-node 8 --node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m packlora.train configs/sft.yaml training.max_steps=100 $PACKLORA_RESUME' &
 srun_pid=$!
 while :; do  # a trapped signal interrupts wait while srun still runs: wait again
   wait "$srun_pid" && status=0 || status=$?
@@ -85,7 +85,7 @@ def test_deepspeed_script_writes_the_allocations_hostfile_and_refuses_remapped_g
         """GPUs Slurm assigned (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES); use --launcher torchrun" >&2; exit 2;; """
         """esac; exec deepspeed --num_nodes 2 --num_accelerators 4 --master_addr "$MASTER_ADDR" --master_port """
         """"$MASTER_PORT" --hostfile /shared/runs/sft/slurm/hostfile-"$SLURM_JOB_ID" --no_ssh --node_rank """
-        """"$SLURM_NODEID" --no_local_rank --module training.train configs/sft.yaml $PACKLORA_RESUME'"""
+        """"$SLURM_NODEID" --no_local_rank --module packlora.train configs/sft.yaml $PACKLORA_RESUME'"""
     )
 
 
@@ -101,7 +101,7 @@ def test_srun_per_process_script_on_cpu_asks_one_task_and_core_per_process():
     assert "#SBATCH --cpus-per-task=1" in text and "--gpus-per-node" not in text
     assert "export OMP_NUM_THREADS=1\nexport PACKLORA_WORLD_SIZE=2\n" in text
     assert (
-        "\nsrun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train "
+        "\nsrun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m packlora.train "
         "configs/sft.yaml $PACKLORA_RESUME &\n"
     ) in text
 
@@ -177,7 +177,7 @@ def test_script_on_usr1_asks_for_a_stop_then_requeues_once_the_checkpoint_is_ack
     done = _run_script(tmp_path, sbatch_script(spec), srun, {"SLURM_RESTART_COUNT": "0"})
 
     assert done.returncode == 75, done.stdout + done.stderr
-    assert "args: --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train " \
+    assert "args: --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m packlora.train " \
            "configs/sft.yaml\n" in done.stdout  # the first run starts fresh
     assert "got USR1 (time limit or pre-emption in 120 s): checkpoint at the next step boundary" in done.stdout
     assert 'stopped cleanly: {"global_step": 7}' in done.stdout
@@ -193,7 +193,7 @@ def test_script_of_a_requeued_job_resumes_and_clears_the_last_runs_stop_files(tm
     done = _run_script(tmp_path, sbatch_script(spec), srun, {"SLURM_RESTART_COUNT": "1"})
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "args: --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m training.train " \
+    assert "args: --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 python -m packlora.train " \
            "configs/sft.yaml training.resume_from_checkpoint=auto\n" in done.stdout
     assert not (tmp_path / "calls").exists() and not (tmp_path / "stop-42").exists()
 
@@ -231,7 +231,7 @@ def test_srun_line_passes_words_with_spaces_and_quotes_through_bash_intact(tmp_p
     printed = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, check=True).stdout
     assert printed.splitlines() == [
         "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "node01",
-        "--master-port", "20417", "-m", "training.train", "my configs/a.yaml", "data.note=it's $HOME",
+        "--master-port", "20417", "-m", "packlora.train", "my configs/a.yaml", "data.note=it's $HOME",
     ]  # fmt: skip
 
 
@@ -287,7 +287,7 @@ def test_slurm_dry_run_prints_the_script_and_the_sbatch_command_and_writes_nothi
     assert out.startswith("#!/bin/bash\n# Written by `packlora slurm`: 1 node(s) x 2 process(es)")
     assert f"#SBATCH --output={root}/runs/x/slurm/slurm-%j.out\n" in out
     assert f"cd {root}\n" in out and "export MASTER_PORT=29511\n" in out
-    assert "python -m training.train configs/x.yaml training.max_steps=5 $PACKLORA_RESUME &\n" in out
+    assert "python -m packlora.train configs/x.yaml training.max_steps=5 $PACKLORA_RESUME &\n" in out
     assert out.endswith(f"# then: sbatch --parsable {root}/runs/x/slurm/packlora.sbatch\n")
     assert not (root / "runs").exists()
 
@@ -418,7 +418,7 @@ def test_launch_takes_nodes_slots_and_master_addr_from_the_hostfile(config_file,
     assert cli.main(["configs/x.yaml", "--hostfile", "hosts", "--master-port", "29500", "--dry-run"]) == 0
     assert capsys.readouterr().out == (
         "OMP_NUM_THREADS=1 deepspeed --num_nodes 2 --num_accelerators 2 --master_addr node01 --master_port 29500 "
-        "--hostfile hosts --no_local_rank --module training.train configs/x.yaml\n"
+        "--hostfile hosts --no_local_rank --module packlora.train configs/x.yaml\n"
     )
 
 
@@ -427,7 +427,7 @@ def test_launch_no_ssh_runs_only_this_nodes_share(config_file, capsys):
 
     cli.main(["configs/x.yaml", "--hostfile", "hosts", "--no-ssh", "--node-rank", "1", "--master-port", "29500", "--dry-run"])
     assert capsys.readouterr().out.endswith(
-        "--hostfile hosts --no_ssh --node_rank 1 --no_local_rank --module training.train configs/x.yaml\n"
+        "--hostfile hosts --no_ssh --node_rank 1 --no_local_rank --module packlora.train configs/x.yaml\n"
     )
 
 

@@ -1,4 +1,4 @@
-"""``training.train.main`` end to end in this process (no launcher, no DeepSpeed, CPU, fp32), and
+"""``packlora.train.main`` end to end in this process (no launcher, no DeepSpeed, CPU, fp32), and
 the stop IDs surviving every documented way of loading what it wrote.
 
 One tiny run (module fixture, ~15 s): a 2-layer Qwen2 built from a config, the real Qwen2
@@ -39,8 +39,8 @@ CHECKPOINT_FILES = {
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """Train once with ``training.train.main`` and return the run's output_dir."""
-    from training import train
+    """Train once with ``packlora.train.main`` and return the run's output_dir."""
+    from packlora import train
 
     ws = tmp_path_factory.mktemp("smoke")
     chats = ws / "chats.jsonl"
@@ -194,7 +194,7 @@ def test_a_moved_run_decodes_exports_and_resumes(run_dir, tmp_path, monkeypatch)
     import shutil
 
     from decoding.decode import decode_file
-    from training import train
+    from packlora import train
     from training.export import main as export
 
     moved = tmp_path / "elsewhere" / "run"

@@ -2,7 +2,7 @@
 
 Started once per process by ``packlora launch`` (deepspeed or torchrun); by hand::
 
-    deepspeed --num_accelerators 2 --no_local_rank --module training.train configs/shishuo_tiny.yaml
+    deepspeed --num_accelerators 2 --no_local_rank --module packlora.train configs/shishuo_tiny.yaml
 
 Rank 0 logs the resolved config, the data report and the batch arithmetic, audits the labels of
 the first packed row, and after training decodes the held-out prompts with the checkpoint's stop IDs.
