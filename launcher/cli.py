@@ -31,16 +31,24 @@ CPU_NPROC_PER_NODE = 2
 
 def _validate_config(args, parser) -> None:
     """Load and check the config with its overrides here, once, so a bad key fails in a second
-    instead of in every rank after start-up. ``--dry-run`` skips the check of ``training:`` keys
-    against ``TrainingArguments`` (it would import transformers just to print a command). When the
+    instead of in every rank after start-up, and parse every record of the data (a bad line is an
+    error naming ``file:line`` before any process starts). ``--dry-run`` skips the records and the
+    check of ``training:`` keys against ``TrainingArguments``. When the
     training processes will run on this machine (not Slurm, no hostfile), also refuse what this
     machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``)."""
     from training.config import ConfigError
     from training.preflight import load_and_check
 
+    from data_utils.dataset import NoExampleError, read_stage
+    from data_utils.records import RecordError
+
     try:
         cfg = load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
-    except (FileNotFoundError, ConfigError) as err:
+        if not args.dry_run:  # every record parsed here, in seconds, not after every rank has started
+            for name in ("train", "eval"):
+                if cfg.data.sources(name):
+                    read_stage(cfg.data.sources(name), cfg.data.format, cfg.data.on_error)
+    except (FileNotFoundError, ConfigError, RecordError, NoExampleError) as err:
         parser.error(str(err))
     if args.launcher != "slurm" and args.hostfile is None:
         from training.model import check_runs_here

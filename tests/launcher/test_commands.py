@@ -365,3 +365,15 @@ def test_gpu_default_is_one_process_per_visible_gpu(config_file, capsys, monkeyp
     cli.main([config_file, "--master-port", "29511", "--dry-run"])
 
     assert "--num_accelerators 4 " in capsys.readouterr().out
+
+
+def test_a_bad_record_fails_the_launch_before_any_process_starts(config_file, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a bad record"))
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "Hi", "completion": "Yes."}\n')
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([config_file, f"data.train=[{bad}]"])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2
+    assert f"{bad}:2: cannot tell the format from keys ['completion', 'prompt']" in err
+    assert "Traceback" not in err
