@@ -174,3 +174,52 @@ def prepare(files, tokenizer, *, seed: int = 42, preset=None, preset_overrides_s
         data["cache_dir"] = str(data["cache_dir"])
     cfg = DataConfig(train=[str(f) for f in files], **data)
     return prepare_data(cfg, ChatFormat(tokenizer), seed=seed, preset=preset, preset_overrides_system=preset_overrides_system)
+
+
+# ---- packed-vs-alone attention checks (tests/training/test_packed_attention.py, test_varlen_attention.py)
+
+PACKED_SEQ_LENS = [[5, 7, 3], [4, 1, 6, 2]]  # row 0 is 15 tokens (full), row 1 is 13 -> padded with 2
+PACKED_VOCAB = 97
+
+
+def attention_model(attn: str, lora: bool = False, **overrides):
+    """A seeded 2-layer Qwen2 (vocab ``PACKED_VOCAB``) in fp32 with ``attn_implementation=attn``, in eval
+    mode; ``lora``: LoRA r=4 on the attention and up projections with A and B both random (so both
+    get gradients)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    cfg = tiny_qwen2_config(vocab_size=PACKED_VOCAB, **overrides)
+    cfg.pop("model_type")
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg), attn_implementation=attn, dtype=torch.float32)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                                                 init_lora_weights=False))
+    return model.eval()
+
+
+def packed_rows(seq_lens=PACKED_SEQ_LENS) -> list[dict]:
+    """Rows of random ids (seeded) with ``labels == input_ids`` and the given segment lengths."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for lens in seq_lens:
+        ids = torch.randint(3, PACKED_VOCAB, (sum(lens),), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "seq_lens": lens})
+    return rows
+
+
+def summed_ce(logits, labels):
+    """Summed next-token cross-entropy over trained labels (the shift HF models apply)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def trainable_grads(model) -> dict:
+    """A copy of the gradient of every trainable parameter, by name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -13,18 +13,18 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from data_utils.collator import PackedCollator
-from tiny_assets import tiny_qwen2_config
+from tiny_assets import PACKED_SEQ_LENS, PACKED_VOCAB, attention_model, packed_rows, summed_ce, trainable_grads
 from training import varlen_attention
 from training.isolation import PackedInputError, install_isolation_guard
 from training.model import check_attention_backend
 
-SEQ_LENS = [[5, 7, 3], [4, 1, 6, 2]]
-VOCAB = 97
+SEQ_LENS, VOCAB = PACKED_SEQ_LENS, PACKED_VOCAB
+
+
+def _lora_model(attn, lora=True, **overrides):
+    return attention_model(attn, lora, **overrides)
 LAYERS = 2
 # Segment boundaries, written out by hand from SEQ_LENS.
 FLAT_CU = [0, 5, 12, 15, 19, 20, 26, 28]  # flattened: row 1 follows row 0, no padding
@@ -61,48 +61,27 @@ def kernel_calls(monkeypatch, request):
     return calls
 
 
-def _model(attn, lora=True, **overrides):
-    torch.manual_seed(0)
-    cfg = tiny_qwen2_config(vocab_size=VOCAB, **overrides)
-    cfg.pop("model_type")
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg), attn_implementation=attn, dtype=torch.float32)
-    if lora:  # init_lora_weights=False: A and B both random, so both get gradients
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
-                                                 init_lora_weights=False))
-    return model.eval()
 
 
-def _rows():
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for lens in SEQ_LENS:
-        ids = torch.randint(3, VOCAB, (sum(lens),), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": ids, "seq_lens": lens})
-    return rows
 
 
-def _sum_ce(logits, labels):
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _alone(rows):
     """Logits of each example run alone through plain sdpa, and the LoRA gradients of their summed loss."""
-    model = _model("sdpa")
+    model = _lora_model("sdpa")
     logits = []
     for row in rows:
         start = 0
         for n in row["seq_lens"]:
             ids = torch.tensor([row["input_ids"][start : start + n]])
             out = model(input_ids=ids, use_cache=False).logits
-            _sum_ce(out, ids).backward()  # gradients accumulate over the examples
+            summed_ce(out, ids).backward()  # gradients accumulate over the examples
             logits.append(out[0].detach())
             start += n
-    return logits, _grads(model)
+    return logits, trainable_grads(model)
 
 
 def _assert_equal_to_alone(packed_logits_per_segment, packed_grads, rows):
@@ -118,17 +97,17 @@ def _assert_equal_to_alone(packed_logits_per_segment, packed_grads, rows):
 
 @pytest.mark.parametrize("kernel_calls", list(KERNELS), indirect=True)
 def test_flattened_batch_gives_the_kernel_the_segment_boundaries_and_equals_each_example_alone(kernel_calls):
-    rows = _rows()
+    rows = packed_rows()
     batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(rows)
-    model = _model("varlen")
+    model = _lora_model("varlen")
     install_isolation_guard(model)
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                 cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
                 max_length_q=batch["max_length_q"], max_length_k=batch["max_length_k"]).logits
-    _sum_ce(out, batch["labels"]).backward()  # first label of each segment is -100: no cross-segment target
+    summed_ce(out, batch["labels"]).backward()  # first label of each segment is -100: no cross-segment target
     cuts = torch.tensor(FLAT_CU)
     per_segment = [out[0, s:e].detach() for s, e in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
-    _assert_equal_to_alone(per_segment, _grads(model), rows)
+    _assert_equal_to_alone(per_segment, trainable_grads(model), rows)
 
     assert len(kernel_calls) == LAYERS  # one call per layer, the whole batch at once
     expected = torch.tensor(FLAT_CU, dtype=torch.int32)
@@ -141,9 +120,9 @@ def test_flattened_batch_gives_the_kernel_the_segment_boundaries_and_equals_each
 @pytest.mark.parametrize("kernel_calls", list(KERNELS), indirect=True)
 def test_grouped_query_attention_and_causal_flag_reach_each_kernel_signature(kernel_calls):
     """4 query heads, 2 key/value heads: native GQA where the kernel has enable_gqa, repeated heads otherwise."""
-    batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(_rows())
+    batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(packed_rows())
     with torch.no_grad():
-        _model("varlen", lora=False)(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+        _lora_model("varlen", lora=False)(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
     call = kernel_calls[0]
     if "window_size" in call["kwargs"]:  # torch 2.13 signature
         assert call["kwargs"] == {"window_size": (-1, 0), "enable_gqa": True, "scale": 16 ** -0.5}
@@ -154,14 +133,14 @@ def test_grouped_query_attention_and_causal_flag_reach_each_kernel_signature(ker
 
 
 def test_unflattened_rows_take_their_boundaries_from_the_position_restarts(kernel_calls):
-    rows = _rows()
+    rows = packed_rows()
     batch = PackedCollator(pad_token_id=0)(rows)  # [2, 15], no cu_seq_lens
-    model = _model("varlen")
+    model = _lora_model("varlen")
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    _sum_ce(out, batch["labels"]).backward()
+    summed_ce(out, batch["labels"]).backward()
     per_segment = [out[b, s : s + n].detach() for b, row in enumerate(rows)
                    for s, n in zip(torch.cumsum(torch.tensor([0, *row["seq_lens"][:-1]]), 0).tolist(), row["seq_lens"])]
-    _assert_equal_to_alone(per_segment, _grads(model), rows)
+    _assert_equal_to_alone(per_segment, trainable_grads(model), rows)
     assert all(torch.equal(c["cu_q"], torch.tensor(ROWS_CU, dtype=torch.int32)) for c in kernel_calls)
     assert all((c["max_q"], c["max_k"]) == (MAX_LEN, MAX_LEN) for c in kernel_calls)
 
@@ -183,22 +162,22 @@ def test_left_padded_generation_runs_sdpa_and_never_the_kernel(monkeypatch):
     monkeypatch.setattr(torch_varlen, "varlen_attn", forbidden)
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    outs = [_model(attn, lora=False).generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+    outs = [_lora_model(attn, lora=False).generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                               pad_token_id=0) for attn in ("sdpa", "varlen")]
     assert torch.equal(outs[0], outs[1])
 
 
 def test_attention_dropout_in_training_is_refused(kernel_calls):
-    model = _model("varlen", lora=False, attention_dropout=0.1).train()
-    batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(_rows())
+    model = _lora_model("varlen", lora=False, attention_dropout=0.1).train()
+    batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(packed_rows())
     with pytest.raises(ValueError, match="varlen: attention dropout 0.1 is not supported"):
         model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
 
 
 def test_cu_seq_lens_that_do_not_cover_the_row_are_refused(kernel_calls):
-    model = _model("varlen", lora=False)
+    model = _lora_model("varlen", lora=False)
     install_isolation_guard(model)
-    batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(_rows())
+    batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(packed_rows())
     batch.pop("labels")
     batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor([0, 5, 12], dtype=torch.int32)
     with pytest.raises(PackedInputError, match="cu_seq_lens_q ends at 12 but the batch is 1 row"):
@@ -271,8 +250,8 @@ def test_packlora_launch_refuses_varlen_on_cpu_before_starting_any_process(tmp_p
 def test_real_kernel_on_cuda_packed_equals_each_example_alone_in_bf16():
     """The real Flash Attention kernel: the flattened batch vs each example alone through the same
     kernel, bf16 (the full bf16 tolerance study is benchmarks/gpu_check.sh)."""
-    rows = _rows()
-    model = _model("varlen", lora=False).to("cuda", torch.bfloat16)
+    rows = packed_rows()
+    model = _lora_model("varlen", lora=False).to("cuda", torch.bfloat16)
     batch = {k: v.cuda() if torch.is_tensor(v) else v
              for k, v in PackedCollator(pad_token_id=0, flash_attn_varlen=True)(rows).items()}
     batch.pop("labels")

@@ -7,59 +7,35 @@ Checked: logits (1e-5 absolute) and LoRA gradients (1e-5 relative, per tensor).
 """
 import pytest
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from data_utils.collator import PackedCollator
-from tiny_assets import tiny_qwen2_config
-import training.packed_attention  # noqa: F401  (registers packed_sdpa)
+from tiny_assets import (PACKED_SEQ_LENS, PACKED_VOCAB, attention_model, packed_rows, summed_ce, tiny_qwen2_config,
+                         trainable_grads)
+import training.packed_attention  # noqa: F401,E402  (registers packed_sdpa)
 from training.isolation import PackedInputError, check_packed_inputs, has_restarts, install_isolation_guard
 
-SEQ_LENS = [[5, 7, 3], [4, 1, 6, 2]]  # row 0 is 15 tokens (full), row 1 is 13 -> padded with 2
-VOCAB = 97
+SEQ_LENS, VOCAB = PACKED_SEQ_LENS, PACKED_VOCAB  # row 0 is 15 tokens (full), row 1 is 13 -> padded with 2
 
 
-def _model(attn, lora=False):
-    torch.manual_seed(0)
-    cfg = tiny_qwen2_config(vocab_size=VOCAB)
-    cfg.pop("model_type")
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg), attn_implementation=attn, dtype=torch.float32)
-    if lora:  # init_lora_weights=False: A and B both random, so both get gradients
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
-                                                 init_lora_weights=False))
-    return model.eval()
 
 
-def _rows():
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for lens in SEQ_LENS:
-        ids = torch.randint(3, VOCAB, (sum(lens),), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": ids, "seq_lens": lens})
-    return rows
 
 
-def _sum_ce(logits, labels):
-    """Summed next-token cross-entropy over trained labels (the shift HF models apply)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _check_packed_equals_alone(attn, grads=True, device="cpu"):
-    model, rows = _model(attn, lora=True).to(device), _rows()
+    model, rows = attention_model(attn, lora=True).to(device), packed_rows()
     batch = PackedCollator(pad_token_id=0)(rows)
     assert batch["input_ids"].shape == (2, 15)
     with torch.set_grad_enabled(grads):
         packed = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                        use_cache=False).logits
         if grads:
-            _sum_ce(packed, batch["labels"].to(device)).backward()
-            g_packed = _grads(model)
+            summed_ce(packed, batch["labels"].to(device)).backward()
+            g_packed = trainable_grads(model)
             model.zero_grad()
         worst_logit = 0.0
         for b, row in enumerate(rows):
@@ -69,12 +45,12 @@ def _check_packed_equals_alone(attn, grads=True, device="cpu"):
                 alone = model(input_ids=ids, use_cache=False).logits
                 worst_logit = max(worst_logit, (packed[b, start : start + n] - alone[0]).abs().max().item())
                 if grads:
-                    _sum_ce(alone, ids).backward()  # gradients accumulate over the examples
+                    summed_ce(alone, ids).backward()  # gradients accumulate over the examples
                 start += n
     assert worst_logit < 1e-5, f"{attn}: max |packed - alone| logit = {worst_logit}"
     if not grads:
         return
-    g_alone = _grads(model)
+    g_alone = trainable_grads(model)
     assert g_packed.keys() == g_alone.keys() and len(g_packed) == 2 * 5 * 2  # A and B, 5 modules, 2 layers
     for name, g in g_alone.items():
         rel = (g_packed[name] - g).abs().max().item() / g.abs().max().item()
@@ -102,7 +78,7 @@ def test_packed_logits_and_lora_gradients_equal_alone_on_gpu_fp32(attn):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_without_position_resets_segments_do_leak(attn):
     """Control: the same batch with plain 0..L-1 positions is contaminated, so the test above can fail."""
-    model, rows = _model(attn), _rows()
+    model, rows = attention_model(attn), packed_rows()
     batch = PackedCollator(pad_token_id=0)(rows)
     plain = torch.arange(15).expand(2, 15)
     with torch.no_grad():
@@ -113,9 +89,9 @@ def test_without_position_resets_segments_do_leak(attn):
 
 
 def test_guard_refuses_an_attention_mask_with_a_packed_batch():
-    model = _model("sdpa")
+    model = attention_model("sdpa")
     install_isolation_guard(model)
-    batch = PackedCollator(pad_token_id=0)(_rows())
+    batch = PackedCollator(pad_token_id=0)(packed_rows())
     mask = torch.ones_like(batch["input_ids"])
     with pytest.raises(PackedInputError, match="given an attention_mask"):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
@@ -127,7 +103,7 @@ def test_guard_refuses_an_attention_mask_with_a_packed_batch():
 
 @pytest.mark.parametrize("attn", ["sdpa", "packed_sdpa"])
 def test_guard_lets_left_padded_generation_through(attn):
-    model = _model(attn)
+    model = attention_model(attn)
     install_isolation_guard(model)
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -152,7 +128,7 @@ def test_flash_attention_varlen_packed_equals_alone_on_gpu():
     model = AutoModelForCausalLM.from_config(
         Qwen2Config(**cfg), attn_implementation="flash_attention_2", dtype=torch.bfloat16
     ).cuda().eval()
-    rows = _rows()
+    rows = packed_rows()
     batch = PackedCollator(pad_token_id=0, flash_attn_varlen=True)(rows)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     batch.pop("labels")
@@ -172,6 +148,6 @@ def test_packed_sdpa_generation_with_left_padding_matches_sdpa():
     """With a padding mask and a KV cache, packed_sdpa is plain sdpa: identical greedy tokens."""
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    outs = [_model(attn).generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    outs = [attention_model(attn).generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
             for attn in ("sdpa", "packed_sdpa")]
     assert torch.equal(outs[0], outs[1])
