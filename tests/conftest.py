@@ -1,5 +1,6 @@
 """Shared fixtures: a small ChatML tokenizer trained on the fly, the real Qwen2 tokenizer from
-``../shared``, and the ``gpu`` marker (skipped cleanly without CUDA)."""
+``../shared``, a factory of tiny run configs, and the ``gpu`` marker (skipped cleanly without CUDA).
+Plain builders and constants live in ``tiny_assets.py``."""
 from __future__ import annotations
 
 import sys
@@ -70,3 +71,44 @@ def one_node_reference(multinode_config) -> Path:
     out = multinode_config.parent / "one-node-reference"
     launch(multinode_config, "--nproc-per-node", "2", f"output_dir={out}", log=out.with_suffix(".log"), timeout=600)
     return out
+
+
+class RunConfigFactory:
+    """Tiny run configs: a base built from ``{model_type: qwen2}``, the tiny ChatML tokenizer, one
+    ``{"text"}`` record, no DeepSpeed. ``changes`` are dotted keys (``**{"lora.r": 0}``).
+
+    ``factory(**changes)`` writes ``run.yaml`` (or ``name=``) and returns its path;
+    ``factory.dict(**changes)`` returns the mapping, for ``config_from_dict``.
+    """
+
+    def __init__(self, root: Path, tokenizer_dir: Path):
+        self.root, self.tokenizer_dir = root, tokenizer_dir
+        (root / "d.jsonl").write_text('{"text": "x"}\n')
+
+    def dict(self, **changes) -> dict:
+        cfg = {
+            "output_dir": str(self.root / "out"), "deepspeed": None,
+            "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(self.tokenizer_dir)},
+            "data": {"train": [str(self.root / "d.jsonl")], "max_seq_length": 64},
+            "training": {"max_steps": 3, "report_to": []},
+        }
+        for key, value in changes.items():
+            node = cfg
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return cfg
+
+    def __call__(self, name: str = "run.yaml", **changes) -> Path:
+        import yaml
+
+        path = self.root / name
+        path.write_text(yaml.safe_dump(self.dict(**changes), allow_unicode=True))
+        return path
+
+
+@pytest.fixture
+def run_config(tmp_path, chatml_tokenizer_dir) -> RunConfigFactory:
+    """A ``RunConfigFactory`` in this test's ``tmp_path``."""
+    return RunConfigFactory(tmp_path, chatml_tokenizer_dir)

@@ -131,34 +131,27 @@ def test_long_document_is_split_into_counted_chunks_with_eos_where_asked(chatml_
     assert sum(row["input_ids"].count(eos) for row in data.rows) == eos_count
 
 
-def _raw(tmp_path, **top):
-    f = tmp_path / "t.jsonl"
-    f.write_text(json.dumps({"text": "x"}) + "\n")
-    return {"output_dir": str(tmp_path / "o"), "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(tmp_path)},
-            "data": {"train": [str(f)]}, **top}
-
-
-def test_config_names_bad_preset_init_from_and_init_mode(tmp_path):
+def test_config_names_bad_preset_init_from_and_init_mode(run_config, tmp_path):
     from training.preflight import check_run
 
-    raw = _raw(tmp_path, preset="shishou", init_from=str(tmp_path / "nowhere"), init_mode="fuse")
+    raw = run_config.dict(preset="shishou", init_from=str(tmp_path / "nowhere"), init_mode="fuse")
     raw["data"]["stage"] = "cpt"
     with pytest.raises(ConfigError) as e:
         config_from_dict(raw)
     problems = "\n".join(e.value.problems)
     assert "init_mode: 'fuse' is not one of ['merge', 'continue']" in problems
     assert "data.stage: 'cpt' is not one of ['auto', 'pretrain', 'sft']" in problems
-    cfg = config_from_dict(_raw(tmp_path, preset="shishou", init_from=str(tmp_path / "nowhere")))
+    cfg = config_from_dict(run_config.dict(preset="shishou", init_from=str(tmp_path / "nowhere")))
     problems = "\n".join(check_run(cfg, training_arguments=False))  # what the machine lacks: a separate step
     assert "preset: preset 'shishou' is neither a bundled preset" in problems
     assert "init_from: " in problems and "is not a checkpoint directory" in problems
 
 
-def test_config_records_preset_and_init_from(tmp_path):
+def test_config_records_preset_and_init_from(run_config, tmp_path):
     ckpt = tmp_path / "stage1"
     ckpt.mkdir()
     (ckpt / "adapter_config.json").write_text("{}")
-    cfg = config_from_dict(_raw(tmp_path, preset="zhang_henshui", init_from=str(ckpt), init_mode="continue"))
+    cfg = config_from_dict(run_config.dict(preset="zhang_henshui", init_from=str(ckpt), init_mode="continue"))
     d = cfg.to_dict()
     assert (d["preset"], d["preset_overrides_system"], d["init_from"], d["init_mode"]) == (
         "zhang_henshui", False, str(ckpt), "continue")

@@ -44,13 +44,8 @@ def test_collator_refuses_flash_varlen_without_isolation():
 
 
 @pytest.fixture
-def raw(tmp_path, chatml_tok):
-    chatml_tok.save_pretrained(tmp_path / "tok")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "x"}\n')
-    return {"output_dir": str(tmp_path / "out"), "deepspeed": None,
-            "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(tmp_path / "tok")},
-            "data": {"train": [str(data)], "max_seq_length": 64}}
+def raw(run_config):
+    return run_config.dict()
 
 
 def test_lora_null_means_full_parameter_training(raw):

@@ -2,23 +2,14 @@
 answered for the arguments alone), float16 is refused up front with the fix."""
 import pytest
 import torch
-import yaml
 
 from training.config import load_config
 from training.model import check_runs_here
 
 
 @pytest.fixture
-def cfg_path(tmp_path, chatml_tokenizer_dir):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "x"}\n')
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"), "deepspeed": None,
-        "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(chatml_tokenizer_dir)},
-        "data": {"train": [str(data)]}, "training": {"report_to": []},
-    }))
-    return path
+def cfg_path(run_config):
+    return run_config()
 
 
 def test_float16_without_cuda_is_refused_with_the_fix(cfg_path):

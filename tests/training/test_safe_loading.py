@@ -144,13 +144,9 @@ def test_config_paths_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists(), "load_config created the output directory"
 
 
-def test_resume_auto_and_null_pass_validation(tmp_path):
+def test_resume_auto_and_null_pass_validation(run_config):
     from training.config import config_from_dict
 
-    f = tmp_path / "d.jsonl"
-    f.write_text("{}\n")
-    base = {"output_dir": str(tmp_path / "o"), "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(tmp_path)},
-            "data": {"train": [str(f)]}}  # fmt: skip
     for value in ("auto", None):
-        cfg = config_from_dict({**base, "training": {"resume_from_checkpoint": value}})
+        cfg = config_from_dict(run_config.dict(**{"training.resume_from_checkpoint": value}))
         assert cfg.training["resume_from_checkpoint"] == value

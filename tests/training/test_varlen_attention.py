@@ -199,24 +199,10 @@ def test_refused_up_front_without_cuda_or_without_the_kernel(monkeypatch):
         check_attention_backend("varlen", cuda=True)
 
 
-def _config(tmp_path, tokenizer_dir, **model):
-    import yaml
-
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "x"}\n')
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"),
-        "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(tokenizer_dir), **model},
-        "data": {"train": [str(data)]},
-    }))
-    return path
-
-
-def test_config_refuses_varlen_in_float32_and_with_legacy_labels(tmp_path, chatml_tokenizer_dir):
+def test_config_refuses_varlen_in_float32_and_with_legacy_labels(run_config):
     from training.config import ConfigError, load_config
 
-    path = _config(tmp_path, chatml_tokenizer_dir, attn_implementation="varlen", dtype="float32")
+    path = run_config(**{"model.attn_implementation": "varlen", "model.dtype": "float32"})
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert err.value.problems == [
@@ -232,13 +218,12 @@ def test_config_refuses_varlen_in_float32_and_with_legacy_labels(tmp_path, chatm
     assert load_config(path, ["model.dtype=bfloat16"]).model.attn_implementation == "varlen"
 
 
-def test_packlora_launch_refuses_varlen_on_cpu_before_starting_any_process(tmp_path, chatml_tokenizer_dir, capsys,
-                                                                          monkeypatch):
+def test_packlora_launch_refuses_varlen_on_cpu_before_starting_any_process(run_config, capsys, monkeypatch):
     from launcher import cli
 
     monkeypatch.setattr(cli, "_cuda_device_count", lambda: 0)
     monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
-    path = _config(tmp_path, chatml_tokenizer_dir, attn_implementation="varlen", dtype="bfloat16")
+    path = run_config(**{"model.attn_implementation": "varlen", "model.dtype": "bfloat16"})
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(path)])
     assert exit_.value.code == 2
