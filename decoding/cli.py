@@ -2,47 +2,34 @@
 
     packlora decode runs/exp1 --input prompts.jsonl --output replies.jsonl
     packlora decode CKPT --input held_out.jsonl --output out.jsonl --do-sample --temperature 0.7 --seed 0
+    packlora decode CKPT --input held_out.jsonl --output out.jsonl --do-sample --temperature 0.7 \
+        --top-p 0.8 --top-k 20 --repetition-penalty 1.05 --seed 0     # Qwen2.5-Instruct's defaults
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from data_utils.configtools import cli_entry
 from decoding.decode import decode_file, read_prompts  # noqa: F401  (read_prompts: the library API)
 
 logger = logging.getLogger(__name__)
 
 
+@cli_entry("packlora decode")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``packlora decode``; returns the exit status (0 ok, 1 bad input, 2 bad flags)."""
-    args = _parser().parse_args(argv)
-    if not args.do_sample:
-        given = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
-                                          ("--seed", args.seed)) if value is not None]
-        if given:
-            _parser().error(f"{', '.join(given)} only apply with --do-sample; add --do-sample or drop them")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    sampling = sampling_settings(parser, args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="packlora decode: %(message)s")
-    try:
-        rows = decode_file(
-            args.checkpoint, args.input, args.output, args.limit,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.do_sample,
-            temperature=1.0 if args.temperature is None else args.temperature,
-            top_p=1.0 if args.top_p is None else args.top_p,
-            seed=args.seed, dtype=args.dtype, device=args.device, preset=args.preset,
-            stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream,
-        ) if not args.stream else decode_file(
-            args.checkpoint, args.input, args.output, args.limit,
-            max_new_tokens=args.max_new_tokens, batch_size=1, do_sample=args.do_sample,
-            temperature=1.0 if args.temperature is None else args.temperature,
-            top_p=1.0 if args.top_p is None else args.top_p,
-            seed=args.seed, dtype=args.dtype, device=args.device, preset=args.preset,
-            stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=True,
-        )
-    except (FileNotFoundError, ValueError) as e:  # RecordError is a ValueError
-        print(f"packlora decode: error: {e}", file=sys.stderr)
-        return 1
+    rows = decode_file(
+        args.checkpoint, args.input, args.output, args.limit,
+        max_new_tokens=args.max_new_tokens, batch_size=1 if args.stream else args.batch_size,
+        dtype=args.dtype, device=args.device, preset=args.preset,
+        stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream, **sampling,
+    )
     by_stop = sum(r["stop_reason"] == "stop_id" for r in rows)
     by_string = sum(r["stop_reason"] == "stop_string" for r in rows)
     print(
@@ -54,6 +41,38 @@ def main(argv: list[str] | None = None) -> int:
         print("  (replies that hit max_new_tokens are cut mid-answer: raise --max-new-tokens, "
               "or check that the checkpoint's stop ids are the ones it was trained to emit)")
     return 0
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The decoding flags shared by ``decode`` and ``eval-runaway``; read back by ``sampling_settings``."""
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (the default)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature > 0 (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--top-k", type=_nonnegative_int, default=None,
+                   help="sample among the K most likely tokens only (with --do-sample; default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0; divides the logits of tokens already in the row (CTRL); 1.0 = off (default), "
+                        "Qwen2.5-Instruct uses 1.05")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
+
+
+def sampling_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The ``generate_replies`` keywords the sampling flags ask for; a sampling-only flag without
+    ``--do-sample`` is a flag error (exit 2) naming it."""
+    given = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                                      ("--top-k", args.top_k), ("--seed", args.seed)) if value is not None]
+    if given and not args.do_sample:
+        parser.error(f"{', '.join(given)} only apply with --do-sample; add --do-sample or drop them")
+    return dict(do_sample=args.do_sample, temperature=1.0 if args.temperature is None else args.temperature,
+                top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -75,10 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="most tokens per reply (default: the checkpoint's decoding.max_new_tokens, "
                         "else generation_config.json's max_new_tokens, else 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (the default)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature > 0 (default 1.0)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
+    add_sampling_flags(p)
     p.add_argument("--limit", type=_positive_int, default=None, help="decode only the first N prompts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default float32 on CPU, bfloat16 on CUDA)")

@@ -76,6 +76,8 @@ def decode_file(
     stop_strings: tuple[str, ...] | list[str] = (),
     no_stop_ids: bool = False,
     stream: bool = False,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[dict]:
     """Decode the prompts of ``input_path`` and write one JSON line per prompt to ``output_path``.
 
@@ -86,7 +88,8 @@ def decode_file(
             directory is created, the file overwritten, and each batch flushed as it is done.
         limit: decode only the first ``limit`` prompts.
         max_new_tokens: default: the checkpoint's (``LoadedCheckpoint.max_new_tokens``).
-        batch_size, do_sample, temperature, top_p, seed: as in ``generate_replies``.
+        batch_size, do_sample, temperature, top_p, seed, top_k, repetition_penalty: as in
+            ``generate_replies``.
         dtype, device: as in ``load_checkpoint`` (ignored for a ``LoadedCheckpoint``).
         preset: a style preset name or YAML path (``presets/``): applied to every prompt as in
             training (``presets.apply_preset``), and its stop tokens join the stop ids.
@@ -108,7 +111,8 @@ def decode_file(
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
-    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed)
+    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
+                            top_k=top_k, repetition_penalty=repetition_penalty)
     prompts = read_prompts(input_path, limit)
     if not prompts:
         raise ValueError(f"{input_path} holds no prompts; give a JSONL file with at least one chat to reply to")
@@ -120,7 +124,8 @@ def decode_file(
     if stream and batch_size != 1:
         raise ValueError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
     max_new_tokens = ckpt.max_new_tokens if max_new_tokens is None else max_new_tokens
-    mode = f"sampling (temperature {temperature}, top_p {top_p}, seed {seed})" if do_sample else "greedy"
+    mode = (f"sampling (temperature {temperature}, top_p {top_p}, top_k {top_k}, seed {seed})" if do_sample
+            else "greedy") + (f", repetition_penalty {repetition_penalty}" if repetition_penalty != 1.0 else "")
     logger.info(
         "decoding %d prompts from %s: %s, max_new_tokens %s, batch_size %s, stop ids %s",
         len(prompts), input_path, mode, max_new_tokens, batch_size,
@@ -140,6 +145,7 @@ def decode_file(
                 ckpt.model, ckpt.fmt, [list(p.messages) for p in chunk], ckpt.stop_ids,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, seed=None if seed is None else seed + start,
+                top_k=top_k, repetition_penalty=repetition_penalty,
                 stop_strings=stop_strings, streamer=streamer,
             )
             for prompt, reply in zip(chunk, replies, strict=True):

@@ -2,10 +2,13 @@
 
     packlora eval-runaway runs/exp1 --input runs/exp1/heldout.jsonl --output runaway.json
     packlora eval-runaway runs/exp1 --input held_out.jsonl --no-stop-ids --output naive.json
+    packlora eval-runaway runs/exp1 --input held_out.jsonl --output sampled.json \
+        --do-sample --temperature 0.7 --top-p 0.8 --top-k 20 --repetition-penalty 1.05 --seed 0
 
 Input lines are chats as for ``packlora decode``; a chat's final assistant turn is the reference
-answer (for the length ratio). Decoding is greedy. The metrics are defined in
-``decoding.runaway``; the report is one JSON object (``RunawayReport.to_dict``).
+answer (for the length ratio). Decoding is greedy unless ``--do-sample``. The metrics are defined
+in ``decoding.runaway``; the report is one JSON object (``RunawayReport.to_dict`` plus the
+decoding settings).
 
 ``--no-stop-ids`` is for experiments only: it decodes like a chat-unaware decoder, stopping only
 at the tokenizer's eos token (end of text for Qwen2 base tokenizers), to measure what the
@@ -19,44 +22,44 @@ import logging
 import sys
 from pathlib import Path
 
-from decoding.cli import _positive_int
+from data_utils.configtools import cli_entry
+from decoding.cli import _positive_int, add_sampling_flags, sampling_settings
 
 logger = logging.getLogger(__name__)
 
 
+@cli_entry("packlora eval-runaway")
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 ok, 1 bad input, 2 bad flags."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    sampling = sampling_settings(parser, args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="packlora eval-runaway: %(message)s")
     from decoding.decode import read_prompts
     from decoding.generate import load_checkpoint
     from decoding.runaway import evaluate_runaway
 
-    try:
-        prompts = read_prompts(args.input, args.limit)
-        ckpt = load_checkpoint(args.checkpoint, args.dtype, args.device)
-        max_new_tokens = args.max_new_tokens or ckpt.max_new_tokens
-        if args.no_stop_ids:
-            print("packlora eval-runaway: --no-stop-ids: EXPERIMENT ONLY. Decoding stops at the tokenizer's eos "
-                  "token alone, ignoring the checkpoint's stop ids; replies are expected to run on.",
-                  file=sys.stderr)
-        report = evaluate_runaway(
-            ckpt.model, ckpt.fmt, [(p.messages, p.reference, str(p.source)) for p in prompts],
-            ckpt.stop_ids, max_new_tokens, no_stop_ids=args.no_stop_ids, batch_size=args.batch_size,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"packlora eval-runaway: error: {e}", file=sys.stderr)
-        return 1
+    prompts = read_prompts(args.input, args.limit)
+    ckpt = load_checkpoint(args.checkpoint, args.dtype, args.device)
+    max_new_tokens = args.max_new_tokens or ckpt.max_new_tokens
+    if args.no_stop_ids:
+        print("packlora eval-runaway: --no-stop-ids: EXPERIMENT ONLY. Decoding stops at the tokenizer's eos "
+              "token alone, ignoring the checkpoint's stop ids; replies are expected to run on.",
+              file=sys.stderr)
+    report = evaluate_runaway(
+        ckpt.model, ckpt.fmt, [(p.messages, p.reference, str(p.source)) for p in prompts],
+        ckpt.stop_ids, max_new_tokens, no_stop_ids=args.no_stop_ids, batch_size=args.batch_size, **sampling,
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"checkpoint": str(args.checkpoint), "input": str(args.input), **report.to_dict()}
+    data = {"checkpoint": str(args.checkpoint), "input": str(args.input), "decoding": sampling, **report.to_dict()}
     out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     ratio = "n/a" if report.mean_length_ratio is None else f"{report.mean_length_ratio:.2f}"
     print(
         f"{report.num_prompts} prompts, stop ids {ckpt.fmt.format_ids(report.stop_ids)}: "
-        f"runaway {report.runaway:.1%} (hit max_new_tokens {report.hit_max_new_tokens:.1%}, "
-        f"role leak {report.role_leak:.1%}), emitted end of turn {report.emitted_end_of_turn:.1%}, "
+        f"runaway {report.runaway:.1%} (role leak {report.role_leak:.1%}, loop {report.loop:.1%}; "
+        f"hit max_new_tokens {report.hit_max_new_tokens:.1%}), emitted end of turn {report.emitted_end_of_turn:.1%}, "
         f"stopped by stop id {report.stopped_by_stop_id:.1%}, mean length ratio {ratio}; wrote {out}"
     )
     return 0
@@ -73,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="tokens per reply (default: the checkpoint's max_new_tokens)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    add_sampling_flags(p)
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N prompts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")

@@ -138,15 +138,19 @@ def generate_replies(
     stop_strings: Sequence[str] = (),
     streamer: Any = None,
     synced_gpus: bool | None = None,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[Reply]:
     """Generate the next assistant turn of each conversation.
 
     Each conversation is rendered with the chat template and ``add_generation_prompt=True`` and
     tokenised with its messages' text kept as text (``ChatFormat.encode_prompt``). Batches of
     ``batch_size`` are left-padded (see the module docstring); ``tokenizer`` is not modified.
-    Decoding is exactly what the arguments say: greedy, or sampling with ``temperature`` and
-    ``top_p`` only (top_k off, no repetition penalty, one beam), whatever ``model.generation_config``
-    holds. The model is put in eval mode for the call and restored afterwards. Greedy replies do
+    Decoding is exactly what the arguments say: greedy, or sampling with ``temperature``,
+    ``top_p`` and ``top_k``; ``repetition_penalty`` for either; one beam, whatever
+    ``model.generation_config`` holds. Qwen2.5-Instruct's ``generation_config.json`` samples with
+    ``temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05``. The model is put in eval
+    mode for the call and restored afterwards. Greedy replies do
     not depend on ``batch_size``; sampled ones do (the random stream is shared by the batch).
 
     Args:
@@ -158,6 +162,10 @@ def generate_replies(
         batch_size: conversations per ``generate`` call.
         do_sample: sample instead of greedy decoding.
         temperature, top_p: sampling settings; must stay at 1.0 unless ``do_sample``.
+        top_k: sample among the ``top_k`` most likely tokens only (0 = off); only with ``do_sample``.
+        repetition_penalty: > 0; 1.0 = off. The logit of every token already in the row (prompt
+            included) is divided by it when positive, multiplied when negative (Keskar et al. 2019,
+            "CTRL", arXiv:1909.05858, eq. 3; ``transformers.RepetitionPenaltyLogitsProcessor``).
         seed: seeds sampling in a forked RNG (the global torch RNG is left untouched); only
             with ``do_sample``.
         stop_strings: multi-token stop strings (``decoding.stop_strings``), matched on the decoded
@@ -179,7 +187,8 @@ def generate_replies(
     matcher = StopStringMatcher(stop_strings)
     if streamer is not None and batch_size != 1:
         raise ValueError(f"streaming needs batch_size=1, got {batch_size}")
-    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed)
+    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
+                            top_k=top_k, repetition_penalty=repetition_penalty)
     if max_new_tokens is None:
         raise ValueError("max_new_tokens must be a positive int, got None")
     for i, conv in enumerate(conversations):
@@ -202,7 +211,7 @@ def generate_replies(
         do_sample=do_sample,
         num_beams=1,
         num_return_sequences=1,
-        repetition_penalty=1.0,
+        repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=0,
         min_new_tokens=None,
         return_dict_in_generate=False,
@@ -212,7 +221,7 @@ def generate_replies(
     if synced_gpus is not None:
         gen_kwargs["synced_gpus"] = synced_gpus
     if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0)
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0)
 
     if matcher:  # transformers' own criterion (one tensor check per step) stops the row...
         gen_kwargs.update(stop_strings=list(matcher.stop_strings), tokenizer=tokenizer)
@@ -283,7 +292,8 @@ def _left_padded(tokenizer: Any, rows: list[list[int]], pad_id: int) -> dict[str
 
 
 def check_decoding_settings(
-    max_new_tokens: int | None, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int | None
+    max_new_tokens: int | None, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int | None,
+    *, top_k: int = 0, repetition_penalty: float = 1.0,
 ) -> None:
     """Raise one ValueError listing every bad ``generate_replies`` setting (None = not chosen yet)."""
     problems = []
@@ -293,6 +303,11 @@ def check_decoding_settings(
         problems.append(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        problems.append(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    penalty_ok = isinstance(repetition_penalty, (int, float)) and not isinstance(repetition_penalty, bool)
+    if not (penalty_ok and repetition_penalty > 0):
+        problems.append(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
     if do_sample:
         if not temperature > 0:
             problems.append(
@@ -301,7 +316,8 @@ def check_decoding_settings(
         if not 0 < top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {top_p!r}")
     else:
-        for name, value, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None)):
+        for name, value, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None),
+                                     ("top_k", top_k, 0)):
             if value != default:
                 problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
     if problems:

@@ -21,7 +21,10 @@ metrics do. Control tokens, the end of turn and the role header come from the ch
     and with special tokens skipped (a line that is exactly ``system``, ``user`` or ``assistant``
     followed by a newline, as a ChatML header becomes once its start token is hidden).
 ``runaway``
-    ``hit_max_new_tokens or role_leak``.
+    ``hit_max_new_tokens or role_leak``; each runaway is one of two kinds:
+``loop``
+    The reply never ended (``hit_max_new_tokens``) and wrote no new turn (not ``role_leak``).
+    ``repeated_unit`` names the unit its end repeats, when there is one (``repeated_unit``).
 ``length_ratio``
     Characters of the visible reply (special tokens skipped, whitespace stripped at both ends)
     divided by the characters of the reference answer (stripped); only for prompts whose
@@ -32,6 +35,8 @@ The report gives each boolean as a rate over the prompts (a float in [0, 1]) and
 
     >>> has_role_leak("Hi!\\nuser\\nMore?"), has_role_leak("Hi!<start>", "<start>"), has_role_leak("users\\n")
     (True, True, False)
+    >>> repeated_unit("王曰：何如？何如？何如？何如？何如？何如？何")
+    RepeatedUnit(unit='何如？', repeats=6, chars=19)
 """
 from __future__ import annotations
 
@@ -45,12 +50,52 @@ from decoding.generate import Reply, generate_replies
 ROLE_LINE = re.compile(r"(?:^|\n)(?:system|user|assistant)\n")
 """A role name alone on a line: what a ChatML role header looks like with special tokens skipped."""
 NUM_WORST = 5
+LOOP_MIN_REPEATS = 3
+LOOP_MIN_CHARS = 12
 
 
 def has_role_leak(text: str, header_start: str | None = None) -> bool:
     """True if ``text`` contains the chat format's role-header start token (``header_start``) or a
     line that is just a role name."""
     return (header_start is not None and header_start in text) or ROLE_LINE.search(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatedUnit:
+    """The end of a reply is ``unit`` repeated: ``chars`` characters long, ``repeats`` whole units
+    (a last, partial unit, cut by ``max_new_tokens``, counts in ``chars`` only)."""
+
+    unit: str
+    repeats: int
+    chars: int
+
+
+def repeated_unit(
+    text: str, min_repeats: int = LOOP_MIN_REPEATS, min_chars: int = LOOP_MIN_CHARS
+) -> RepeatedUnit | None:
+    """The shortest unit whose repetition the end of ``text`` is, or None.
+
+    For each period p = 1, 2, ..., the p-periodic tail of ``text`` is the longest suffix with
+    ``tail[i] == tail[i + p]`` throughout; the first p whose tail holds at least ``min_repeats``
+    whole units and at least ``min_chars`` characters wins (so ``"哈哈哈"`` is no loop, but 12 ``王``
+    in a row are). ``unit`` is the tail's first p characters; it may straddle a special token
+    written out as text (``"何如？<|im_end|>"``). Each period's scan stops at its first mismatch,
+    so a reply of a few thousand characters costs little.
+
+    >>> repeated_unit("王谓谢曰：" + "王、" * 7 + "王")
+    RepeatedUnit(unit='王、', repeats=7, chars=15)
+    >>> repeated_unit("孙秀既恨石崇不与绿珠。") is None
+    True
+    """
+    n = len(text)
+    for p in range(1, n // min_repeats + 1):
+        i = n - p - 1  # extend the periodic tail leftwards while text[i] == text[i + p]
+        while i >= 0 and text[i] == text[i + p]:
+            i -= 1
+        chars = n - 1 - i
+        if chars // p >= min_repeats and chars >= min_chars:
+            return RepeatedUnit(text[i + 1 : i + 1 + p], chars // p, chars)
+    return None
 
 
 def naive_stop_ids(fmt: Any) -> list[int]:
@@ -85,6 +130,8 @@ class PromptResult:
     role_leak: bool
     runaway: bool
     length_ratio: float | None
+    loop: bool = False
+    repeated_unit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +156,14 @@ class RunawayReport:
     runaway: float
     mean_length_ratio: float | None
     worst: list[dict] = field(default_factory=list)
+    loop: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def scalars(self) -> dict[str, float]:
         """The rates and mean ratio, named ``runaway/<metric>`` (for TensorBoard)."""
-        names = ("stopped_by_stop_id", "emitted_end_of_turn", "hit_max_new_tokens", "role_leak", "runaway",
+        names = ("stopped_by_stop_id", "emitted_end_of_turn", "hit_max_new_tokens", "role_leak", "loop", "runaway",
                  "mean_length_ratio")
         return {f"runaway/{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
 
@@ -143,11 +191,12 @@ def score_reply(reply: Reply, reference: str | None, fmt: Any, source: str = "")
     ratio = None
     if reference and reference.strip():
         ratio = len(visible.strip()) / len(reference.strip())
+    unit = repeated_unit(reply.text) if hit_max else None
     return PromptResult(
         source=source, reply=reply.text, reference=reference, stop_reason=reply.stop_reason,
         num_new_tokens=reply.num_new_tokens, stopped_by_stop_id=reply.stop_reason == "stop_id",
         emitted_end_of_turn=emitted_eot, hit_max_new_tokens=hit_max, role_leak=leak, runaway=hit_max or leak,
-        length_ratio=ratio,
+        length_ratio=ratio, loop=hit_max and not leak, repeated_unit=unit.unit if unit else None,
     )
 
 
@@ -171,7 +220,7 @@ def summarize(results: Sequence[PromptResult], stop_ids: Sequence[int], max_new_
         num_prompts=n, max_new_tokens=max_new_tokens, stop_ids=list(stop_ids), no_stop_ids=no_stop_ids,
         stopped_by_stop_id=rate("stopped_by_stop_id"), emitted_end_of_turn=rate("emitted_end_of_turn"),
         hit_max_new_tokens=rate("hit_max_new_tokens"), role_leak=rate("role_leak"), runaway=rate("runaway"),
-        mean_length_ratio=sum(ratios) / len(ratios) if ratios else None,
+        loop=rate("loop"), mean_length_ratio=sum(ratios) / len(ratios) if ratios else None,
         worst=[asdict(r) for r in worst],
     )
 
@@ -186,8 +235,9 @@ def evaluate_runaway(
     no_stop_ids: bool = False,
     batch_size: int = 8,
     synced_gpus: bool | None = None,
+    **sampling: Any,
 ) -> RunawayReport:
-    """Decode every prompt greedily and measure the runaway metrics.
+    """Decode every prompt (greedily unless ``sampling`` says otherwise) and measure the runaway metrics.
 
     Args:
         model, fmt: as for ``generate_replies``.
@@ -197,6 +247,8 @@ def evaluate_runaway(
         no_stop_ids: decode with ``naive_stop_ids(fmt)`` instead (experiments only).
         batch_size: prompts per ``generate`` call.
         synced_gpus: see ``generate_replies`` (ZeRO-3 with several ranks).
+        sampling: ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``
+            and ``seed``, passed to ``generate_replies`` (default: greedy, no penalty).
 
     Returns:
         The ``RunawayReport``.
@@ -204,7 +256,7 @@ def evaluate_runaway(
     used = naive_stop_ids(fmt) if no_stop_ids else list(stop_ids)
     replies = generate_replies(
         model, fmt, [list(m) for m, _, _ in prompts], used, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, synced_gpus=synced_gpus,
+        batch_size=batch_size, synced_gpus=synced_gpus, **sampling,
     )
     results = [score_reply(r, ref, fmt, src) for r, (_, ref, src) in zip(replies, prompts, strict=True)]
     return summarize(results, used, max_new_tokens, no_stop_ids)

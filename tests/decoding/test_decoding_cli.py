@@ -55,6 +55,9 @@ def test_sampling_flags_without_do_sample_are_rejected(prompts_file, tmp_path, c
         main(["ckpt", "--input", str(prompts_file), "--output", str(tmp_path / "o.jsonl"), "--temperature", "0.7"])
     assert exit_info.value.code == 2
     assert "--temperature only apply with --do-sample" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ckpt", "--input", str(prompts_file), "--output", str(tmp_path / "o.jsonl"), "--top-k", "20"])
+    assert "--top-k only apply with --do-sample" in capsys.readouterr().err
 
 
 def test_decode_cli_writes_one_line_per_prompt(adapter_ckpt, prompts_file, tmp_path, capsys):

@@ -95,14 +95,20 @@ def test_stop_as_first_token_gives_empty_reply(chatml_tok, scripted_model):
     assert reply == Reply(text="", token_ids=(), stop_reason="stop_id", stop_id=he, num_new_tokens=1)
 
 
-def _manual_greedy(model, tokenizer, conversation, n: int) -> list[int]:
-    """Reference decoder: full forward pass per step, no cache, no padding, argmax of raw logits."""
+def _manual_greedy(model, tokenizer, conversation, n: int, repetition_penalty: float = 1.0) -> list[int]:
+    """Reference decoder: full forward pass per step, no cache, no padding, argmax of raw logits;
+    with a repetition penalty, the logit of every id already in the row is divided by it when
+    positive and multiplied by it when negative first (CTRL, arXiv:1909.05858)."""
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True,
                                         sanitize_control_tokens=True)["input_ids"]
     ids, new = torch.tensor([ids]), []
     with torch.no_grad():
         for _ in range(n):
-            nxt = model(ids).logits[0, -1].argmax().item()
+            logits = model(ids).logits[0, -1].clone()
+            seen = ids[0].unique()
+            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / repetition_penalty,
+                                       logits[seen] * repetition_penalty)
+            nxt = logits.argmax().item()
             new.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return new
@@ -141,6 +147,25 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(chatml_tok,
     assert a == b and a != c
 
 
+def test_repetition_penalty_divides_the_logits_of_ids_already_in_the_row(chatml_tok, random_model):
+    n = 16
+    plain = [tuple(_manual_greedy(random_model, chatml_tok, c, n)) for c in CONVERSATIONS]
+    penalised = [tuple(_manual_greedy(random_model, chatml_tok, c, n, repetition_penalty=3.0)) for c in CONVERSATIONS]
+    assert plain != penalised  # the penalty changes what this model writes
+    no_stop = [len(chatml_tok)]  # an id the model cannot write: every row runs to max_new_tokens
+    got = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, no_stop, max_new_tokens=n, batch_size=3,
+                           repetition_penalty=3.0)
+    assert [r.token_ids for r in got] == penalised
+
+
+def test_top_k_1_sampling_is_greedy_whatever_the_temperature(chatml_tok, random_model):
+    greedy = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [IM_END], max_new_tokens=10)
+    hot = dict(do_sample=True, temperature=50.0, seed=0)
+    top1 = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [IM_END], max_new_tokens=10, top_k=1, **hot)
+    untruncated = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [IM_END], max_new_tokens=10, **hot)
+    assert top1 == greedy and untruncated != greedy
+
+
 def test_no_conversations_gives_no_replies(chatml_tok, random_model):
     assert generate_replies(random_model, ChatFormat(chatml_tok), [], stop_ids=[IM_END]) == []
 
@@ -159,6 +184,9 @@ def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tok, ra
         (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
         (dict(max_new_tokens=0, batch_size=0), "max_new_tokens must be a positive int, got 0; batch_size"),
         (dict(stop_ids=[]), "stop_ids is empty"),
+        (dict(top_k=20), "top_k=20 only applies when sampling"),
+        (dict(do_sample=True, top_k=-1), "top_k must be an int >= 0"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0 \(1.0 = off\), got 0.0"),
     ],
 )
 def test_bad_settings_raise(chatml_tok, random_model, kwargs, message):

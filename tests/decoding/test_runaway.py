@@ -11,7 +11,9 @@ from data_utils.chat_format import ChatFormat
 from decoding_testutils import ENDOFTEXT, IM_END, IM_START, adapter_ckpt, chatml_tok, scripted_lm  # noqa: F401
 
 from decoding.generate import Reply, load_checkpoint
-from decoding.runaway import evaluate_runaway, has_role_leak, naive_stop_ids, score_reply, summarize
+from decoding.runaway import (
+    RepeatedUnit, evaluate_runaway, has_role_leak, naive_stop_ids, repeated_unit, score_reply, summarize,
+)
 
 A = [{"role": "user", "content": "Hello!"}]
 B = [{"role": "user", "content": "The quick brown fox"}]
@@ -38,6 +40,44 @@ def _reply(tok, ids, stop_id, max_new_tokens=10):
 ])
 def test_role_leak_is_a_bare_role_line_or_im_start(text, leak):
     assert has_role_leak(text, "<|im_start|>") is leak
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # a tiny model's greedy loop, cut mid-unit by max_new_tokens: 6 whole units + "何" = 19 chars
+    ("王曰：何如？何如？何如？何如？何如？何如？何", RepeatedUnit("何如？", 6, 19)),
+    # the shortest period wins: "王、王、" is also a period, "王、" is the unit
+    ("谢公问曰：" + "王、" * 8, RepeatedUnit("王、", 8, 16)),
+    # 12 characters of one character is a loop ...
+    ("曰：" + "王" * 12, RepeatedUnit("王", 12, 12)),
+    # ... 11 are not (min_chars 12), nor is natural repetition
+    ("曰：" + "王" * 11, None),
+    ("哈哈哈，妙哉！", None),
+    ("孙秀既恨石崇不与绿珠，又憾潘岳昔遇之不以礼。", None),
+    # a loop that ended before the reply did is not where the reply ends
+    ("何如？" * 6 + "曰：善。", None),
+    # an assistant-only model run on without stop ids: the unit is the tail's first period, which
+    # starts inside the first answer's <|im_end|> ("<|im_end|>" precedes "何" as it follows "？")
+    ("共载。<|im_end|>何如？<|im_end|>何如？<|im_end|>何如？<|im_end|>何如",
+     RepeatedUnit("<|im_end|>何如？", 3, 10 + 3 * 13 + 2)),  # from the first <|im_end|> to the end
+])
+def test_repeated_unit_finds_the_unit_the_end_of_a_reply_repeats(reply, expected):
+    assert repeated_unit(reply) == expected
+
+
+def test_repeated_unit_thresholds_are_arguments():
+    assert repeated_unit("曰：何如？何如？", min_repeats=2, min_chars=6) == RepeatedUnit("何如？", 2, 6)
+    assert repeated_unit("曰：何如？何如？何如？", min_repeats=4) is None
+
+
+def test_never_ending_reply_is_a_loop_and_names_its_unit_but_a_new_turn_is_a_role_leak(chatml_tok):
+    loop = score_reply(_reply(chatml_tok, _enc(chatml_tok, "ab ab ab ab ab ab ab"), None), "ab", ChatFormat(chatml_tok))
+    assert (loop.hit_max_new_tokens, loop.role_leak, loop.loop, loop.runaway, loop.repeated_unit) == (
+        True, False, True, True, "ab ")
+    ids = [*_enc(chatml_tok, "Hi"), IM_END, *_enc(chatml_tok, "\n"), IM_START, *_enc(chatml_tok, "user\nMore")]
+    leak = score_reply(_reply(chatml_tok, ids, None), "Hi", ChatFormat(chatml_tok))
+    assert (leak.hit_max_new_tokens, leak.role_leak, leak.loop, leak.runaway) == (True, True, False, True)
+    ended = score_reply(_reply(chatml_tok, _enc(chatml_tok, "ab ab ab ab ab ab ab"), IM_END), "ab", ChatFormat(chatml_tok))
+    assert (ended.loop, ended.runaway, ended.repeated_unit) == (False, False, None)  # it ended: no loop
 
 
 def test_reply_stopped_at_im_end_emitted_end_of_turn_and_did_not_run_away(chatml_tok):
@@ -73,11 +113,11 @@ def test_summary_rates_and_worst_first(chatml_tok):
     leak = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi\nuser\n"), ENDOFTEXT), "Hi", ChatFormat(chatml_tok), "f:3")
     report = summarize([good, long, leak, good], stop_ids=[IM_END], max_new_tokens=10, no_stop_ids=False)
     assert (report.stopped_by_stop_id, report.emitted_end_of_turn, report.hit_max_new_tokens, report.role_leak,
-            report.runaway) == (0.75, 0.5, 0.25, 0.25, 0.5)
+            report.loop, report.runaway) == (0.75, 0.5, 0.25, 0.25, 0.25, 0.5)
     # "Hi" 2/2; "Hi Hi Hi Hi" 11/2; "Hi\nuser\n" strips to "Hi\nuser", 7/2; "Hi" 2/2
     assert report.mean_length_ratio == pytest.approx((1 + 5.5 + 3.5 + 1) / 4)
     assert [w["source"] for w in report.worst] == ["f:2", "f:3", "f:1", "f:1"]
-    assert report.scalars()["runaway/runaway"] == 0.5
+    assert report.scalars()["runaway/runaway"] == 0.5 and report.scalars()["runaway/loop"] == 0.25
 
 
 def test_no_stop_ids_lets_a_model_that_ends_its_turn_run_on(chatml_tok):
@@ -126,6 +166,26 @@ def test_eval_runaway_cli_writes_the_report(adapter_ckpt, tmp_path, capsys):
                  "--max-new-tokens", "6", "--no-stop-ids"]) == 0
     assert "EXPERIMENT ONLY" in capsys.readouterr().err
     assert json.loads(out.read_text())["stop_ids"] == [ENDOFTEXT]
+
+
+def test_eval_runaway_cli_samples_with_qwens_settings_and_records_them(adapter_ckpt, tmp_path, capsys):
+    from decoding.eval_cli import main
+
+    out, held = tmp_path / "r.json", _held_out(tmp_path)
+    qwen = ["--do-sample", "--temperature", "0.7", "--top-p", "0.8", "--top-k", "20", "--repetition-penalty", "1.05"]
+    runs = []
+    for seed in ("0", "0", "1"):
+        assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(held), "--output", str(out), "--max-new-tokens",
+                     "8", *qwen, "--seed", seed]) == 0
+        runs.append(json.loads(out.read_text()))
+    assert runs[0]["decoding"] == {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                   "repetition_penalty": 1.05, "seed": 0}
+    assert runs[0]["worst"] == runs[1]["worst"]  # same seed, same replies
+    assert "loop" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(adapter_ckpt[0] / "ckpt"), "--input", str(held), "--output", str(out), "--top-p", "0.8"])
+    assert exit_info.value.code == 2 and "--top-p only apply with --do-sample" in capsys.readouterr().err
 
 
 def test_eval_runaway_cli_reports_a_missing_input(adapter_ckpt, tmp_path, capsys):
