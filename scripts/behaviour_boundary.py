@@ -6,7 +6,7 @@
     python scripts/behaviour_boundary.py --rebuild-base  # pre-train the base again even if cached
 
 A documented experiment, not a test (CI never runs it). Everything is on the real bundled data
-(``../shared``), and every model is a real packlora run (``python -m training.train``).
+(``../shared``), and every model is a real packlora run (``python -m packlora.train``).
 
 1. **Split.** The 3,434 世说新语 rewrite chats (``data/shishuo/stage2_rewrite.jsonl``) are shuffled
    with seed 0: the first ``--heldout`` are the held-out prompts of every row, the rest the
@@ -110,7 +110,7 @@ def _qwen2(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: in
 
 BASES = {
     # 2 CPU cores: sized so that the 12 stage-2 runs and 24 decodes on it fit 45 minutes (see the doc).
-    "small": BaseSpec(vocab_size=4096, model=_qwen2(256, 6, 768, 4, 2), max_steps=1800, batch_rows=8,
+    "small": BaseSpec(vocab_size=4096, model=_qwen2(256, 4, 688, 4, 2), max_steps=1000, batch_rows=8,
                       max_seq_length=512, learning_rate=2e-3),
     # One GPU (untested: no GPU was at hand): 3x the width, 2x the depth, ~10 epochs over the text.
     "large": BaseSpec(vocab_size=8192, model=_qwen2(768, 12, 2048, 12, 4), max_steps=1000, batch_rows=32,
@@ -491,7 +491,7 @@ def train_row(work: Path, row: Row, seed: int, plan: Plan, base: BaseInfo, train
 def _train(config_path: Path, config: dict, log: Path) -> None:
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     config_path.write_text(yaml.safe_dump(clean, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    _run_logged([sys.executable, "-m", "training.train", str(config_path)], log)
+    _run_logged([sys.executable, "-m", "packlora.train", str(config_path)], log)
 
 
 def _run_logged(cmd: list[str], log: Path | None) -> None:
@@ -513,7 +513,7 @@ def _run_logged(cmd: list[str], log: Path | None) -> None:
 
 
 def _prompts(heldout_file: Path, row: Row):
-    from decoding.cli import read_prompts
+    from decoding.decode import read_prompts
     from presets import apply_preset, load_preset
 
     prompts = read_prompts(heldout_file)
@@ -555,53 +555,51 @@ def evaluate_run(run: RunInfo, row: Row, seed: int, plan: Plan, heldout_file: Pa
     t0 = time.time()
     prompts = _prompts(heldout_file, row)
     ckpt = load_checkpoint(run.path, device="cuda" if _cuda() else "cpu")
-    out = {"key": key, "heldout_loss": assistant_loss(ckpt.model, ckpt.tokenizer, prompts, heldout_file, row),
+    out = {"key": key, "heldout_loss": assistant_loss(ckpt.model, ckpt.fmt, heldout_file, row),
            "loss_by_epoch": {}, "decoders": {}, "stop_ids": list(ckpt.stop_ids)}
     for name, settings in DECODERS.items():
         sampling = dict(settings, seed=seed) if settings else {}
         replies = generate_replies(
-            ckpt.model, ckpt.tokenizer, [list(p.messages) for p in prompts], naive_stop_ids(ckpt.tokenizer),
+            ckpt.model, ckpt.fmt, [list(p.messages) for p in prompts], naive_stop_ids(ckpt.fmt),
             max_new_tokens=plan.max_new_tokens, batch_size=plan.decode_batch, **sampling)
         scored = {"no_stop_ids": [], "stop_ids": []}
         for p, r in zip(prompts, replies, strict=True):
             src = str(p.source)
-            scored["no_stop_ids"].append(dc.asdict(score_reply(r, p.reference, ckpt.tokenizer, src)))
-            cut = with_stop_ids(r, ckpt.stop_ids, plan.max_new_tokens, ckpt.tokenizer)
-            scored["stop_ids"].append(dc.asdict(score_reply(cut, p.reference, ckpt.tokenizer, src)))
+            scored["no_stop_ids"].append(dc.asdict(score_reply(r, p.reference, ckpt.fmt, src)))
+            cut = with_stop_ids(r, ckpt.stop_ids, plan.max_new_tokens, ckpt.fmt.tokenizer)
+            scored["stop_ids"].append(dc.asdict(score_reply(cut, p.reference, ckpt.fmt, src)))
         out["decoders"][name] = scored
     for ckpt_dir in sorted(run.path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
         c = load_checkpoint(ckpt_dir, device="cpu")
-        out["loss_by_epoch"][ckpt_dir.name] = assistant_loss(c.model, c.tokenizer, prompts, heldout_file, row)
+        out["loss_by_epoch"][ckpt_dir.name] = assistant_loss(c.model, c.fmt, heldout_file, row)
     out["seconds"] = round(time.time() - t0, 1)
     cache.write_text(json.dumps(out, ensure_ascii=False))
     print(f"  evaluated {run.path.name} in {out['seconds']:.0f} s", flush=True)
     return out
 
 
-def assistant_loss(model, tokenizer, prompts, heldout_file: Path, row: Row) -> float:
+def assistant_loss(model, fmt, heldout_file: Path, row: Row) -> float:
     """Mean loss (nats) per trained token of the held-out chats, assistant-only labels (the
     preset's guard applied for a preset row): how well each model predicts the answers and their
     ``<|im_end|>``, whatever labels it was trained with."""
     import torch
 
-    from data_utils.tokenize_chat import end_of_turn_id, tokenize_chat
     from presets import apply_preset, load_preset
 
     preset = load_preset(row.preset) if row.preset else None
-    eot = end_of_turn_id(tokenizer)
     device = next(model.parameters()).device
     nll, n = 0.0, 0
     was_training = model.training
     model.eval()
     for chat in _jsonl(heldout_file):
         messages = apply_preset(chat["messages"], preset)[0] if preset else chat["messages"]
-        seg = tokenize_chat(messages, tokenizer, eot)
-        ids = torch.tensor([seg.input_ids], device=device)
-        labels = torch.tensor([seg.labels[1:]], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, labels[0], ignore_index=-100, reduction="sum").item()
-        n += int((labels != -100).sum())
+        for seg in fmt.encode_chat(messages).examples:
+            ids = torch.tensor([seg.input_ids], device=device)
+            labels = torch.tensor([seg.labels[1:]], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, labels[0], ignore_index=-100, reduction="sum").item()
+            n += int((labels != -100).sum())
     model.train(was_training)
     return round(nll / n, 4)
 
@@ -620,7 +618,7 @@ def stop_id_check(run: RunInfo, row: Row, seed: int, plan: Plan, heldout_file: P
     for name, settings in DECODERS.items():
         sampling = dict(settings, seed=seed) if settings else {}
         # the same batches as the evaluation: sampled replies depend on the batch's composition
-        direct = generate_replies(ckpt.model, ckpt.tokenizer, [list(p.messages) for p in prompts], ckpt.stop_ids,
+        direct = generate_replies(ckpt.model, ckpt.fmt, [list(p.messages) for p in prompts], ckpt.stop_ids,
                                   max_new_tokens=plan.max_new_tokens, batch_size=plan.decode_batch, **sampling)
         cut = result["decoders"][name]["stop_ids"]
         out[name] = sum(d.text == c["reply"] and d.stop_reason == c["stop_reason"] for d, c in zip(direct, cut))
@@ -686,7 +684,7 @@ def _cpu_seconds() -> float:
 # ---------------------------------------------------------------------------------------- the doc
 
 
-def _rate(results: list[dict], pred) -> "Rate":
+def _rate(results: list[dict], pred):
     from decoding.stats import Rate
 
     return Rate(sum(1 for r in results if pred(r)), len(results))
