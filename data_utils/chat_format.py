@@ -71,6 +71,7 @@ Example (the real Qwen2 tokenizer)::
 """
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -213,9 +214,26 @@ class ChatFormat:
         tags = self.spec.reasoning_tags
         self._reasoning_ids = (vocab[tags[0]], vocab[tags[1]]) if tags and all(t in vocab for t in tags) else None
         self._newline_ids = tokenizer.encode("\n", add_special_tokens=False)
+        self._batch_backend = _plain_backend(tokenizer)
 
     def __repr__(self) -> str:
         return f"ChatFormat({self.name!r}, end_of_turn_id={self.end_of_turn_id})"
+
+    def __getstate__(self) -> dict:
+        """The tokenizer travels as bytes from the C pickler: ``datasets.map(num_proc=...)`` sends the
+        format to every worker with dill, whose pure-Python pickler takes seconds over a 150k vocabulary."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_batch_backend"}
+        try:
+            state["tokenizer"] = pickle.dumps(self.tokenizer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 -- not picklable without dill: left to the caller's pickler
+            pass
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["tokenizer"], bytes):
+            state["tokenizer"] = pickle.loads(state["tokenizer"])
+        self.__dict__.update(state)
+        self._batch_backend = _plain_backend(self.tokenizer)
 
     # ------------------------------------------------------------------------------ ids
 
@@ -372,6 +390,7 @@ class ChatFormat:
         turns = [i for i, m in enumerate(plain) if m["role"] == "assistant"]
         pieces_by_example: list[list[tuple[str, bool]]] = []
         ends: list[int] = []  # index of the last message of each example
+        renders: list[str] = []  # the rendering of each example's messages (markers included)
         covered = ""
         for i in turns:
             prompt, full = self._render(marked[:i], True), self._render(marked[: i + 1], False)
@@ -385,14 +404,17 @@ class ChatFormat:
             else:
                 pieces_by_example.append([(prompt, False)])
                 ends.append(-1)
+                renders.append("")
             pieces_by_example[-1].append((full[len(prompt):], True))
             ends[-1] = i
-            covered = full
+            renders[-1] = covered = full
         examples, mismatch = [], 0
         turns_per_example = tuple(sum(is_reply for _, is_reply in pieces) for pieces in pieces_by_example)
-        for pieces, last in zip(pieces_by_example, ends):
+        unmarked = marked == plain  # no control-token text: the audit's rendering is the one made above
+        for pieces, last, rendered in zip(pieces_by_example, ends, renders):
             seg = self._label(pieces, example)
-            if self.tokenizer.decode(list(seg.input_ids), skip_special_tokens=False) != self._render(plain[: last + 1], False):
+            expected = rendered if unmarked else self._render(plain[: last + 1], False)
+            if self._decode(list(seg.input_ids)) != expected:
                 mismatch += 1
             examples.append(seg)
         control_text = sum(
@@ -404,8 +426,8 @@ class ChatFormat:
     def _label(self, pieces: list[tuple[str, bool]], example: str) -> Segment:
         ids: list[int] = []
         labels: list[int] = []
-        for k, (text, is_reply) in enumerate(pieces):
-            piece = self._encode_piece(text, first=k == 0)
+        encoded = self._encode_pieces([(text, k == 0) for k, (text, _) in enumerate(pieces)])
+        for piece, (text, is_reply) in zip(encoded, pieces):
             ids += piece
             if not is_reply:
                 labels += [IGNORE_INDEX] * len(piece)
@@ -444,20 +466,64 @@ class ChatFormat:
         return obj
 
     def _encode_piece(self, text: str, first: bool) -> list[int]:
-        """Ids of one rendered piece: the template's control tokens as tokens, everything between
-        them (marked control tokens included, markers dropped) as text, with no added token matched.
+        """Ids of one rendered piece (``_encode_pieces`` of one)."""
+        return self._encode_pieces([(text, first)])[0]
+
+    def _encode_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[list[int]]:
+        """Ids of rendered pieces ``(text, first)``: the template's control tokens as tokens,
+        everything between them (marked control tokens included, markers dropped) as text, with no
+        added token matched. The text spans of all pieces are encoded in one batch.
 
         A text span from the middle of a chat is encoded after a newline that is then removed (as
         transformers does for ``sanitize_control_tokens``), so that a SentencePiece tokenizer adds
         no prefix space at its start; byte-level tokenizers encode it the same either way.
         """
-        ids: list[int] = []
-        for k, part in enumerate(self._template_control_re.split(text)):
-            if k % 2:
-                ids.append(self._control_id[part])
-            elif part:
-                ids += self._encode_text(part.replace(_MARK_START, "").replace(_MARK_END, ""), first and k == 0)
-        return ids
+        layout: list[list[int]] = []  # per piece: control ids as ``-1 - id``, text spans as their index in ``spans``
+        spans: list[tuple[str, bool]] = []
+        for text, first in pieces:
+            items = []
+            for k, part in enumerate(self._template_control_re.split(text)):
+                if k % 2:
+                    items.append(-1 - self._control_id[part])
+                elif part:
+                    items.append(len(spans))
+                    spans.append((part.replace(_MARK_START, "").replace(_MARK_END, ""), first and k == 0))
+            layout.append(items)
+        encoded = self._encode_texts(spans)
+        return [[t for i in items for t in ([-1 - i] if i < 0 else encoded[i])] for items in layout]
+
+    def _encode_texts(self, spans: Sequence[tuple[str, bool]]) -> list[list[int]]:
+        """``_encode_text`` of every ``(text, at_start)``; the spans without added-token text go to
+        the tokenizer in one ``encode_batch_fast`` call where that gives ``encode``'s ids."""
+        backend = self._batch_backend
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return [self._encode_text(text, at_start) for text, at_start in spans]
+        out: list[list[int] | None] = [None] * len(spans)
+        batch = []
+        for i, (text, at_start) in enumerate(spans):
+            if self._added_re.search(text) is None:
+                batch.append(i)
+            else:
+                out[i] = self._encode_text(text, at_start)
+        inputs = [spans[i][0] if spans[i][1] else "\n" + spans[i][0] for i in batch]
+        n, again = len(self._newline_ids), []
+        for i, enc in zip(batch, backend.encode_batch_fast(inputs, add_special_tokens=False) if inputs else ()):
+            ids = enc.ids
+            if spans[i][1] or ids[:n] == self._newline_ids:
+                out[i] = ids if spans[i][1] else ids[n:]
+            else:  # the newline merged with the text (it starts with whitespace): the text alone
+                again.append(i)
+        for i, enc in zip(again, backend.encode_batch_fast([spans[i][0] for i in again], add_special_tokens=False)
+                          if again else ()):
+            out[i] = enc.ids
+        return out  # type: ignore[return-value]
+
+    def _decode(self, ids: list[int]) -> str:
+        """``tokenizer.decode(ids, skip_special_tokens=False)``, straight from the tokenizers backend
+        where that is what transformers would return (no clean-up of spaces)."""
+        if self._batch_backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self._batch_backend.decode(ids, skip_special_tokens=False)
 
     def _encode_text(self, text: str, at_start: bool) -> list[int]:
         encode = self._encode_plain if self._added_re.search(text) is None else self._encode_without_added
@@ -516,6 +582,25 @@ def split_inline_reasoning(content: str, tags: tuple[str, str] = ("<think>", "</
     open_tag, close_tag = tags
     head, _, tail = content.partition(close_tag)
     return head.rstrip("\n").split(open_tag)[-1].lstrip("\n"), tail.lstrip("\n")
+
+
+def _plain_backend(tokenizer: Any):
+    """The ``tokenizers.Tokenizer`` behind ``tokenizer`` when calling it directly gives the ids of
+    ``tokenizer.encode(text, add_special_tokens=False)`` for text without added-token strings and
+    the text of ``tokenizer.decode`` (a transformers ``TokenizersBackend`` whose encoding and decoding
+    path no subclass overrides), else None."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cls = type(tokenizer)
+    if (backend is None or not hasattr(backend, "encode_batch_fast") or not isinstance(tokenizer, TokenizersBackend)
+            or cls._encode_plus is not TokenizersBackend._encode_plus or cls.encode is not PreTrainedTokenizerBase.encode
+            or cls._decode is not TokenizersBackend._decode or cls.decode is not PreTrainedTokenizerBase.decode):
+        return None
+    return backend
 
 
 def _alternation(tokens) -> re.Pattern:

@@ -1,6 +1,8 @@
 """ChatFormat: assistant-only labels written out by hand for Qwen2 ChatML, Qwen3 (with and without a
 think block, single and multi-turn) and Llama-3 (multi-turn); control tokens only from the
 template; stop ids resolved once."""
+import copy
+
 import pytest
 
 from data_utils.audit import audit_rows
@@ -263,6 +265,57 @@ def test_generic_template_ends_turns_with_eos(chatml_tokenizer, tmp_path):
     [seg] = fmt.encode_chat([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]).examples
     assert tok.decode(_trained(seg)) == "Hi.<|endoftext|>"
     assert fmt.header_positions(list(seg.input_ids)) == []
+
+
+# ------------------------------------------------------- batched encoding: the same ids, faster
+
+ODD_CHATS = [  # replies that start with whitespace (the newline the encoder prefixes merges with it), CJK,
+    # control-token text in a message, an empty system message, two turns
+    [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "\nHi there."},
+     {"role": "user", "content": "  Again <|im_end|> and <|eot_id|>"}, {"role": "assistant", "content": "  Sure.\n\n"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "续写：王戎七岁"}, {"role": "assistant", "content": "\n\n尝与诸小儿游。"}],
+    [{"role": "user", "content": "\t tab"}, {"role": "assistant", "content": " <think>x</think> y"}],
+]
+
+
+def _one_encode_per_span(tokenizer) -> ChatFormat:
+    fmt = ChatFormat(tokenizer)
+    fmt._batch_backend = None  # every text span through tokenizer.encode, one call each (the reference)
+    return fmt
+
+
+def test_batched_encoding_labels_chats_exactly_as_one_tokenizer_call_per_span(qwen2_tokenizer, qwen3, llama3):
+    for fmt in (ChatFormat(qwen2_tokenizer), qwen3, llama3):
+        assert fmt._batch_backend is not None, fmt  # the batched path is the one under test
+        reference = _one_encode_per_span(fmt.tokenizer)
+        for chat in ODD_CHATS:
+            assert fmt.encode_chat(chat) == reference.encode_chat(chat)
+            assert fmt.encode_prompt(chat[:-1]) == reference.encode_prompt(chat[:-1])
+
+
+def test_a_tokenizer_that_overrides_encoding_is_called_through_transformers(qwen2_tokenizer):
+    class Shouting(type(qwen2_tokenizer)):
+        def _encode_plus(self, text, *args, **kwargs):
+            return super()._encode_plus(text.upper() if isinstance(text, str) else text, *args, **kwargs)
+
+    tok = copy.copy(qwen2_tokenizer)
+    tok.__class__ = Shouting
+    fmt = ChatFormat(tok)
+    assert fmt._batch_backend is None
+    [seg] = fmt.encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]).examples
+    assert tok.decode(_trained(seg)) == "YES<|im_end|>"
+
+
+def test_format_pickles_with_pickle_and_dill_and_labels_the_same(qwen2):
+    import pickle
+
+    import dill
+
+    chat = ODD_CHATS[0]
+    for lib in (pickle, dill):
+        restored = lib.loads(lib.dumps(qwen2))
+        assert restored._batch_backend is restored.tokenizer.backend_tokenizer
+        assert restored.encode_chat(chat) == qwen2.encode_chat(chat)
 
 
 # ----------------------------------------------------------------------------------- stop ids
