@@ -48,17 +48,38 @@ def loss_labels(labels: Sequence[int], seq_lens: Sequence[int]) -> list[int]:
 
 
 def audit_rows(rows: Iterable[Mapping], fmt: ChatFormat) -> LabelAudit:
-    """Audit packed rows (mappings with ``input_ids``, ``labels``, ``seq_lens``) under ``fmt``."""
+    """Audit packed rows (mappings with ``input_ids``, ``labels``, ``seq_lens``, or a ``datasets.Dataset``
+    of them, read column-wise) under ``fmt``."""
+    import numpy as np
+
     supervised = markers = control = eot = 0
-    allowed = fmt.trainable_control_ids()
-    for row in rows:
-        ids = list(row["input_ids"])
-        trained = [lab != IGNORE_INDEX for lab in loss_labels(row["labels"], row["seq_lens"])]
-        supervised += sum(trained)
-        markers += sum(trained[p] for p in fmt.header_positions(ids))
-        control += sum(1 for t, tr in zip(ids, trained) if tr and t in fmt.control_ids and t not in allowed)
-        eot += sum(1 for t, tr in zip(ids, trained) if tr and t == fmt.end_of_turn_id)
+    banned = np.fromiter(fmt.control_ids - fmt.trainable_control_ids(), dtype=np.int64)
+    for ids, labels, seq_lens in _row_arrays(rows):
+        trained = labels != IGNORE_INDEX
+        trained[np.cumsum(seq_lens) - seq_lens] = False  # as loss_labels: the first label of each segment
+        supervised += int(trained.sum())
+        markers += int(trained[fmt.header_positions(ids.tolist())].sum())
+        control += int((trained & np.isin(ids, banned)).sum())
+        eot += int((trained & (ids == fmt.end_of_turn_id)).sum())
     return LabelAudit(supervised, markers, control, eot)
+
+
+def _row_arrays(rows):
+    """``(input_ids, labels, seq_lens)`` of every row as int64 numpy arrays; a ``datasets.Dataset`` is read
+    in Arrow batches instead of row by row."""
+    import numpy as np
+
+    if not hasattr(rows, "with_format"):
+        for row in rows:
+            yield (np.asarray(row["input_ids"], dtype=np.int64).reshape(-1),
+                   np.asarray(row["labels"], dtype=np.int64).reshape(-1), np.asarray(row["seq_lens"], dtype=np.int64))
+        return
+    for batch in rows.with_format("arrow").iter(1000):
+        cols = [batch.column(c).combine_chunks() for c in ("input_ids", "labels", "seq_lens")]
+        flat = [c.flatten().to_numpy(zero_copy_only=False).astype(np.int64) for c in cols]
+        offsets = [c.offsets.to_numpy() - c.offsets[0].as_py() for c in cols]
+        for r in range(len(batch)):
+            yield tuple(f[o[r]:o[r + 1]] for f, o in zip(flat, offsets))
 
 
 def render_row(row: Mapping, tokenizer, color: bool = True) -> str:

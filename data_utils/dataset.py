@@ -333,10 +333,20 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
             "source": [str(r.source) for r in train],
         })
         num_proc = cfg.resolved_num_proc(len(raw))
-        out = raw.map(_tokenize_batch, batched=True, remove_columns=raw.column_names, fn_kwargs=dict(fmt=fmt, cfg=cfg),
-                      num_proc=num_proc if num_proc > 1 else None, desc=f"Tokenising ({num_proc} process{'es' if num_proc > 1 else ''})")
+        shared = num_proc > 1 and _workers_fork()
+        if shared:  # forked workers inherit the format: no tokenizer pickled and rebuilt per worker
+            _FORMATS[key] = fmt
+        try:
+            # new_fingerprint: the cache key already says what the output depends on; without it datasets
+            # hashes fn_kwargs, i.e. pickles the whole tokenizer, for every map call (seconds per call)
+            out = raw.map(_tokenize_batch, batched=True, remove_columns=raw.column_names,
+                          fn_kwargs=dict(fmt=key if shared else fmt, cfg=cfg), num_proc=num_proc if num_proc > 1 else None,
+                          new_fingerprint=f"tokenized-{key}",
+                          desc=f"Tokenising ({num_proc} process{'es' if num_proc > 1 else ''})")
+        finally:
+            _FORMATS.pop(key, None)
         _save(out, tok_dir)
-    reasons = list(out["drop_reason"])
+    reasons = out.data.column("drop_reason").to_pylist()
     dropped = Counter(r for r in reasons if r)
     kept = [i for i, r in enumerate(reasons) if not r]
     if not kept:
@@ -347,7 +357,8 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
             f"Check data.max_seq_length ({cfg.max_seq_length}), data.overflow and the data",
             {"lines_read": records.lines_read if records else 0, "records": len(records.records) if records else 0,
              "examples": 0, "dropped": dict(sorted((dropped + earlier).items()))})
-    counts = {c: sum(out[c]) for c in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")}
+    counts = {c: sum(out.data.column(c).to_pylist())
+              for c in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")}
     return Tokenized(out.select(kept), dict(dropped), counts, str(tok_dir))
 
 
@@ -355,7 +366,7 @@ def pack_stage(tokenized: Tokenized, cfg: DataConfig, key: str, cache: Path) -> 
     """Best-fit-decreasing bins of the examples (or one per row without packing), as cached rows."""
     import datasets
 
-    lengths = list(tokenized.examples["length"])
+    lengths = tokenized.examples.with_format("arrow")["length"].to_pylist()
     L = cfg.max_seq_length
     pack_dir = cache / (f"packed-{key}" if cfg.packing else f"unpacked-{key}")
     if (pack_dir / "state.json").is_file():
@@ -363,7 +374,8 @@ def pack_stage(tokenized: Tokenized, cfg: DataConfig, key: str, cache: Path) -> 
     else:
         bins = best_fit_decreasing(lengths, L) if cfg.packing else [[i] for i in range(len(lengths))]
         rows = datasets.Dataset.from_dict({"members": bins}).map(
-            _pack_batch, batched=True, remove_columns=["members"], fn_kwargs=dict(kept=tokenized.examples), desc="Packing")
+            _pack_batch, batched=True, remove_columns=["members"], fn_kwargs=dict(kept=tokenized.examples),
+            new_fingerprint=f"packed-{key}", desc="Packing")
         _save(rows, pack_dir)
     return Packed(rows, round(packing_efficiency(lengths, len(rows), L), 6), str(pack_dir))
 
@@ -445,16 +457,37 @@ def _draw_heldout(records, n: int, seed: int) -> list[int]:
 
 _COLUMNS = ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks", "per_turn",
             "render_mismatch", "control_text")
+_COUNT_COLUMNS = ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")
 
 
-def _tokenize_batch(batch, fmt: ChatFormat, cfg: DataConfig):
+def _tokenized_schema():
+    """The tokenised dataset's columns (what ``datasets`` inferred when the batches were Python lists)."""
+    import pyarrow as pa
+
+    return pa.schema([("source", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64())),
+                      ("length", pa.int64()), ("drop_reason", pa.string()), *((c, pa.int64()) for c in _COUNT_COLUMNS)])
+
+
+_FORMATS: dict[str, ChatFormat] = {}  # cache key -> the format, for num_proc workers forked during tokenize_stage
+
+
+def _workers_fork() -> bool:
+    """Whether ``datasets.map(num_proc=...)`` starts its workers by fork (they then see ``_FORMATS``)."""
+    import multiprocess
+
+    return multiprocess.get_start_method() == "fork"
+
+
+def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
+    if isinstance(fmt, str):  # a worker forked by tokenize_stage: the parent's format, by its cache key
+        fmt = _FORMATS[fmt]
     out: dict[str, list] = {k: [] for k in _COLUMNS}
 
     def emit(seg: Segment | None, source: str, reason: str = "", **counts):
-        for k, v in (("input_ids", list(seg.input_ids) if seg else []), ("labels", list(seg.labels) if seg else []),
+        for k, v in (("input_ids", seg.input_ids if seg else ()), ("labels", seg.labels if seg else ()),
                      ("length", len(seg) if seg else 0), ("source", source), ("drop_reason", reason)):
             out[k].append(v)
-        for k in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text"):
+        for k in _COUNT_COLUMNS:
             out[k].append(counts.get(k, 0))
 
     for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
@@ -491,7 +524,10 @@ def _tokenize_batch(batch, fmt: ChatFormat, cfg: DataConfig):
                 emit(None, source, "no_trained_tokens", **head)
             else:
                 emit(seg, source, assistant_turns=turns, **head)
-    return out
+    import pyarrow as pa
+
+    # an Arrow table (pyarrow converts the id tuples in C), not lists that datasets would scan and convert
+    return pa.Table.from_pydict(out, schema=_tokenized_schema())
 
 
 def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -> None:
@@ -515,18 +551,25 @@ def _turns(msgs) -> int:
 
 
 def _pack_batch(batch, kept):
-    flat = [i for members in batch["members"] for i in members]
-    sub = kept.select(flat)
-    ids, labels, lens = sub["input_ids"], sub["labels"], sub["length"]
-    out = {"input_ids": [], "labels": [], "seq_lens": []}
-    k = 0
-    for members in batch["members"]:
-        m = len(members)
-        out["input_ids"].append([t for seq in ids[k : k + m] for t in seq])
-        out["labels"].append([t for seq in labels[k : k + m] for t in seq])
-        out["seq_lens"].append(list(lens[k : k + m]))
-        k += m
-    return out
+    """The rows of a batch of bins: each row the concatenation of its members' ids and labels,
+    gathered as Arrow arrays (no Python loop over tokens)."""
+    import numpy as np
+    import pyarrow as pa
+
+    members = batch["members"]
+    sub = kept.with_format("arrow")[[i for m in members for i in m]]  # the members, in row order
+    per_row = np.fromiter((len(m) for m in members), dtype=np.int64, count=len(members))
+    item_offsets = np.zeros(len(members) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=item_offsets[1:])
+    lengths = sub.column("length").to_numpy()
+    token_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=token_offsets[1:])
+    row_offsets = pa.array(token_offsets[item_offsets], type=pa.int32())
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(row_offsets, sub.column("input_ids").combine_chunks().flatten()),
+        "labels": pa.ListArray.from_arrays(row_offsets, sub.column("labels").combine_chunks().flatten()),
+        "seq_lens": pa.ListArray.from_arrays(pa.array(item_offsets, type=pa.int32()), pa.array(lengths, type=pa.int64())),
+    })
 
 
 def _tokenizer_digest(tokenizer) -> str:

@@ -1,10 +1,11 @@
 """records -> segments -> packed rows: each stage on its own, overflow policies, counted drops,
 cache reuse, the audit, and odd input (BOM, CRLF, unlabelable chats) handled by count."""
+import itertools
 import json
 
 import pytest
 
-from data_utils.audit import audit_rows
+from data_utils.audit import LabelAudit, audit_rows
 from data_utils.chat_format import ChatFormat, LabelError
 from data_utils.config import DataConfig
 from data_utils.dataset import OverflowError_, pack_stage, read_stage, split_stage, tokenize_stage
@@ -122,6 +123,23 @@ def test_audit_counts_role_markers_when_labels_cover_the_whole_chatml_text(qwen2
     assert audit.supervised_tokens == len(ids) - 1
 
 
+def test_audit_of_a_dataset_read_column_wise_equals_the_audit_of_its_rows(qwen2_tokenizer):
+    import datasets
+
+    text = "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi there.<|im_end|>\n"
+    ids = qwen2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    rows = [{"input_ids": ids + ids, "labels": ids + ids, "seq_lens": [n, n]},  # two segments, each as in the test above
+            {"input_ids": ids, "labels": [-100] * n, "seq_lens": [n]}]          # nothing trained
+    fmt = ChatFormat(qwen2_tokenizer)
+    assert audit_rows(rows, fmt) == LabelAudit(supervised_tokens=2 * (n - 1), role_markers_in_labels=10,
+                                               control_tokens_in_labels=2, turns_with_end_of_turn_trained=4)
+    many = datasets.Dataset.from_list(rows * 501)  # 1,002 rows: the second Arrow batch of 1,000 starts mid-buffer
+    assert audit_rows(many, fmt) == LabelAudit(501 * 2 * (n - 1), 501 * 10, 501 * 2, 501 * 4)
+    picked = many.select([3, 0, 1001])  # a selection (indices mapping): rows 1, 0, 1
+    assert audit_rows(picked, fmt) == LabelAudit(2 * (n - 1), 10, 2, 4)
+
+
 # ------------------------------------------------------------------------------ each stage
 
 
@@ -155,6 +173,14 @@ def test_tokenize_and_pack_stages_label_drop_and_bin_examples(tmp_path, chatml_t
     packed = pack_stage(tokenized, cfg, "k1", tmp_path)
     lengths = sorted(tokenized.examples["length"])
     assert sorted(n for row in packed.rows for n in row["seq_lens"]) == lengths
+    # every row is its examples' ids and labels end to end: cut at seq_lens, they are the examples again
+    segments = []
+    for row in packed.rows:
+        for start, n in zip(itertools.accumulate([0, *row["seq_lens"]]), row["seq_lens"]):
+            segments.append((row["input_ids"][start:start + n], row["labels"][start:start + n]))
+    assert sorted(segments) == sorted(zip(tokenized.examples["input_ids"], tokenized.examples["labels"]))
+    assert {k: str(v) for k, v in packed.rows.features.items()} == {
+        "input_ids": "List(Value('int32'))", "labels": "List(Value('int64'))", "seq_lens": "List(Value('int64'))"}
     assert all(sum(row["seq_lens"]) <= 64 for row in packed.rows)
     assert packed.efficiency == round(sum(lengths) / (64 * len(packed.rows)), 6)
 
