@@ -1,6 +1,10 @@
 """One rank of a throughput run (started 2x by ``benchmarks/throughput.py`` under the deepspeed CLI).
 
-    deepspeed --num_accelerators 2 --no_local_rank benchmarks/throughput_worker.py VARIANT BASE_DIR OUT.json STEPS
+    deepspeed --num_accelerators 2 --no_local_rank benchmarks/throughput_worker.py VARIANT BASE_DIR OUT.json STEPS WARM L
+
+Variants: ``packlora_sdpa`` / ``packlora_packed_sdpa`` (packed rows, isolation by sdpa's block mask /
+SDPA per segment), ``padded_unpacked``, ``packlora_no_isolation``, ``trl_like_for_like`` and
+``trl_defaults`` (see ``throughput.py``).
 """
 from __future__ import annotations
 
@@ -11,16 +15,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from training import distributed  # noqa: E402
 
 SHISHUO = REPO.parent / "shared" / "data" / "shishuo" / "stage2_rewrite.jsonl"
-L = 1024
+L = 1024  # row length; set from the command line
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def main(variant: str, base_dir: str, out_json: str, steps: int) -> None:
+def main(variant: str, base_dir: str, out_json: str, steps: int, warm: int) -> None:
     distributed.configure()
     import torch
     from peft import LoraConfig
@@ -30,8 +35,8 @@ def main(variant: str, base_dir: str, out_json: str, steps: int) -> None:
     common = dict(output_dir=str(Path(out_json).with_suffix("")), max_steps=steps, learning_rate=1e-3,
                   logging_steps=1000, save_strategy="no", report_to=[], seed=0, data_seed=0,
                   deepspeed=str(REPO / "ds_configs" / "zero2.json"), remove_unused_columns=False)
-    if variant == "trl_sft_packing":
-        trainer = _trl_trainer(tok, base_dir, common, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    if variant.startswith("trl_"):
+        trainer = _trl_trainer(variant, tok, base_dir, common, LoraConfig(task_type="CAUSAL_LM", **LORA))
     else:
         trainer = _packlora_trainer(variant, tok, base_dir, common, LoraConfig(task_type="CAUSAL_LM", **LORA))
 
@@ -56,7 +61,7 @@ def main(variant: str, base_dir: str, out_json: str, steps: int) -> None:
 
     trainer.add_callback(Clock())
     trainer.train()
-    warm = 2  # steps 1-2 warm up (allocator, first all-reduce)
+    # the first `warm` steps warm up (allocator, first all-reduce) and are not timed
     measured = [s for s in range(warm, steps)]
     local = torch.tensor([sum(counts[s][i] for s in measured) for i in range(3)], dtype=torch.float64)
     torch.distributed.all_reduce(local)
@@ -65,6 +70,7 @@ def main(variant: str, base_dir: str, out_json: str, steps: int) -> None:
         Path(out_json).write_text(json.dumps({
             "variant": variant, "measured_steps": len(measured), "seconds": seconds,
             "supervised_tokens": int(local[0]), "supervised_tokens_per_s": float(local[0]) / seconds,
+            "tokens_per_s": float(local[1]) / seconds,
             "real_token_fraction": float(local[1] / local[2]),
         }))
 
@@ -80,11 +86,11 @@ def _packlora_trainer(variant, tok, base_dir, common, lora):
     from training import packed_attention  # noqa: F401  (registers packed_sdpa)
     from training.isolation import install_isolation_guard
 
-    packed = variant != "padded_unpacked"  # packlora_packed_sdpa_mask: packed rows, isolation by sdpa's block mask
+    packed = variant != "padded_unpacked"
     args = TrainingArguments(per_device_train_batch_size=1 if packed else 8, **common)
     with args.main_process_first():
         data = prepare_data(DataConfig(train=[str(SHISHUO)], max_seq_length=L, packing=packed), ChatFormat(tok))
-    attn = "packed_sdpa" if variant == "packlora_packed" else "sdpa"
+    attn = "packed_sdpa" if variant == "packlora_packed_sdpa" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32", attn_implementation=attn)
     model.config.use_cache = False
     install_isolation_guard(model)
@@ -112,22 +118,30 @@ def _same_labels_as_isolated(collator):
     return collate
 
 
-def _trl_trainer(tok, base_dir, common, lora):
+def _trl_trainer(variant, tok, base_dir, common, lora):
+    """TRL's SFTTrainer on the same chats and labels: ``assistant_only_loss`` on the ``{% generation %}``
+    copy of the template (every reply and its <|im_end|>, as packlora; ``data_prep_bench.py`` checks
+    the labels are identical), BFD packing into rows of L, padding-free, fp32. ``trl_like_for_like``
+    turns TRL's activation checkpointing off (packlora runs without it); ``trl_defaults`` keeps
+    SFTConfig's default (on). TRL 1.16 has no setting for its per-step entropy and token-accuracy
+    metrics (its fused LM head always computes them), so both variants pay for them."""
     import datasets
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    rows = []
-    for line in SHISHUO.read_text(encoding="utf-8").splitlines():
-        msgs = json.loads(line)["messages"]
-        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})  # TRL trains the completion only
+    from data_prep_bench import GENERATION_TEMPLATE
+
+    tok.chat_template = GENERATION_TEMPLATE
+    rows = [{"messages": json.loads(line)["messages"]} for line in SHISHUO.read_text(encoding="utf-8").splitlines()]
     ds = datasets.Dataset.from_list(rows)
+    extra = {"activation_checkpointing": False} if variant == "trl_like_for_like" else {}
     args = SFTConfig(per_device_train_batch_size=1, max_length=L, packing=True, packing_strategy="bfd",
-                     completion_only_loss=True, dataset_num_proc=1, bf16=False, **common)
+                     assistant_only_loss=True, dataset_num_proc=1, bf16=False, **extra, **common)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32", attn_implementation="sdpa")
     set_seed(0)
     return SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    L = int(sys.argv[6])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

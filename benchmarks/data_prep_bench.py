@@ -1,0 +1,318 @@
+"""Cold data preparation, chats/s: packlora's ``prepare_data`` vs TRL's ``SFTTrainer`` dataset preparation.
+
+Both do the same work on the same chats: read the JSONL files, render every chat with the Qwen2
+tokenizer's own template, tokenise it, build assistant-only labels (each reply and its closing
+``<|im_end|>`` trained, everything else -100) and pack the examples into rows of
+``max_seq_length`` tokens.
+
+* **packlora**: ``prepare_data`` with a fresh cache directory (so nothing is loaded from an earlier
+  run), ``data.num_proc`` 1 and 2 (2 is its default on this machine). Besides the work above it
+  also drops duplicate records, audits the labels of every row and writes the tokenised and packed
+  datasets to its cache (``save_to_disk``), all inside the timed span.
+* **TRL** (1.16): ``SFTConfig(assistant_only_loss=True, packing=True, packing_strategy="bfd")``,
+  with its default ``dataset_num_proc`` (None: one process) and with 2. TRL needs
+  ``{% generation %}`` tags in the template to find the assistant spans; the Qwen2 template has
+  none and TRL ships no training copy of it, so ``GENERATION_TEMPLATE`` below is the same template
+  with the tags around each reply and its ``<|im_end|>``. The timed span is reading the files into
+  a ``datasets.Dataset`` plus ``SFTTrainer._prepare_dataset`` (TRL's whole preparation: render +
+  tokenise with the assistant mask, labels, BFD packing), which ``SFTTrainer.__init__`` calls; the
+  trainer itself (a tiny model) is built before the clock starts, with ``skip_prepare_dataset``.
+
+Before the timed rounds, a check (not timed) runs TRL's tokenisation without packing and
+packlora's ``ChatFormat.encode_chat`` on every chat of the set and counts the chats whose
+``input_ids`` and labels are identical; the table reports it, so the two are shown to do the same
+work.
+
+Each run is a fresh process (no tokenizer cache, no warm ``datasets`` cache); the time excludes
+imports and loading the tokenizer. Every variant runs ``--rounds`` times in alternating order
+(ABCD, DCBA, ...); each packlora/TRL ratio is taken per round (the two runs closest in time) and
+reported as the median with min-max. The load average (``os.getloadavg``) is recorded before and
+after every run: the machine is shared.
+
+Sets: the real shishuo (3,434) and zhanghenshui (3,146) chats, both files as read by each side, with
+all four variants; and ``--chats N`` (default 100,000) chats made from them: the real chats in order,
+repeated, every repetition ``k >= 1`` with `` #k`` appended to its last user message so that no two
+are equal (packlora drops duplicates), in one JSONL file, with the two defaults (TRL's one process,
+packlora's num_proc 2; a run takes 2-3 minutes, so the others are left out to keep the command short).
+
+    bash benchmarks/setup.sh
+    benchmarks/.venv/bin/python benchmarks/data_prep_bench.py     # ~20 min on 2 shared cores; updates RESULTS.md
+    benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --rounds 1 --chats 20000 --no-write   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+TOKENIZER = SHARED / "assets" / "qwen2-tokenizer"
+REAL = [SHARED / "data" / "shishuo" / "stage2_rewrite.jsonl", SHARED / "data" / "zhanghenshui" / "stage2_continue.jsonl"]
+VARIANTS = {  # name -> (library, processes); None = the library's default
+    "trl": ("trl", None),
+    "trl_np2": ("trl", 2),
+    "packlora_np1": ("packlora", 1),
+    "packlora_np2": ("packlora", 2),
+}
+PAIRS = [  # (label, packlora variant, TRL variant)
+    ("packlora default (num_proc 2) / TRL default (1 process)", "packlora_np2", "trl"),
+    ("packlora / TRL, 1 process each", "packlora_np1", "trl"),
+    ("packlora / TRL, 2 processes each", "packlora_np2", "trl_np2"),
+]
+
+# The Qwen2 tokenizer's chat template (../shared/assets/qwen2-tokenizer/chat_template.jinja), with
+# {% generation %} around each assistant reply and its <|im_end|>: the span packlora trains. The
+# rendering is unchanged (checked in ``check_same_work``).
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_chats(n: int, out: Path) -> Path:
+    """Write ``n`` unique chats made from the real ones (see the module docstring) to ``out``."""
+    real = [json.loads(line)["messages"] for f in REAL for line in f.read_text(encoding="utf-8").splitlines()]
+    with out.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            k, msgs = divmod(i, len(real))[0], [dict(m) for m in real[i % len(real)]]
+            if k:
+                last_user = max(j for j, m in enumerate(msgs) if m["role"] == "user")
+                msgs[last_user]["content"] += f" #{k}"
+            f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return out
+
+
+def read_chats(files: list[Path]) -> list[list[dict]]:
+    return [json.loads(line)["messages"] for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------------------------------- workers
+
+
+def _quiet() -> None:
+    import logging
+
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    logging.disable(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _trl_trainer(tok, max_seq_length: int, num_proc: int | None, packing: bool = True):
+    """An SFTTrainer (tiny model, preparation skipped) whose ``_prepare_dataset`` is what SFTTrainer runs."""
+    import datasets
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from trl import SFTConfig, SFTTrainer
+
+    tok.chat_template = GENERATION_TEMPLATE
+    model = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                                         num_hidden_layers=1, num_attention_heads=2,
+                                                         num_key_value_heads=1))
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), max_length=max_seq_length if packing else None,
+                     packing=packing, packing_strategy="bfd", assistant_only_loss=True, dataset_num_proc=num_proc,
+                     report_to=[], bf16=False, use_cpu=True, dataset_kwargs={"skip_prepare_dataset": True})
+    dummy = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    return SFTTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok), args
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, its threads and its finished children (datasets' num_proc workers)."""
+    import resource
+
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+               for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def worker(variant: str, files: list[Path], max_seq_length: int) -> dict:
+    _quiet()
+    import pyarrow.compute as pc
+    from transformers import AutoTokenizer
+
+    lib, num_proc = VARIANTS[variant]
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    if lib == "trl":
+        import datasets
+
+        trainer, args = _trl_trainer(tok, max_seq_length, num_proc)
+        load, cpu0 = os.getloadavg()[0], _cpu()
+        t0 = time.perf_counter()
+        ds = datasets.Dataset.from_list([{"messages": m} for m in read_chats(files)])
+        rows = trainer._prepare_dataset(ds, tok, args, True, None, "train")
+        seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        chats, labels = len(ds), rows.data.column("labels")
+    else:
+        from data_utils.chat_format import ChatFormat
+        from data_utils.config import DataConfig
+        from data_utils.dataset import prepare_data
+
+        with tempfile.TemporaryDirectory() as cache:
+            cfg = DataConfig(train=[str(f) for f in files], max_seq_length=max_seq_length, cache_dir=cache,
+                             num_proc=num_proc)
+            load, cpu0 = os.getloadavg()[0], _cpu()
+            t0 = time.perf_counter()
+            data = prepare_data(cfg, ChatFormat(tok))
+            seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
+            chats, rows, labels = data.report.records, data.rows, data.rows.data.column("labels")
+            if data.report.dropped:
+                raise SystemExit(f"packlora dropped {data.report.dropped}: the sets must be complete at this length")
+            # read before the cache directory goes away
+            labelled = int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py())
+            return dict(variant=variant, chats=chats, seconds=seconds, chats_per_s=chats / seconds, rows=len(rows),
+                        labelled_tokens=labelled, cpu_s=cpu, load_before=load, load_after=os.getloadavg()[0])
+    labelled = int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py())
+    return dict(variant=variant, chats=chats, seconds=seconds, chats_per_s=chats / seconds, rows=len(rows),
+                labelled_tokens=labelled, cpu_s=cpu, load_before=load, load_after=os.getloadavg()[0])
+
+
+def check_same_work(files: list[Path]) -> dict:
+    """Per chat: TRL's unpacked ``input_ids``/labels vs packlora's ``encode_chat`` (not timed)."""
+    _quiet()
+    import datasets
+    from transformers import AutoTokenizer
+
+    from data_utils.chat_format import ChatFormat
+
+    chats = read_chats(files)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(TOKENIZER))
+    same_render = sum(tok.apply_chat_template(c, tokenize=False) ==
+                      tok.apply_chat_template(c, tokenize=False, chat_template=GENERATION_TEMPLATE) for c in chats)
+    trainer, args = _trl_trainer(tok, 0, None, packing=False)
+    trl = trainer._prepare_dataset(datasets.Dataset.from_list([{"messages": c} for c in chats]), tok, args, False,
+                                   None, "train")
+    same_ids = same_labels = 0
+    for c, ids, labels in zip(chats, trl["input_ids"], trl["labels"]):
+        [seg] = fmt.encode_chat(c).examples
+        same_ids += list(seg.input_ids) == list(ids)
+        same_labels += list(seg.input_ids) == list(ids) and list(seg.labels) == list(labels)
+    return dict(chats=len(chats), trl_examples=len(trl), same_rendering=same_render, same_ids=same_ids,
+                same_labels=same_labels)
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def _spawn(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_set(name: str, files: list[Path], variants: list[str], rounds: int, max_seq_length: int) -> dict:
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            res = _spawn(["--worker", v, "--max-seq-length", str(max_seq_length), *map(str, files)])
+            runs[v].append(res)
+            print(f"{name} round {r + 1} {v}: {res['chats_per_s']:.0f} chats/s ({res['seconds']:.1f} s, {res['rows']} rows, "
+                  f"load {res['load_before']:.1f} -> {res['load_after']:.1f})", flush=True)
+    return runs
+
+
+def _spread(xs: list[float], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
+
+
+def tables(sets: list[tuple[str, dict, dict | None]]) -> str:
+    out = ["| set | chats | variant | chats/s, median (min–max) | rows | labelled tokens | load avg during runs |",
+           "|---|---|---|---|---|---|---|"]
+    for name, runs, _ in sets:
+        for v, rs in runs.items():
+            loads = [x for r in rs for x in (r["load_before"], r["load_after"])]
+            out.append(f"| {name} | {rs[0]['chats']:,} | {v} | {_spread([r['chats_per_s'] for r in rs])} | "
+                       f"{rs[0]['rows']:,} | {rs[0]['labelled_tokens']:,} | {min(loads):.1f}–{max(loads):.1f} |")
+    out += ["", "| set | ratio (per round: the two runs closest in time) | median (min–max) | goal |", "|---|---|---|---|"]
+    for name, runs, _ in sets:
+        for label, a, b in PAIRS:
+            if a in runs and b in runs:
+                ratios = [x["chats_per_s"] / y["chats_per_s"] for x, y in zip(runs[a], runs[b])]
+                out.append(f"| {name} | {label} | {_spread(ratios, '{:.2f}x')} | >= 1.5x |")
+    checks = [(name, c) for name, _, c in sets if c]
+    if checks:
+        out.append("")
+        for name, c in checks:
+            out.append(f"Same work ({name}, not timed): {c['same_rendering']:,} of {c['chats']:,} chats render "
+                       f"identically with the {{% generation %}} copy of the template; TRL's unpacked examples and "
+                       f"packlora's `encode_chat` have identical `input_ids` for {c['same_ids']:,} and identical "
+                       f"`input_ids` and labels for {c['same_labels']:,} of {c['chats']:,} chats.")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chats", type=int, default=100_000, help="size of the made-up set (0: leave it out)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="variants on the real chats")
+    ap.add_argument("--big-variants", default="trl,packlora_np2",
+                    help="variants on the --chats set (each run takes 2-3 minutes): the two defaults")
+    ap.add_argument("--max-seq-length", type=int, default=2048, help="row length (every real chat fits in 2,048)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
+    ns = ap.parse_args()
+    started, load0 = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()
+    t0 = time.perf_counter()
+    check = _spawn(["--check", *map(str, REAL)])
+    print("same work:", check, flush=True)
+    sets = [("real chats", run_set("real", REAL, ns.variants.split(","), ns.rounds, ns.max_seq_length), check)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if ns.chats:
+            big = make_chats(ns.chats, Path(tmp) / f"chats-{ns.chats}.jsonl")
+            name = f"{ns.chats // 1000}k chats" if ns.chats % 1000 == 0 else f"{ns.chats:,} chats"
+            sets.append((name, run_set(name, [big], ns.big_variants.split(","), ns.rounds, ns.max_seq_length), None))
+    minutes, load1 = (time.perf_counter() - t0) / 60, os.getloadavg()
+    md = tables(sets)
+    print(md)
+    if ns.no_write:
+        return
+    import datasets
+    import tokenizers
+    import trl
+
+    from packing_bench import write_section
+
+    body = (
+        "## Data preparation: chats/s, packlora `prepare_data` vs TRL `SFTTrainer` (same chats, same work)\n\n"
+        f"`benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --rounds {ns.rounds} --chats {ns.chats}` — "
+        f"{started}, {minutes:.0f} min, {os.cpu_count()} CPU cores shared with other work (load average "
+        f"{load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at the start, {load1[0]:.1f} / {load1[1]:.1f} / "
+        f"{load1[2]:.1f} at the end); trl {trl.__version__}, datasets {datasets.__version__}, tokenizers "
+        f"{tokenizers.__version__}. Cold: read + tokenise + assistant-only labels + pack, rows of "
+        f"{ns.max_seq_length} tokens, a fresh process and cache per run; TRL with `assistant_only_loss=True` on "
+        "a `{% generation %}` copy of the same template and BFD packing. Each variant ran "
+        f"{ns.rounds}x in alternating order; see the script's docstring for what is timed. Labelled tokens: "
+        "labels != -100 in the packed rows (before the loss masks the first label of each packlora segment).\n\n"
+        + md + "\n"
+    )
+    write_section(REPO / "benchmarks" / "RESULTS.md", "data-prep", body)
+    print(f"\nwrote {REPO / 'benchmarks' / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        a = argparse.ArgumentParser()
+        a.add_argument("--worker")
+        a.add_argument("--max-seq-length", type=int)
+        a.add_argument("files", nargs="+", type=Path)
+        w = a.parse_args()
+        print(json.dumps(worker(w.worker, w.files, w.max_seq_length)))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--check":
+        print(json.dumps(check_same_work([Path(f) for f in sys.argv[2:]])))
+    else:
+        main()
