@@ -36,7 +36,8 @@ are equal (packlora drops duplicates), in one JSONL file, with the two defaults 
 packlora's num_proc 2; a run takes 2-3 minutes, so the others are left out to keep the command short).
 
     bash benchmarks/setup.sh
-    benchmarks/.venv/bin/python benchmarks/data_prep_bench.py     # ~20 min on 2 shared cores; updates RESULTS.md
+    benchmarks/.venv/bin/python benchmarks/data_prep_bench.py              # ~30 min on 2 shared cores; updates RESULTS.md
+    benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --chats 0    # the real chats only: ~8 min
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --rounds 1 --chats 20000 --no-write   # a quick look
 """
 from __future__ import annotations
