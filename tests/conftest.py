@@ -1,5 +1,5 @@
-"""Shared fixtures: a small ChatML tokenizer trained on the fly, the real Qwen2 tokenizer from
-``../shared``, a factory of tiny run configs, and the ``gpu`` marker (skipped cleanly without CUDA).
+"""Shared fixtures: a small ChatML tokenizer trained on the fly, tiny Qwen2 models and a LoRA
+adapter checkpoint over it, the real Qwen2 tokenizer from ``../shared``, a factory of tiny run configs, and the ``gpu`` marker (skipped cleanly without CUDA).
 Plain builders and constants live in ``tiny_assets.py``."""
 from __future__ import annotations
 
@@ -37,6 +37,38 @@ def chatml_tokenizer(chatml_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
+
+
+@pytest.fixture
+def random_model(chatml_tokenizer):
+    """Untied tiny Qwen2 with large random weights (initializer_range=1.0), so greedy argmax gaps
+    are whole logits, not float noise, and replies really depend on the whole prompt."""
+    from tiny_assets import tiny_model
+
+    return tiny_model(len(chatml_tokenizer), tie_word_embeddings=False, initializer_range=1.0)
+
+
+@pytest.fixture(scope="session")
+def adapter_ckpt(tmp_path_factory, chatml_tokenizer):
+    """``root/base_model`` (tiny Qwen2) and ``root/ckpt`` (LoRA r=4 on q/v with random, non-zero
+    B, the tokenizer, generation_config.json with eos [2, 0]). Returns ``(root, peft_model)``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_assets import ENDOFTEXT, IM_END, tiny_model
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    root = tmp_path_factory.mktemp("run")
+    tiny_model(len(chatml_tokenizer), seed=1).save_pretrained(root / "base_model")
+    base = AutoModelForCausalLM.from_pretrained(root / "base_model")  # so name_or_path is the dir
+    torch.manual_seed(2)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    peft_model.save_pretrained(root / "ckpt")
+    chatml_tokenizer.save_pretrained(root / "ckpt")
+    GenerationConfig(eos_token_id=[IM_END, ENDOFTEXT], pad_token_id=ENDOFTEXT).save_pretrained(root / "ckpt")
+    return root, peft_model
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ QWEN2_TOKENIZER = SHARED / "assets" / "qwen2-tokenizer"
 SHISHUO_CHATS = SHARED / "data" / "shishuo" / "stage2_rewrite.jsonl"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # their ids in build_chatml_tokenizer
 
 _CORPUS = [
     "system user assistant You are a helpful assistant",
@@ -223,3 +224,49 @@ def summed_ce(logits, labels):
 def trainable_grads(model) -> dict:
     """A copy of the gradient of every trainable parameter, by name."""
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides):
+    """A seeded ``Qwen2ForCausalLM`` from ``tiny_qwen2_config`` (2 layers, hidden 64), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import torch
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**tiny_qwen2_config(vocab_size, **overrides))
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def scripted_lm(vocab_size: int, scripts: dict[tuple[int, ...], list[int]], filler: int):
+    """A ``Qwen2ForCausalLM`` whose logits follow a script instead of its weights.
+
+    ``scripts`` maps a prompt (its token ids, no padding) to the ids the model writes after it, in
+    order; past the end of a script, and for an unknown prompt, it writes ``filler``. Each row of
+    a (left-padded) batch follows its own prompt's script, so rows can stop at different steps.
+    The KV cache is off (``generation_config.use_cache = False``): every forward sees the whole
+    row, and the logit of the scripted token is 30, every other 0 (greedy = the script).
+    """
+    import torch
+    from transformers import AutoConfig, Qwen2ForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class ScriptedLM(Qwen2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            B, T = input_ids.shape
+            logits = torch.zeros(B, T, vocab_size)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            for b in range(B):
+                row = input_ids[b][mask[b].bool()].tolist()
+                nxt = filler
+                for prompt, script in scripts.items():
+                    if tuple(row[: len(prompt)]) == prompt:
+                        done = len(row) - len(prompt)
+                        nxt = script[done] if done < len(script) else filler
+                        break
+                logits[b, -1, nxt] = 30.0
+            return CausalLMOutputWithPast(logits=logits)
+
+    torch.manual_seed(0)
+    model = ScriptedLM(AutoConfig.for_model(**tiny_qwen2_config(vocab_size))).eval()
+    model.generation_config.use_cache = False
+    return model

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from decoding_testutils import ENDOFTEXT, IM_END, adapter_ckpt, chatml_tok  # noqa: F401 (fixtures)
+from tiny_assets import ENDOFTEXT, IM_END
 
 from decoding.generate import load_checkpoint
 
@@ -77,7 +77,7 @@ def test_missing_base_raises_naming_the_paths_tried(adapter_ckpt, tmp_path):
         load_checkpoint(ckpt_dir)
 
 
-def test_packlora_config_sets_max_new_tokens_and_extra_stop_tokens(adapter_ckpt, tmp_path, chatml_tok):
+def test_packlora_config_sets_max_new_tokens_and_extra_stop_tokens(adapter_ckpt, tmp_path, chatml_tokenizer):
     ckpt_dir = _copy_run(adapter_ckpt[0], tmp_path)
     gen = json.loads((ckpt_dir / "generation_config.json").read_text())
     (ckpt_dir / "generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": 9}))
@@ -85,16 +85,16 @@ def test_packlora_config_sets_max_new_tokens_and_extra_stop_tokens(adapter_ckpt,
     (ckpt_dir / "packlora_config.yaml").write_text("decoding:\n  stop_tokens: ['!']\n  max_new_tokens: 7\n")
     ckpt = load_checkpoint(ckpt_dir)
     assert ckpt.max_new_tokens == 7
-    assert ckpt.stop_ids == (IM_END, ENDOFTEXT, chatml_tok.get_vocab()["!"])
+    assert ckpt.stop_ids == (IM_END, ENDOFTEXT, chatml_tokenizer.get_vocab()["!"])
 
 
-def test_plain_model_checkpoint_loads_without_base(adapter_ckpt, tmp_path, chatml_tok):
+def test_plain_model_checkpoint_loads_without_base(adapter_ckpt, tmp_path, chatml_tokenizer):
     from transformers import AutoModelForCausalLM
 
     root = adapter_ckpt[0]
     base = AutoModelForCausalLM.from_pretrained(root / "base_model")
     base.save_pretrained(tmp_path / "merged")
-    chatml_tok.save_pretrained(tmp_path / "merged")  # no generation_config.json: tokenizer stops only
+    chatml_tokenizer.save_pretrained(tmp_path / "merged")  # no generation_config.json: tokenizer stops only
     ckpt = load_checkpoint(tmp_path / "merged")
     assert ckpt.base_model_path is None
     assert ckpt.stop_ids == (IM_END, ENDOFTEXT)

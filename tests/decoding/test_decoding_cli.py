@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from decoding_testutils import adapter_ckpt, chatml_tok  # noqa: F401 (fixtures)
 
 from decoding.cli import decode_file, main, read_prompts
 from decoding.generate import generate_replies, load_checkpoint

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from data_utils.chat_format import ChatFormat
-from decoding_testutils import ENDOFTEXT, IM_END, IM_START, chatml_tok, random_model, tiny_model  # noqa: F401 (fixtures)
+from tiny_assets import ENDOFTEXT, IM_END, IM_START, tiny_model
 from torch import nn
 
 from decoding.generate import Reply, generate_replies
@@ -42,56 +42,56 @@ class ScriptedHead(nn.Module):
 
 
 @pytest.fixture
-def scripted_model(chatml_tok):
+def scripted_model(chatml_tokenizer):
     """A real tiny Qwen2 that, after the generation prompt's final newline, writes
     ``Hello!<|im_end|><|im_start|>user\\n`` and then starts over: a chat model running on into
     a new turn unless it stops at <|im_end|>."""
-    enc = lambda s: chatml_tok.encode(s, add_special_tokens=False)  # noqa: E731
-    assert [chatml_tok.decode([t]) for t in enc("Hello!")] == ["He", "ll", "o", "!"]
+    enc = lambda s: chatml_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    assert [chatml_tokenizer.decode([t]) for t in enc("Hello!")] == ["He", "ll", "o", "!"]
     cycle = enc("Hello!") + [IM_END, IM_START] + enc("user\n")  # ends with "\n", as the prompt does
     assert len(set(cycle)) == len(cycle) == 10
-    model = tiny_model(len(chatml_tok), tie_word_embeddings=False)
+    model = tiny_model(len(chatml_tokenizer), tie_word_embeddings=False)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     script = {a: b for a, b in zip(cycle[-1:] + cycle[:-1], cycle)}
     model.lm_head = ScriptedHead(model.model.embed_tokens.weight, script, filler=enc("?")[0])
-    every_id = torch.arange(len(chatml_tok))[None]
+    every_id = torch.arange(len(chatml_tokenizer))[None]
     assert torch.equal(model(every_id).logits.argmax(-1)[0], model.lm_head.table)  # reads back every token
     return model
 
 
-def test_reply_stops_at_im_end_and_excludes_it(chatml_tok, scripted_model):
-    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=20)
+def test_reply_stops_at_im_end_and_excludes_it(chatml_tokenizer, scripted_model):
+    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tokenizer), [HELLO], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=20)
     assert reply == Reply(
-        text="Hello!", token_ids=tuple(chatml_tok.encode("Hello!")), stop_reason="stop_id", stop_id=IM_END,
+        text="Hello!", token_ids=tuple(chatml_tokenizer.encode("Hello!")), stop_reason="stop_id", stop_id=IM_END,
         num_new_tokens=5,
     )
 
 
 @pytest.mark.parametrize("stop_ids", [[IM_END, ENDOFTEXT], [ENDOFTEXT, IM_END]])
-def test_generation_ends_at_the_stop_instead_of_running_to_max_new_tokens(chatml_tok, scripted_model, stop_ids):
+def test_generation_ends_at_the_stop_instead_of_running_to_max_new_tokens(chatml_tokenizer, scripted_model, stop_ids):
     calls = []
     scripted_model.lm_head.register_forward_hook(lambda *_: calls.append(1))
-    generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=stop_ids, max_new_tokens=50)
+    generate_replies(scripted_model, ChatFormat(chatml_tokenizer), [HELLO], stop_ids=stop_ids, max_new_tokens=50)
     assert len(calls) == 5  # one forward per generated token: "He" "ll" "o" "!" <|im_end|>
 
 
-def test_without_im_end_in_stop_ids_it_runs_into_the_next_turn(chatml_tok, scripted_model):
+def test_without_im_end_in_stop_ids_it_runs_into_the_next_turn(chatml_tokenizer, scripted_model):
     # eos_token alone (<|endoftext|>, as in a Qwen2 base tokenizer) never fires: the reply runs on,
     # and the role markers it writes stay visible in the text.
-    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=[ENDOFTEXT], max_new_tokens=14)
+    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tokenizer), [HELLO], stop_ids=[ENDOFTEXT], max_new_tokens=14)
     assert reply.text == "Hello!<|im_end|><|im_start|>user\nHello!"
     assert (reply.stop_reason, reply.stop_id, reply.num_new_tokens, len(reply.token_ids)) == (
         "max_new_tokens", None, 14, 14,
     )
 
 
-def test_stop_as_first_token_gives_empty_reply(chatml_tok, scripted_model):
+def test_stop_as_first_token_gives_empty_reply(chatml_tokenizer, scripted_model):
     # "He" is the script's first reply token.
-    he = chatml_tok.encode("He")[0]
-    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tok), [HELLO], stop_ids=[he], max_new_tokens=5)
+    he = chatml_tokenizer.encode("He")[0]
+    [reply] = generate_replies(scripted_model, ChatFormat(chatml_tokenizer), [HELLO], stop_ids=[he], max_new_tokens=5)
     assert reply == Reply(text="", token_ids=(), stop_reason="stop_id", stop_id=he, num_new_tokens=1)
 
 
@@ -114,9 +114,9 @@ def _manual_greedy(model, tokenizer, conversation, n: int, repetition_penalty: f
     return new
 
 
-def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(chatml_tok, random_model):
+def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(chatml_tokenizer, random_model):
     n = 12
-    full = [_manual_greedy(random_model, chatml_tok, c, n) for c in CONVERSATIONS]
+    full = [_manual_greedy(random_model, chatml_tokenizer, c, n) for c in CONVERSATIONS]
     stop = full[0][3]  # row 0 stops at its 4th token; the others wherever (if ever) it shows up
     assert stop not in full[0][:3]
     expected = []
@@ -128,52 +128,52 @@ def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(c
     # Settings in model.generation_config must not leak into greedy decoding.
     random_model.generation_config.repetition_penalty = 10.0
     random_model.train()
-    chatml_tok.padding_side = "right"
+    chatml_tokenizer.padding_side = "right"
     for batch_size in (3, 2, 1):
-        replies = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [stop], max_new_tokens=n, batch_size=batch_size
+        replies = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [stop], max_new_tokens=n, batch_size=batch_size
         )
         assert [(r.token_ids, r.stop_reason, r.num_new_tokens) for r in replies] == expected, batch_size
-        assert [r.text for r in replies] == [chatml_tok.decode(list(e[0])) for e in expected]
-    assert random_model.training and chatml_tok.padding_side == "right"  # both restored/untouched
+        assert [r.text for r in replies] == [chatml_tokenizer.decode(list(e[0])) for e in expected]
+    assert random_model.training and chatml_tokenizer.padding_side == "right"  # both restored/untouched
 
 
-def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(chatml_tok, random_model):
+def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(chatml_tokenizer, random_model):
     kwargs = dict(stop_ids=[IM_END], max_new_tokens=10, do_sample=True, temperature=5.0, top_p=0.95)
     rng = torch.get_rng_state()
-    a = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, seed=0, **kwargs)
-    b = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, seed=0, **kwargs)
-    c = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, seed=1, **kwargs)
+    a = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, seed=0, **kwargs)
+    b = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, seed=0, **kwargs)
+    c = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, seed=1, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng)
     assert a == b and a != c
 
 
-def test_repetition_penalty_divides_the_logits_of_ids_already_in_the_row(chatml_tok, random_model):
+def test_repetition_penalty_divides_the_logits_of_ids_already_in_the_row(chatml_tokenizer, random_model):
     n = 16
-    plain = [tuple(_manual_greedy(random_model, chatml_tok, c, n)) for c in CONVERSATIONS]
-    penalised = [tuple(_manual_greedy(random_model, chatml_tok, c, n, repetition_penalty=3.0)) for c in CONVERSATIONS]
+    plain = [tuple(_manual_greedy(random_model, chatml_tokenizer, c, n)) for c in CONVERSATIONS]
+    penalised = [tuple(_manual_greedy(random_model, chatml_tokenizer, c, n, repetition_penalty=3.0)) for c in CONVERSATIONS]
     assert plain != penalised  # the penalty changes what this model writes
-    no_stop = [len(chatml_tok)]  # an id the model cannot write: every row runs to max_new_tokens
-    got = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, no_stop, max_new_tokens=n, batch_size=3,
+    no_stop = [len(chatml_tokenizer)]  # an id the model cannot write: every row runs to max_new_tokens
+    got = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, no_stop, max_new_tokens=n, batch_size=3,
                            repetition_penalty=3.0)
     assert [r.token_ids for r in got] == penalised
 
 
-def test_top_k_1_sampling_is_greedy_whatever_the_temperature(chatml_tok, random_model):
-    greedy = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [IM_END], max_new_tokens=10)
+def test_top_k_1_sampling_is_greedy_whatever_the_temperature(chatml_tokenizer, random_model):
+    greedy = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10)
     hot = dict(do_sample=True, temperature=50.0, seed=0)
-    top1 = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [IM_END], max_new_tokens=10, top_k=1, **hot)
-    untruncated = generate_replies(random_model, ChatFormat(chatml_tok), CONVERSATIONS, [IM_END], max_new_tokens=10, **hot)
+    top1 = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10, top_k=1, **hot)
+    untruncated = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10, **hot)
     assert top1 == greedy and untruncated != greedy
 
 
-def test_no_conversations_gives_no_replies(chatml_tok, random_model):
-    assert generate_replies(random_model, ChatFormat(chatml_tok), [], stop_ids=[IM_END]) == []
+def test_no_conversations_gives_no_replies(chatml_tokenizer, random_model):
+    assert generate_replies(random_model, ChatFormat(chatml_tokenizer), [], stop_ids=[IM_END]) == []
 
 
-def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tok, random_model):
+def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tokenizer, random_model):
     convs = [HELLO, HELLO + [{"role": "assistant", "content": "Hi."}]]
     with pytest.raises(ValueError, match=r"conversations\[1\] ends with an assistant message"):
-        generate_replies(random_model, ChatFormat(chatml_tok), convs, stop_ids=[IM_END])
+        generate_replies(random_model, ChatFormat(chatml_tokenizer), convs, stop_ids=[IM_END])
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tok, ra
         (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0 \(1.0 = off\), got 0.0"),
     ],
 )
-def test_bad_settings_raise(chatml_tok, random_model, kwargs, message):
+def test_bad_settings_raise(chatml_tokenizer, random_model, kwargs, message):
     kwargs = {"stop_ids": [IM_END], **kwargs}
     with pytest.raises(ValueError, match=message):
-        generate_replies(random_model, ChatFormat(chatml_tok), [HELLO], **kwargs)
+        generate_replies(random_model, ChatFormat(chatml_tokenizer), [HELLO], **kwargs)

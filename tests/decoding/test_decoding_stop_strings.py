@@ -7,7 +7,7 @@ import doctest
 import pytest
 import torch
 from data_utils.chat_format import ChatFormat
-from decoding_testutils import ENDOFTEXT, IM_END, IM_START, chatml_tok, scripted_lm  # noqa: F401 (fixtures)
+from tiny_assets import ENDOFTEXT, IM_END, IM_START, scripted_lm
 
 import decoding.stop_strings
 from decoding.generate import Reply, generate_replies
@@ -72,20 +72,20 @@ def test_docstring_examples():
 
 
 @pytest.fixture
-def runaway_script(chatml_tok):
+def runaway_script(chatml_tokenizer):
     """Prompt A -> ``Hello!<|im_end|><|im_start|>user\\n!<|endoftext|>`` (a model running on)."""
-    return [*_enc(chatml_tok, "Hello!"), IM_END, IM_START, *_enc(chatml_tok, "user\n!"), ENDOFTEXT]
+    return [*_enc(chatml_tokenizer, "Hello!"), IM_END, IM_START, *_enc(chatml_tokenizer, "user\n!"), ENDOFTEXT]
 
 
 @pytest.mark.parametrize(
     "stop_id_text, expected_text, expected_new",
     [("<|im_end|>", "Hello!", 5), ("<|im_start|>", "Hello!<|im_end|>", 6), ("<|endoftext|>", None, None)],
 )
-def test_each_stop_id_alone_ends_the_reply_before_it(chatml_tok, runaway_script, stop_id_text, expected_text,
+def test_each_stop_id_alone_ends_the_reply_before_it(chatml_tokenizer, runaway_script, stop_id_text, expected_text,
                                                      expected_new):
-    stop_id = chatml_tok.convert_tokens_to_ids(stop_id_text)
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[stop_id], max_new_tokens=30)
+    stop_id = chatml_tokenizer.convert_tokens_to_ids(stop_id_text)
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): runaway_script}, filler=ENDOFTEXT)
+    [reply] = generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[stop_id], max_new_tokens=30)
     if expected_text is None:  # <|endoftext|> alone: the reply ran on through the invented turn
         expected_text = "Hello!<|im_end|><|im_start|>user\n!"
         expected_new = len(runaway_script)
@@ -94,84 +94,84 @@ def test_each_stop_id_alone_ends_the_reply_before_it(chatml_tok, runaway_script,
     assert list(reply.token_ids) == runaway_script[: expected_new - 1]
 
 
-def test_rows_of_a_batch_stop_at_different_steps_on_different_stop_ids(chatml_tok):
+def test_rows_of_a_batch_stop_at_different_steps_on_different_stop_ids(chatml_tokenizer):
     scripts = {
-        _prompt(chatml_tok, A): [*_enc(chatml_tok, "Hi"), IM_END],                          # stops at step 3
-        _prompt(chatml_tok, B): [*_enc(chatml_tok, "jumps."), ENDOFTEXT],                   # at step 5
-        _prompt(chatml_tok, C): _enc(chatml_tok, "there lived a scholar who loved wine"),  # never
+        _prompt(chatml_tokenizer, A): [*_enc(chatml_tokenizer, "Hi"), IM_END],                          # stops at step 3
+        _prompt(chatml_tokenizer, B): [*_enc(chatml_tokenizer, "jumps."), ENDOFTEXT],                   # at step 5
+        _prompt(chatml_tokenizer, C): _enc(chatml_tokenizer, "there lived a scholar who loved wine"),  # never
     }
-    assert [len(_enc(chatml_tok, s)) for s in ("Hi", "jumps.")] == [2, 4]  # "H" "i"; 4 tokens
-    model = scripted_lm(len(chatml_tok), scripts, filler=ENDOFTEXT)
-    replies = generate_replies(model, ChatFormat(chatml_tok), [A, B, C], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=6)
+    assert [len(_enc(chatml_tokenizer, s)) for s in ("Hi", "jumps.")] == [2, 4]  # "H" "i"; 4 tokens
+    model = scripted_lm(len(chatml_tokenizer), scripts, filler=ENDOFTEXT)
+    replies = generate_replies(model, ChatFormat(chatml_tokenizer), [A, B, C], stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=6)
     assert [(r.text, r.stop_reason, r.stop_id, r.num_new_tokens) for r in replies] == [
         ("Hi", "stop_id", IM_END, 3),
         ("jumps.", "stop_id", ENDOFTEXT, 5),
-        (chatml_tok.decode(scripts[_prompt(chatml_tok, C)][:6]), "max_new_tokens", None, 6),
+        (chatml_tokenizer.decode(scripts[_prompt(chatml_tokenizer, C)][:6]), "max_new_tokens", None, 6),
     ]
 
 
-def test_stop_string_spanning_several_tokens_cuts_the_reply_before_it(chatml_tok):
-    written = [*_enc(chatml_tok, "Hello!"), *_enc(chatml_tok, "\n"), *_enc(chatml_tok, "user"),
-               *_enc(chatml_tok, "\n"), *_enc(chatml_tok, "more")]
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): written}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=30,
+def test_stop_string_spanning_several_tokens_cuts_the_reply_before_it(chatml_tokenizer):
+    written = [*_enc(chatml_tokenizer, "Hello!"), *_enc(chatml_tokenizer, "\n"), *_enc(chatml_tokenizer, "user"),
+               *_enc(chatml_tokenizer, "\n"), *_enc(chatml_tokenizer, "more")]
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): written}, filler=ENDOFTEXT)
+    [reply] = generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[IM_END], max_new_tokens=30,
                                stop_strings=["\nuser\n"])
-    n_hello, n_user = len(_enc(chatml_tok, "Hello!")), len(_enc(chatml_tok, "user"))
+    n_hello, n_user = len(_enc(chatml_tokenizer, "Hello!")), len(_enc(chatml_tokenizer, "user"))
     assert reply == Reply(text="Hello!", token_ids=tuple(written[:n_hello]), stop_reason="stop_string",
                           stop_id=None, num_new_tokens=n_hello + 1 + n_user + 1, stop_string="\nuser\n")
 
 
-def test_overlapping_partial_match_stops_generation(chatml_tok):
-    a, b = _enc(chatml_tok, "a"), _enc(chatml_tok, "b")
+def test_overlapping_partial_match_stops_generation(chatml_tokenizer):
+    a, b = _enc(chatml_tokenizer, "a"), _enc(chatml_tokenizer, "b")
     assert len(a) == len(b) == 1
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): a * 3 + b + a * 5}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=20, stop_strings=["aab"])
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): a * 3 + b + a * 5}, filler=ENDOFTEXT)
+    [reply] = generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[IM_END], max_new_tokens=20, stop_strings=["aab"])
     assert (reply.text, reply.token_ids, reply.num_new_tokens) == ("a", tuple(a), 4)
 
 
-def test_im_start_stop_string_catches_the_special_token(chatml_tok, runaway_script):
+def test_im_start_stop_string_catches_the_special_token(chatml_tokenizer, runaway_script):
     # no <|im_end|> stop id: the string "<|im_start|>" still ends the reply at the invented turn
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
-    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[ENDOFTEXT], max_new_tokens=30,
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): runaway_script}, filler=ENDOFTEXT)
+    [reply] = generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[ENDOFTEXT], max_new_tokens=30,
                                stop_strings=["<|im_start|>"])
     assert (reply.text, reply.stop_reason, reply.num_new_tokens) == ("Hello!<|im_end|>", "stop_string", 6)
 
 
-def test_stop_strings_end_rows_of_a_batch_at_different_steps(chatml_tok):
+def test_stop_strings_end_rows_of_a_batch_at_different_steps(chatml_tokenizer):
     scripts = {
-        _prompt(chatml_tok, A): [*_enc(chatml_tok, "Hi\nuser\n"), *_enc(chatml_tok, "xx")],
-        _prompt(chatml_tok, B): [*_enc(chatml_tok, "jumps.\nsystem\nyy")],
+        _prompt(chatml_tokenizer, A): [*_enc(chatml_tokenizer, "Hi\nuser\n"), *_enc(chatml_tokenizer, "xx")],
+        _prompt(chatml_tokenizer, B): [*_enc(chatml_tokenizer, "jumps.\nsystem\nyy")],
     }
-    model = scripted_lm(len(chatml_tok), scripts, filler=ENDOFTEXT)
-    replies = generate_replies(model, ChatFormat(chatml_tok), [A, B], stop_ids=[IM_END], max_new_tokens=30,
+    model = scripted_lm(len(chatml_tokenizer), scripts, filler=ENDOFTEXT)
+    replies = generate_replies(model, ChatFormat(chatml_tokenizer), [A, B], stop_ids=[IM_END], max_new_tokens=30,
                                stop_strings=["\nuser\n", "\nsystem\n"])
     assert [(r.text, r.stop_string) for r in replies] == [("Hi", "\nuser\n"), ("jumps.", "\nsystem\n")]
 
 
-def test_streamer_shows_the_reply_and_never_a_stop_or_its_prefix(chatml_tok):
-    written = [*_enc(chatml_tok, "Hello!"), *_enc(chatml_tok, "\nuser\n"), *_enc(chatml_tok, "more")]
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): written}, filler=ENDOFTEXT)
+def test_streamer_shows_the_reply_and_never_a_stop_or_its_prefix(chatml_tokenizer):
+    written = [*_enc(chatml_tokenizer, "Hello!"), *_enc(chatml_tokenizer, "\nuser\n"), *_enc(chatml_tokenizer, "more")]
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): written}, filler=ENDOFTEXT)
     pieces: list[str] = []
-    streamer = StopAwareStreamer(chatml_tok, [IM_END], StopStringMatcher(["\nuser\n"]), write=pieces.append)
-    [reply] = generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=30,
+    streamer = StopAwareStreamer(chatml_tokenizer, [IM_END], StopStringMatcher(["\nuser\n"]), write=pieces.append)
+    [reply] = generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[IM_END], max_new_tokens=30,
                                stop_strings=["\nuser\n"], streamer=streamer, batch_size=1)
     assert reply.text == "Hello!"
     assert "".join(pieces) == "Hello!\n"  # the reply, then end()'s newline; no "\n" of the stop shown
     assert all("user" not in p for p in pieces)
 
 
-def test_streamer_stops_showing_at_a_stop_id(chatml_tok, runaway_script):
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
+def test_streamer_stops_showing_at_a_stop_id(chatml_tokenizer, runaway_script):
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): runaway_script}, filler=ENDOFTEXT)
     pieces: list[str] = []
-    streamer = StopAwareStreamer(chatml_tok, [IM_END], write=pieces.append)
-    generate_replies(model, ChatFormat(chatml_tok), [A], stop_ids=[IM_END], max_new_tokens=30, streamer=streamer, batch_size=1)
+    streamer = StopAwareStreamer(chatml_tokenizer, [IM_END], write=pieces.append)
+    generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[IM_END], max_new_tokens=30, streamer=streamer, batch_size=1)
     assert "".join(pieces) == "Hello!\n"
 
 
-def test_streaming_needs_batch_size_one(chatml_tok, runaway_script):
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): runaway_script}, filler=ENDOFTEXT)
+def test_streaming_needs_batch_size_one(chatml_tokenizer, runaway_script):
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): runaway_script}, filler=ENDOFTEXT)
     with pytest.raises(ValueError, match="batch_size=1"):
-        generate_replies(model, ChatFormat(chatml_tok), [A, B], stop_ids=[IM_END], streamer=object(), batch_size=2)
+        generate_replies(model, ChatFormat(chatml_tokenizer), [A, B], stop_ids=[IM_END], streamer=object(), batch_size=2)
 
 
 def test_decode_cli_streams_exactly_the_replies_it_writes(tmp_path, capsys):
@@ -179,9 +179,9 @@ def test_decode_cli_streams_exactly_the_replies_it_writes(tmp_path, capsys):
     cut before the stop string "e"."""
     import json
 
-    from decoding_testutils import tiny_model
-    from tiny_assets import build_chatml_tokenizer
     from transformers import GenerationConfig
+
+    from tiny_assets import build_chatml_tokenizer, tiny_model
 
     from decoding.cli import main
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_testutils import IM_END, IM_START, chatml_tok  # noqa: F401 (fixtures)
+from tiny_assets import IM_END, IM_START
 
 from data_utils.collator import PackedCollator
 from data_utils.chat_format import ChatFormat
@@ -15,8 +15,8 @@ from training.config import ConfigError, config_from_dict
 CHAT = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi"}]
 
 
-def test_legacy_labels_cover_role_markers_that_assistant_only_masks(chatml_tok):
-    fmt = ChatFormat(chatml_tok)
+def test_legacy_labels_cover_role_markers_that_assistant_only_masks(chatml_tokenizer):
+    fmt = ChatFormat(chatml_tokenizer)
     legacy_ids = tuple(fmt.encode_full(CHAT))  # legacy_full_sequence: labels = these ids, all of them
     [sound] = fmt.encode_chat(CHAT).examples
     assert legacy_ids == sound.input_ids
@@ -68,14 +68,14 @@ def test_labels_and_runaway_eval_are_validated_naming_the_key(raw):
         "legacy_full_sequence", 5, 4)
 
 
-def test_full_parameter_model_trains_every_weight(tmp_path, chatml_tok):
+def test_full_parameter_model_trains_every_weight(tmp_path, chatml_tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from decoding_testutils import tiny_qwen2_config
+    from tiny_assets import tiny_qwen2_config
     from training.config import ModelConfig
     from training.model import build_model
 
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_qwen2_config(len(chatml_tok)))).save_pretrained(
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_qwen2_config(len(chatml_tokenizer)))).save_pretrained(
         tmp_path / "base")
     model = build_model(str(tmp_path / "base"), ModelConfig(name_or_path=str(tmp_path / "base")), None, seed=0)
     assert type(model).__name__ == "Qwen2ForCausalLM"

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from data_utils.chat_format import ChatFormat
-from decoding_testutils import ENDOFTEXT, IM_END, IM_START, adapter_ckpt, chatml_tok, scripted_lm  # noqa: F401
+from tiny_assets import ENDOFTEXT, IM_END, IM_START, scripted_lm
 
 from decoding.generate import Reply, load_checkpoint
 from decoding.runaway import (
@@ -69,48 +69,48 @@ def test_repeated_unit_thresholds_are_arguments():
     assert repeated_unit("曰：何如？何如？何如？", min_repeats=4) is None
 
 
-def test_never_ending_reply_is_a_loop_and_names_its_unit_but_a_new_turn_is_a_role_leak(chatml_tok):
-    loop = score_reply(_reply(chatml_tok, _enc(chatml_tok, "ab ab ab ab ab ab ab"), None), "ab", ChatFormat(chatml_tok))
+def test_never_ending_reply_is_a_loop_and_names_its_unit_but_a_new_turn_is_a_role_leak(chatml_tokenizer):
+    loop = score_reply(_reply(chatml_tokenizer, _enc(chatml_tokenizer, "ab ab ab ab ab ab ab"), None), "ab", ChatFormat(chatml_tokenizer))
     assert (loop.hit_max_new_tokens, loop.role_leak, loop.loop, loop.runaway, loop.repeated_unit) == (
         True, False, True, True, "ab ")
-    ids = [*_enc(chatml_tok, "Hi"), IM_END, *_enc(chatml_tok, "\n"), IM_START, *_enc(chatml_tok, "user\nMore")]
-    leak = score_reply(_reply(chatml_tok, ids, None), "Hi", ChatFormat(chatml_tok))
+    ids = [*_enc(chatml_tokenizer, "Hi"), IM_END, *_enc(chatml_tokenizer, "\n"), IM_START, *_enc(chatml_tokenizer, "user\nMore")]
+    leak = score_reply(_reply(chatml_tokenizer, ids, None), "Hi", ChatFormat(chatml_tokenizer))
     assert (leak.hit_max_new_tokens, leak.role_leak, leak.loop, leak.runaway) == (True, True, False, True)
-    ended = score_reply(_reply(chatml_tok, _enc(chatml_tok, "ab ab ab ab ab ab ab"), IM_END), "ab", ChatFormat(chatml_tok))
+    ended = score_reply(_reply(chatml_tokenizer, _enc(chatml_tokenizer, "ab ab ab ab ab ab ab"), IM_END), "ab", ChatFormat(chatml_tokenizer))
     assert (ended.loop, ended.runaway, ended.repeated_unit) == (False, False, None)  # it ended: no loop
 
 
-def test_reply_stopped_at_im_end_emitted_end_of_turn_and_did_not_run_away(chatml_tok):
-    r = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi there."), IM_END), "Hi there!!", ChatFormat(chatml_tok))
+def test_reply_stopped_at_im_end_emitted_end_of_turn_and_did_not_run_away(chatml_tokenizer):
+    r = score_reply(_reply(chatml_tokenizer, _enc(chatml_tokenizer, "Hi there."), IM_END), "Hi there!!", ChatFormat(chatml_tokenizer))
     assert (r.stopped_by_stop_id, r.emitted_end_of_turn, r.hit_max_new_tokens, r.role_leak, r.runaway) == (
         True, True, False, False, False)
     assert r.length_ratio == 9 / 10  # "Hi there." vs "Hi there!!"
 
 
-def test_reply_running_into_a_new_turn_leaks_a_role_whether_special_tokens_show_or_not(chatml_tok):
-    ids = [*_enc(chatml_tok, "Hi"), IM_END, *_enc(chatml_tok, "\n"), IM_START, *_enc(chatml_tok, "user\nMore")]
-    r = score_reply(_reply(chatml_tok, ids, ENDOFTEXT), "Hi", ChatFormat(chatml_tok))
+def test_reply_running_into_a_new_turn_leaks_a_role_whether_special_tokens_show_or_not(chatml_tokenizer):
+    ids = [*_enc(chatml_tokenizer, "Hi"), IM_END, *_enc(chatml_tokenizer, "\n"), IM_START, *_enc(chatml_tokenizer, "user\nMore")]
+    r = score_reply(_reply(chatml_tokenizer, ids, ENDOFTEXT), "Hi", ChatFormat(chatml_tokenizer))
     # <|im_end|> came first, right after "Hi": training taught the end of turn; the decoder ignored it
     assert (r.emitted_end_of_turn, r.role_leak, r.runaway, r.stopped_by_stop_id) == (True, True, True, True)
     assert r.length_ratio == len("Hi\nuser\nMore") / 2  # visible text skips special tokens
 
 
-def test_bare_role_line_without_special_tokens_is_a_leak_and_no_end_of_turn(chatml_tok):
-    ids = _enc(chatml_tok, "Hi\nuser\nMore")
-    r = score_reply(_reply(chatml_tok, ids, None), None, ChatFormat(chatml_tok))
+def test_bare_role_line_without_special_tokens_is_a_leak_and_no_end_of_turn(chatml_tokenizer):
+    ids = _enc(chatml_tokenizer, "Hi\nuser\nMore")
+    r = score_reply(_reply(chatml_tokenizer, ids, None), None, ChatFormat(chatml_tokenizer))
     assert (r.emitted_end_of_turn, r.role_leak, r.hit_max_new_tokens, r.runaway, r.length_ratio) == (
         False, True, True, True, None)
 
 
-def test_im_start_before_im_end_is_not_an_end_of_turn(chatml_tok):
-    ids = [*_enc(chatml_tok, "Hi"), IM_START, *_enc(chatml_tok, "user\n")]
-    assert score_reply(_reply(chatml_tok, ids, IM_END), "Hi", ChatFormat(chatml_tok)).emitted_end_of_turn is False
+def test_im_start_before_im_end_is_not_an_end_of_turn(chatml_tokenizer):
+    ids = [*_enc(chatml_tokenizer, "Hi"), IM_START, *_enc(chatml_tokenizer, "user\n")]
+    assert score_reply(_reply(chatml_tokenizer, ids, IM_END), "Hi", ChatFormat(chatml_tokenizer)).emitted_end_of_turn is False
 
 
-def test_summary_rates_and_worst_first(chatml_tok):
-    good = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi"), IM_END), "Hi", ChatFormat(chatml_tok), "f:1")
-    long = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi Hi Hi Hi"), None), "Hi", ChatFormat(chatml_tok), "f:2")
-    leak = score_reply(_reply(chatml_tok, _enc(chatml_tok, "Hi\nuser\n"), ENDOFTEXT), "Hi", ChatFormat(chatml_tok), "f:3")
+def test_summary_rates_and_worst_first(chatml_tokenizer):
+    good = score_reply(_reply(chatml_tokenizer, _enc(chatml_tokenizer, "Hi"), IM_END), "Hi", ChatFormat(chatml_tokenizer), "f:1")
+    long = score_reply(_reply(chatml_tokenizer, _enc(chatml_tokenizer, "Hi Hi Hi Hi"), None), "Hi", ChatFormat(chatml_tokenizer), "f:2")
+    leak = score_reply(_reply(chatml_tokenizer, _enc(chatml_tokenizer, "Hi\nuser\n"), ENDOFTEXT), "Hi", ChatFormat(chatml_tokenizer), "f:3")
     report = summarize([good, long, leak, good], stop_ids=[IM_END], max_new_tokens=10, no_stop_ids=False)
     assert (report.stopped_by_stop_id, report.emitted_end_of_turn, report.hit_max_new_tokens, report.role_leak,
             report.loop, report.runaway) == (0.75, 0.5, 0.25, 0.25, 0.25, 0.5)
@@ -120,21 +120,21 @@ def test_summary_rates_and_worst_first(chatml_tok):
     assert report.scalars()["runaway/runaway"] == 0.5 and report.scalars()["runaway/loop"] == 0.25
 
 
-def test_no_stop_ids_lets_a_model_that_ends_its_turn_run_on(chatml_tok):
-    script = [*_enc(chatml_tok, "Hi"), IM_END, *_enc(chatml_tok, "\n"), IM_START, *_enc(chatml_tok, "user\n"),
+def test_no_stop_ids_lets_a_model_that_ends_its_turn_run_on(chatml_tokenizer):
+    script = [*_enc(chatml_tokenizer, "Hi"), IM_END, *_enc(chatml_tokenizer, "\n"), IM_START, *_enc(chatml_tokenizer, "user\n"),
               ENDOFTEXT]
-    model = scripted_lm(len(chatml_tok), {_prompt(chatml_tok, A): script}, filler=ENDOFTEXT)
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): script}, filler=ENDOFTEXT)
     prompts = [(A, "Hi", "a:1")]
-    with_stops = evaluate_runaway(model, ChatFormat(chatml_tok), prompts, [IM_END, ENDOFTEXT], max_new_tokens=20)
-    naive = evaluate_runaway(model, ChatFormat(chatml_tok), prompts, [IM_END, ENDOFTEXT], max_new_tokens=20, no_stop_ids=True)
-    assert naive_stop_ids(ChatFormat(chatml_tok)) == [ENDOFTEXT] and naive.stop_ids == [ENDOFTEXT]
+    with_stops = evaluate_runaway(model, ChatFormat(chatml_tokenizer), prompts, [IM_END, ENDOFTEXT], max_new_tokens=20)
+    naive = evaluate_runaway(model, ChatFormat(chatml_tokenizer), prompts, [IM_END, ENDOFTEXT], max_new_tokens=20, no_stop_ids=True)
+    assert naive_stop_ids(ChatFormat(chatml_tokenizer)) == [ENDOFTEXT] and naive.stop_ids == [ENDOFTEXT]
     assert (with_stops.runaway, with_stops.emitted_end_of_turn, with_stops.mean_length_ratio) == (0.0, 1.0, 1.0)
     assert (naive.runaway, naive.role_leak, naive.emitted_end_of_turn) == (1.0, 1.0, 1.0)
 
 
-def test_model_that_never_ends_hits_max_new_tokens_either_way(chatml_tok):
-    model = scripted_lm(len(chatml_tok), {}, filler=_enc(chatml_tok, "a")[0])
-    report = evaluate_runaway(model, ChatFormat(chatml_tok), [(A, "Hi", "a:1"), (B, "x", "b:1")], [IM_END], max_new_tokens=4)
+def test_model_that_never_ends_hits_max_new_tokens_either_way(chatml_tokenizer):
+    model = scripted_lm(len(chatml_tokenizer), {}, filler=_enc(chatml_tokenizer, "a")[0])
+    report = evaluate_runaway(model, ChatFormat(chatml_tokenizer), [(A, "Hi", "a:1"), (B, "x", "b:1")], [IM_END], max_new_tokens=4)
     assert (report.hit_max_new_tokens, report.runaway, report.emitted_end_of_turn) == (1.0, 1.0, 0.0)
     assert report.mean_length_ratio == pytest.approx((4 / 2 + 4 / 1) / 2)
 
@@ -205,18 +205,18 @@ def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path
     assert "EXPERIMENT ONLY" in caplog.text and "2 '<|im_end|>'" in caplog.text
 
 
-def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckpt, tmp_path, chatml_tok):
+def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckpt, tmp_path, chatml_tokenizer):
     from decoding.checkpoint import write_extras
 
-    fmt = ChatFormat(chatml_tok)
+    fmt = ChatFormat(chatml_tokenizer)
     ckpt_dir = tmp_path / "ckpt"
     shutil.copytree(adapter_ckpt[0] / "ckpt", ckpt_dir)
     (ckpt_dir / "generation_config.json").unlink()
     for stop_tokens, expected in ((["<|endoftext|>", "<|im_end|>"], (ENDOFTEXT, IM_END)),
-                                  (["<|im_end|>", "!"], (IM_END, chatml_tok.get_vocab()["!"], ENDOFTEXT))):
+                                  (["<|im_end|>", "!"], (IM_END, chatml_tokenizer.get_vocab()["!"], ENDOFTEXT))):
         written = [fmt.token_id(t) for t in stop_tokens]  # what training writes: the tokens, in order
         config = {"decoding": {"stop_tokens": stop_tokens, "max_new_tokens": 11}}
-        write_extras(ckpt_dir, chatml_tok, config, written, fmt.pad_id(written), 11)
+        write_extras(ckpt_dir, chatml_tokenizer, config, written, fmt.pad_id(written), 11)
         assert json.loads((ckpt_dir / "generation_config.json").read_text())["eos_token_id"] == written
         ckpt = load_checkpoint(ckpt_dir)
         # the written ids, in their order, then the tokenizer's own end-of-turn/eos if missing

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from decoding_testutils import ENDOFTEXT, IM_END, REPO_ROOT, chatml_tok, scripted_lm, tiny_qwen2_config  # noqa: F401
+from tiny_assets import ENDOFTEXT, IM_END, REPO_ROOT, scripted_lm, tiny_qwen2_config
 
 from data_utils.chat_format import ChatFormat
 from decoding.runaway import evaluate_runaway
@@ -30,12 +30,12 @@ class _Trainer:
         self.control.should_log = False
 
 
-def test_callback_runs_every_n_steps_logs_scalars_and_appends_the_report(chatml_tok, tmp_path):
-    prompt = tuple(chatml_tok.encode(chatml_tok.apply_chat_template(A, add_generation_prompt=True, tokenize=False),
+def test_callback_runs_every_n_steps_logs_scalars_and_appends_the_report(chatml_tokenizer, tmp_path):
+    prompt = tuple(chatml_tokenizer.encode(chatml_tokenizer.apply_chat_template(A, add_generation_prompt=True, tokenize=False),
                                      add_special_tokens=False))
-    model = scripted_lm(len(chatml_tok), {prompt: [*chatml_tok.encode("Hi"), IM_END]}, filler=ENDOFTEXT)
+    model = scripted_lm(len(chatml_tokenizer), {prompt: [*chatml_tokenizer.encode("Hi"), IM_END]}, filler=ENDOFTEXT)
     trainer = _Trainer()
-    evaluate = partial(evaluate_runaway, fmt=ChatFormat(chatml_tok), prompts=[(A, "Hi", "h:1")],
+    evaluate = partial(evaluate_runaway, fmt=ChatFormat(chatml_tokenizer), prompts=[(A, "Hi", "h:1")],
                        stop_ids=[IM_END, ENDOFTEXT], max_new_tokens=8, batch_size=1)
     cb = RunawayEvalCallback(evaluate, every_steps=2, output_dir=tmp_path).attach(trainer)
     for step in (1, 2, 3, 4):
