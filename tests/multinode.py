@@ -23,6 +23,24 @@ MAX_STEPS, SAVE_STEPS = 4, 2
 COLLECTIVE_TIMEOUT_S = 60  # training.ddp_timeout; a dead node must end the job well inside it
 
 
+def needs_slurm() -> list:
+    """The marks of a module of real Slurm jobs: ``slurm``, ``distributed``, and a clean skip without
+    ``sbatch`` or ``SLURM_CONF``."""
+    import os
+    import shutil
+
+    import pytest
+
+    return [
+        pytest.mark.slurm,
+        pytest.mark.distributed,
+        pytest.mark.skipif(
+            shutil.which("sbatch") is None or not os.environ.get("SLURM_CONF"),
+            reason="needs a Slurm cluster: sbatch on PATH and SLURM_CONF set (see ../shared/slurm/start-slurm.sh)",
+        ),
+    ]
+
+
 def build_workspace(ws: Path) -> Path:
     """Tokenizer, 24 short chats (124 tokens each, two to a 256-token row) and ``run.yaml`` in ``ws``;
     returns the config path. Steps take ~0.1 s: start-up dominates every run."""
@@ -37,6 +55,12 @@ def build_workspace(ws: Path) -> Path:
         for i in range(RECORDS)
     ]  # fmt: skip
     (ws / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    return write_run_config(ws, max_seq_length=256, ddp_timeout=COLLECTIVE_TIMEOUT_S)
+
+
+def write_run_config(ws: Path, *, max_seq_length: int, ddp_timeout: int) -> Path:
+    """``ws/run.yaml``: the tiny LoRA run (2-layer Qwen2, ZeRO-2, MAX_STEPS steps, a checkpoint every
+    SAVE_STEPS) over ``ws/tokenizer`` and ``ws/chats.jsonl``, logging each batch's digest; returns its path."""
     config = {
         "output_dir": str(ws / "unused"),
         "seed": 0,
@@ -44,11 +68,10 @@ def build_workspace(ws: Path) -> Path:
         "log_batch_digests": True,
         "model": {"config": tiny_qwen2_config(VOCAB), "tokenizer": str(ws / "tokenizer")},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": [str(ws / "chats.jsonl")], "max_seq_length": 256, "overflow": "drop",
+        "data": {"train": [str(ws / "chats.jsonl")], "max_seq_length": max_seq_length, "overflow": "drop",
                  "cache_dir": str(ws / "cache")},
         "training": {"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "logging_steps": 1,
-                     "learning_rate": 1.0e-2, "per_device_train_batch_size": 1,
-                     "ddp_timeout": COLLECTIVE_TIMEOUT_S},
+                     "learning_rate": 1.0e-2, "per_device_train_batch_size": 1, "ddp_timeout": ddp_timeout},
         "decoding": {"max_new_tokens": 8},
     }  # fmt: skip
     path = ws / "run.yaml"

@@ -14,31 +14,21 @@ Needs a running cluster (``../shared/slurm/start-slurm.sh``, as ``.ci/run`` does
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launching import launch_env
-from tiny_assets import SHISHUO_CHATS, build_chatml_tokenizer, tiny_qwen2_config
+from multinode import MAX_STEPS, SAVE_STEPS, VOCAB, needs_slurm, write_run_config
+from tiny_assets import SHISHUO_CHATS, build_chatml_tokenizer
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        shutil.which("sbatch") is None or not os.environ.get("SLURM_CONF"),
-        reason="needs a Slurm cluster: sbatch on PATH and SLURM_CONF set (see ../shared/slurm/start-slurm.sh)",
-    ),
-]
+pytestmark = needs_slurm()
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 600
-VOCAB, RECORDS = 400, 32
-MAX_STEPS, SAVE_STEPS = 4, 2
+RECORDS = 32
 # Full shapes of the LoRA tensors: hidden 64, 4 heads of 16, 2 KV heads -> v_proj out 32; r = 4.
 EXPECTED_LORA_SHAPES = {
     f"base_model.model.model.layers.{i}.self_attn.{proj}.lora_{ab}.weight": shape
@@ -55,20 +45,7 @@ def workspace(tmp_path_factory) -> Path:
     build_chatml_tokenizer(ws / "tokenizer", vocab_size=VOCAB)
     lines = SHISHUO_CHATS.read_text(encoding="utf-8").splitlines()[:RECORDS]
     (ws / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    config = {
-        "output_dir": str(ws / "unused"),
-        "seed": 0,
-        "deepspeed": "zero2.json",
-        "log_batch_digests": True,
-        "model": {"config": tiny_qwen2_config(VOCAB), "tokenizer": str(ws / "tokenizer")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": [str(ws / "chats.jsonl")], "max_seq_length": 512, "overflow": "drop",
-                 "cache_dir": str(ws / "cache")},
-        "training": {"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "logging_steps": 1,
-                     "learning_rate": 1.0e-2, "per_device_train_batch_size": 1, "ddp_timeout": 120},
-        "decoding": {"max_new_tokens": 8},
-    }  # fmt: skip
-    (ws / "run.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_run_config(ws, max_seq_length=512, ddp_timeout=120)
     return ws
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from launching import REPO_ROOT, launch_env
-from multinode import COLLECTIVE_TIMEOUT_S, MAX_STEPS, placements, step_losses, tensorboard_losses
+from multinode import COLLECTIVE_TIMEOUT_S, MAX_STEPS, needs_slurm, placements, step_losses, tensorboard_losses
 
 JOB_TIMEOUT_S = 600
 CPUS_PER_PROCESS = 2  # what every srun step must see; both local nodes have 2 CPUs
@@ -51,12 +51,7 @@ def _slurm_nodes() -> list[str]:
 
 _NODES = _slurm_nodes()
 pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        shutil.which("sbatch") is None or not os.environ.get("SLURM_CONF"),
-        reason="needs a Slurm cluster: sbatch on PATH and SLURM_CONF set (see ../shared/slurm/start-slurm.sh)",
-    ),
+    *needs_slurm(),
     pytest.mark.skipif(
         bool(os.environ.get("SLURM_CONF")) and len(_NODES) < 2,
         reason=f"needs a Slurm cluster with 2 nodes, this one has {len(_NODES)} ({' '.join(_NODES)}); "
