@@ -71,7 +71,6 @@ Example (the real Qwen2 tokenizer)::
 """
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,18 +219,10 @@ class ChatFormat:
         return f"ChatFormat({self.name!r}, end_of_turn_id={self.end_of_turn_id})"
 
     def __getstate__(self) -> dict:
-        """The tokenizer travels as bytes from the C pickler: ``datasets.map(num_proc=...)`` sends the
-        format to every worker with dill, whose pure-Python pickler takes seconds over a 150k vocabulary."""
-        state = {k: v for k, v in self.__dict__.items() if k != "_batch_backend"}
-        try:
-            state["tokenizer"] = pickle.dumps(self.tokenizer, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 -- not picklable without dill: left to the caller's pickler
-            pass
-        return state
+        # the tokenizers backend handle is rebuilt on the other side, from the tokenizer
+        return {k: v for k, v in self.__dict__.items() if k != "_batch_backend"}
 
     def __setstate__(self, state: dict) -> None:
-        if isinstance(state["tokenizer"], bytes):
-            state["tokenizer"] = pickle.loads(state["tokenizer"])
         self.__dict__.update(state)
         self._batch_backend = _plain_backend(self.tokenizer)
 
