@@ -36,10 +36,10 @@ Suites (``--suite``), each writing its own table; a run costs ~1.5 minutes of st
 processes importing torch, transformers and DeepSpeed, loading the data) before its steps:
 
     toy               toy shape: packlora_sdpa, trl_like_for_like, trl_defaults, packlora_packed_sdpa;
-                      12 steps (2 warm-up); ~20 min on 2 shared cores
+                      12 steps (2 warm-up); 19 min on 2 shared cores (2026-11-30)
     toy-baselines     toy shape: packlora_sdpa, padded_unpacked, packlora_no_isolation; ~15 min
-    layers-trl        layers shape: packlora_sdpa vs trl_like_for_like; 3 steps (1 warm-up) of ~1 min; ~25 min
-    layers-attention  layers shape: packlora_sdpa vs packlora_packed_sdpa; ~25 min
+    layers-trl        layers shape: packlora_sdpa vs trl_like_for_like; 3 steps (1 warm-up); 7 min
+    layers-attention  layers shape: packlora_sdpa vs packlora_packed_sdpa; 9 min
 
 Every variant runs ``--rounds`` times in alternating order (AB..., ...BA, AB...); each ratio is taken
 per round, from the two runs of that round, and reported as the median with min-max. The load
