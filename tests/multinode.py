@@ -11,9 +11,12 @@ on the rank and the seed.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tiny_assets import build_chatml_tokenizer, tiny_qwen2_config
@@ -26,11 +29,6 @@ COLLECTIVE_TIMEOUT_S = 60  # training.ddp_timeout; a dead node must end the job 
 def needs_slurm() -> list:
     """The marks of a module of real Slurm jobs: ``slurm``, ``distributed``, and a clean skip without
     ``sbatch`` or ``SLURM_CONF``."""
-    import os
-    import shutil
-
-    import pytest
-
     return [
         pytest.mark.slurm,
         pytest.mark.distributed,
