@@ -159,9 +159,9 @@ def worker(variant: str, files: list[Path], max_seq_length: int) -> dict:
         seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
         chats, labels = len(ds), rows.data.column("labels")
     else:
-        from data_utils.chat_format import ChatFormat
-        from data_utils.config import DataConfig
-        from data_utils.dataset import prepare_data
+        from packlora.data_utils.chat_format import ChatFormat
+        from packlora.data_utils.config import DataConfig
+        from packlora.data_utils.dataset import prepare_data
 
         with tempfile.TemporaryDirectory() as cache:
             cfg = DataConfig(train=[str(f) for f in files], max_seq_length=max_seq_length, cache_dir=cache,
@@ -188,7 +188,7 @@ def check_same_work(files: list[Path]) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    from data_utils.chat_format import ChatFormat
+    from packlora.data_utils.chat_format import ChatFormat
 
     chats = read_chats(files)
     tok = AutoTokenizer.from_pretrained(TOKENIZER)

@@ -347,7 +347,7 @@ def _reference_varlen(active: bool):
         return
     import torch.nn.attention.varlen as torch_varlen
 
-    from training.varlen_attention import reference_varlen_attn
+    from packlora.training.varlen_attention import reference_varlen_attn
 
     original = torch_varlen.varlen_attn
     torch_varlen.varlen_attn = reference_varlen_attn
@@ -397,8 +397,8 @@ def exactness(device: str, reference_varlen: bool, seq_lens: list[list[int]], ba
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from data_utils.collator import PackedCollator
-    from training import packed_attention, varlen_attention  # noqa: F401  (register the backends)
+    from packlora.data_utils.collator import PackedCollator
+    from packlora.training import packed_attention, varlen_attention  # noqa: F401  (register the backends)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -501,18 +501,18 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
                out: Path | None = None) -> dict:
     """One ZeRO stage, every dataset and variant, one process (module docstring); the results so far
     are written to ``out`` after every variant."""
-    from training import distributed
+    from packlora.training import distributed
 
     distributed.configure()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from torch.utils.data import SequentialSampler
 
-    from data_utils.collator import PackedCollator
-    from training.config import config_from_dict
-    from training.data import prepare_run_data
-    from training.model import build_model
-    from training.trainer import PackloraTrainer
+    from packlora.data_utils.collator import PackedCollator
+    from packlora.training.config import config_from_dict
+    from packlora.training.data import prepare_run_data
+    from packlora.training.model import build_model
+    from packlora.training.trainer import PackloraTrainer
     from packlora.train import build_training_arguments
 
     cuda = torch.cuda.is_available()
@@ -683,7 +683,7 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001  (absent is an answer too)
             return None
 
-    from training.varlen_attention import unavailable_reason
+    from packlora.training.varlen_attention import unavailable_reason
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -742,7 +742,7 @@ def _run_step(name: str, cmd: list[str], results: Path, timeout: float, env: dic
 
 def run(ns) -> int:
     """Everything, in priority order, inside ``--budget-s``; then the report (module docstring)."""
-    from launcher.ports import choose_port
+    from packlora.launcher.ports import choose_port
 
     started = time.monotonic()
     budget = ns.budget_s

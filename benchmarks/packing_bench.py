@@ -32,9 +32,9 @@ def chat_lengths(path: Path, max_seq_length: int) -> list[int]:
     from datasets.utils.logging import disable_progress_bar
     from transformers import AutoTokenizer
 
-    from data_utils.chat_format import ChatFormat
-    from data_utils.config import DataConfig
-    from data_utils.dataset import prepare_data
+    from packlora.data_utils.chat_format import ChatFormat
+    from packlora.data_utils.config import DataConfig
+    from packlora.data_utils.dataset import prepare_data
 
     disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(SHARED / "assets" / "qwen2-tokenizer")
@@ -86,7 +86,7 @@ def run_set(name: str, lengths: list[int], L: int, repeats: int) -> dict:
     import datasets
     from trl.data_utils import pack_dataset
 
-    from data_utils.packing import best_fit_decreasing
+    from packlora.data_utils.packing import best_fit_decreasing
 
     total = sum(lengths)
     column = token_column(lengths)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from training import distributed  # noqa: E402
+from packlora.training import distributed  # noqa: E402
 
 SHISHUO = REPO.parent / "shared" / "data" / "shishuo" / "stage2_rewrite.jsonl"
 L = 1024  # row length; set from the command line
@@ -79,12 +79,12 @@ def _packlora_trainer(variant, tok, base_dir, common, lora):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
-    from data_utils.collator import PackedCollator
-    from data_utils.chat_format import ChatFormat
-    from data_utils.config import DataConfig
-    from data_utils.dataset import prepare_data
-    from training import packed_attention  # noqa: F401  (registers packed_sdpa)
-    from training.isolation import install_isolation_guard
+    from packlora.data_utils.collator import PackedCollator
+    from packlora.data_utils.chat_format import ChatFormat
+    from packlora.data_utils.config import DataConfig
+    from packlora.data_utils.dataset import prepare_data
+    from packlora.training import packed_attention  # noqa: F401  (registers packed_sdpa)
+    from packlora.training.isolation import install_isolation_guard
 
     packed = variant != "padded_unpacked"
     args = TrainingArguments(per_device_train_batch_size=1 if packed else 8, **common)

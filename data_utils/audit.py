@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from data_utils.chat_format import ChatFormat
-from data_utils.types import IGNORE_INDEX
+from packlora.data_utils.chat_format import ChatFormat
+from packlora.data_utils.types import IGNORE_INDEX
 
 
 @dataclass(frozen=True, slots=True)

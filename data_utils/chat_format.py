@@ -76,7 +76,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from data_utils.types import IGNORE_INDEX, Segment
+from packlora.data_utils.types import IGNORE_INDEX, Segment
 
 FormatName = Literal["auto", "chatml", "qwen3", "llama3", "generic"]
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # private-use: around control-token text in messages

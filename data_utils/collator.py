@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from data_utils.types import IGNORE_INDEX
+from packlora.data_utils.types import IGNORE_INDEX
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,10 @@ Whether the files exist is checked separately (``missing_files``), right before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from data_utils.chat_format import FormatName as ChatFormatName
-from data_utils.configtools import Section
-from data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
-from data_utils.sources import parse_source
+from packlora.data_utils.chat_format import FormatName as ChatFormatName
+from packlora.data_utils.configtools import Section
+from packlora.data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
+from packlora.data_utils.sources import parse_source
 
 
 
@@ -117,7 +117,7 @@ class DataConfig(Section):
 
     def chat_format_for(self, tokenizer):
         """The ``ChatFormat`` these settings ask for, over ``tokenizer``."""
-        from data_utils.chat_format import ChatFormat
+        from packlora.data_utils.chat_format import ChatFormat
 
         return ChatFormat(tokenizer, self.chat_format, enable_thinking=self.enable_thinking,
                           train_reasoning=self.train_reasoning)

@@ -26,15 +26,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from data_utils.audit import audit_rows
-from data_utils.chat_format import ChatFormat, EncodedChat, LabelError
-from data_utils.config import DataConfig
-from data_utils.packing import best_fit_decreasing, packing_efficiency
-from data_utils.records import RecordError
-from data_utils.sources import iter_source, mix, parse_source
-from data_utils.tokenize_text import split_segment, tokenize_text
-from data_utils.types import ChatRecord, Message, Segment, TextRecord
-from presets import GUARDED_ACTIONS, apply_preset
+from packlora.data_utils.audit import audit_rows
+from packlora.data_utils.chat_format import ChatFormat, EncodedChat, LabelError
+from packlora.data_utils.config import DataConfig
+from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
+from packlora.data_utils.records import RecordError
+from packlora.data_utils.sources import iter_source, mix, parse_source
+from packlora.data_utils.tokenize_text import split_segment, tokenize_text
+from packlora.data_utils.types import ChatRecord, Message, Segment, TextRecord
+from packlora.presets import GUARDED_ACTIONS, apply_preset
 
 logger = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ def build_report(records: RecordSet, split: Split, tokenized: Tokenized, packed:
 def record_key(record: ChatRecord | TextRecord) -> str:
     """Hash of a record after normalising whitespace (strip, runs of whitespace -> one space).
 
-    >>> from data_utils.types import Source
+    >>> from packlora.data_utils.types import Source
     >>> a = ChatRecord((Message("user", "Hi  there"), Message("assistant", "Yes.")), Source("a", 1))
     >>> b = ChatRecord((Message("user", " Hi there"), Message("assistant", "Yes.\\n")), Source("a", 2))
     >>> record_key(a) == record_key(b), record_key(a) == record_key(TextRecord("Hi there Yes.", Source("a", 3)))

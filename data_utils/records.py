@@ -37,8 +37,8 @@ import json
 from pathlib import Path
 from typing import Iterator, get_args
 
-from data_utils.types import OnError, RecordFormat
-from data_utils.types import ROLES, ChatRecord, Message, Source, TextRecord
+from packlora.data_utils.types import OnError, RecordFormat
+from packlora.data_utils.types import ROLES, ChatRecord, Message, Source, TextRecord
 
 FORMATS = get_args(RecordFormat)
 _BOM = b"\xef\xbb\xbf"
@@ -126,7 +126,7 @@ def parse_line(raw: bytes, src: Source, format: str = "auto") -> ChatRecord | Te
     >>> parse_line(b'{"text": 3}', Source("a.jsonl", 3))
     Traceback (most recent call last):
     ...
-    data_utils.records.RecordError: a.jsonl:3: field 'text' must be a string, got int
+    packlora.data_utils.records.RecordError: a.jsonl:3: field 'text' must be a string, got int
     """
     try:
         line = raw.decode("utf-8")

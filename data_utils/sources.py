@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_utils.configtools import did_you_mean
-from data_utils.records import RecordError, iter_records, parse_record
-from data_utils.types import ChatRecord, Source, TextRecord
+from packlora.data_utils.configtools import did_you_mean
+from packlora.data_utils.records import RecordError, iter_records, parse_record
+from packlora.data_utils.types import ChatRecord, Source, TextRecord
 
 FIELDS = ("messages", "conversations", "instruction", "input", "output", "system", "text")
 _LOADERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}

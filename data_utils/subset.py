@@ -32,9 +32,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data_utils.configtools import cli_entry
-from data_utils.records import read_records
-from data_utils.types import ChatRecord
+from packlora.data_utils.configtools import cli_entry
+from packlora.data_utils.records import read_records
+from packlora.data_utils.types import ChatRecord
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 STRATIFY = ("length", "none")

@@ -9,7 +9,7 @@ and resets its positions: no chunk is trained from the end of the previous one.
 """
 from __future__ import annotations
 
-from data_utils.types import Segment
+from packlora.data_utils.types import Segment
 
 
 def tokenize_text(text: str, tokenizer, eos_id: int) -> Segment:

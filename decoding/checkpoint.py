@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from data_utils.configtools import Section
+from packlora.data_utils.configtools import Section
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "packlora_config.yaml"
@@ -146,7 +146,7 @@ def read_generation_config(ckpt: str | Path) -> dict:
 
 def chat_format(ckpt: str | Path, tokenizer):
     """The ``ChatFormat`` a checkpoint was trained with (its ``data.chat_format`` settings, else detected)."""
-    from data_utils.chat_format import ChatFormat
+    from packlora.data_utils.chat_format import ChatFormat
 
     data = run_config(ckpt).get("data") or {}
     return ChatFormat(tokenizer, data.get("chat_format") or "auto", enable_thinking=data.get("enable_thinking"),

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_utils.chat_format import ChatFormat
-from data_utils.records import RecordError, parse_record
-from data_utils.types import Source, TextRecord
+from packlora.data_utils.chat_format import ChatFormat
+from packlora.data_utils.records import RecordError, parse_record
+from packlora.data_utils.types import Source, TextRecord
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def decode_file(
         FileNotFoundError, RecordError, ValueError: see ``load_checkpoint``, ``read_prompts``
         and ``generate_replies``; also an input file with no prompt.
     """
-    from decoding.generate import LoadedCheckpoint, check_decoding_settings, generate_replies, load_checkpoint
+    from packlora.decoding.generate import LoadedCheckpoint, check_decoding_settings, generate_replies, load_checkpoint
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
@@ -198,7 +198,7 @@ def _without_stop_ids(ckpt):
     """``ckpt`` decoding like a chat-unaware decoder (``--no-stop-ids``), with a loud warning."""
     import dataclasses
 
-    from decoding.runaway import naive_stop_ids
+    from packlora.decoding.runaway import naive_stop_ids
 
     naive = tuple(naive_stop_ids(ckpt.fmt))
     logger.warning(
@@ -210,7 +210,7 @@ def _without_stop_ids(ckpt):
 
 
 def _streamer(ckpt, stop_strings, prompt: Prompt):
-    from decoding.stop_strings import StopAwareStreamer, StopStringMatcher
+    from packlora.decoding.stop_strings import StopAwareStreamer, StopStringMatcher
 
     sys.stdout.write(f"--- {prompt.source}\n")
     return StopAwareStreamer(ckpt.tokenizer, ckpt.stop_ids, StopStringMatcher(stop_strings))
@@ -226,7 +226,7 @@ def _apply_preset(prompts: list[Prompt], ckpt, preset: str):
     import dataclasses
     from collections import Counter
 
-    from presets import GUARDED_ACTIONS, apply_preset, load_preset
+    from packlora.presets import GUARDED_ACTIONS, apply_preset, load_preset
 
     p = load_preset(preset)
     try:

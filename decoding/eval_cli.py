@@ -22,8 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
-from data_utils.configtools import cli_entry
-from decoding.cli import _positive_int, add_sampling_flags, sampling_settings
+from packlora.data_utils.configtools import cli_entry
+from packlora.decoding.cli import _positive_int, add_sampling_flags, sampling_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_settings(parser, args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="packlora eval-runaway: %(message)s")
-    from decoding.decode import read_prompts
-    from decoding.generate import load_checkpoint
-    from decoding.runaway import evaluate_runaway
+    from packlora.decoding.decode import read_prompts
+    from packlora.decoding.generate import load_checkpoint
+    from packlora.decoding.runaway import evaluate_runaway
 
     prompts = read_prompts(args.input, args.limit)
     ckpt = load_checkpoint(args.checkpoint, args.dtype, args.device)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from decoding import checkpoint as ckpt_format
-from decoding.stop_strings import StopStringMatcher
-from decoding.stopping import cut_at_first_stop
+from packlora.decoding import checkpoint as ckpt_format
+from packlora.decoding.stop_strings import StopStringMatcher
+from packlora.decoding.stopping import cut_at_first_stop
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from decoding.generate import Reply, generate_replies
+from packlora.decoding.generate import Reply, generate_replies
 
 ROLE_LINE = re.compile(r"(?:^|\n)(?:system|user|assistant)\n")
 """A role name alone on a line: what a ChatML role header looks like with special tokens skipped."""

@@ -20,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.commands import build_argv, format_command
-from launcher.hostfile import HostfileError, read_hostfile
-from launcher.ports import choose_port, explicit_port
-from launcher.spec import LAUNCHERS, LaunchSpec
+from packlora.launcher.commands import build_argv, format_command
+from packlora.launcher.hostfile import HostfileError, read_hostfile
+from packlora.launcher.ports import choose_port, explicit_port
+from packlora.launcher.spec import LAUNCHERS, LaunchSpec
 
 CPU_NPROC_PER_NODE = 2
 """Processes per node when no GPU is visible: CPU processes talking over gloo."""
@@ -36,11 +36,11 @@ def _validate_config(args, parser) -> None:
     check of ``training:`` keys against ``TrainingArguments``. When the
     training processes will run on this machine (not Slurm, no hostfile), also refuse what this
     machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``)."""
-    from training.config import ConfigError
-    from training.preflight import load_and_check
+    from packlora.training.config import ConfigError
+    from packlora.training.preflight import load_and_check
 
-    from data_utils.dataset import NoExampleError, read_stage
-    from data_utils.records import RecordError
+    from packlora.data_utils.dataset import NoExampleError, read_stage
+    from packlora.data_utils.records import RecordError
 
     try:
         cfg = load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
@@ -51,7 +51,7 @@ def _validate_config(args, parser) -> None:
     except (FileNotFoundError, ConfigError, RecordError, NoExampleError) as err:
         parser.error(str(err))
     if args.launcher != "slurm" and args.hostfile is None:
-        from training.model import check_runs_here
+        from packlora.training.model import check_runs_here
 
         try:
             check_runs_here(cfg.model, _cuda_device_count() > 0)
@@ -235,7 +235,7 @@ def _cuda_device_count() -> int:
 
 def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``--launcher slurm``: the same job through ``packlora slurm``, one launcher task per node."""
-    from launcher import slurm_cli
+    from packlora.launcher import slurm_cli
 
     if args.hostfile is not None or args.no_ssh or args.node_rank != 0 or args.master_addr is not None:
         parser.error(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterable, Sequence
 
-from launcher.spec import LaunchSpec
+from packlora.launcher.spec import LaunchSpec
 
 TRAIN_MODULE = "packlora.train"
 """The module each launched process runs, as with ``python -m``."""

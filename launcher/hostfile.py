@@ -6,7 +6,7 @@
 
 Command line (used by the sbatch script to write the hostfile of its allocation)::
 
-    $ python -m launcher.hostfile --slots 8 node01 node02
+    $ python -m packlora.launcher.hostfile --slots 8 node01 node02
     node01 slots=8
     node02 slots=8
 """
@@ -93,7 +93,7 @@ def read_hostfile(path: str) -> tuple[Host, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.hostfile", description="print a DeepSpeed hostfile")
+    p = argparse.ArgumentParser(prog="python -m packlora.launcher.hostfile", description="print a DeepSpeed hostfile")
     p.add_argument("--slots", type=int, required=True, help="processes per host")
     p.add_argument("hosts", nargs="+", help="host names, in rank order")
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@ impure ones (``read_ephemeral_range``, ``port_is_free``, ``choose_port``) read `
 
 Command line (used by the sbatch script on the rendezvous node)::
 
-    $ python -m launcher.ports --seed "$SLURM_JOB_ID"
+    $ python -m packlora.launcher.ports --seed "$SLURM_JOB_ID"
     20417
 """
 from __future__ import annotations
@@ -184,7 +184,7 @@ def explicit_port(flag: int | None, env: Mapping[str, str]) -> tuple[int | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.ports", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m packlora.launcher.ports", description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, help="start position in the pool, e.g. $SLURM_JOB_ID (default: the pid)")
     p.add_argument("--addr", default="", help="address to bind-test (default: all interfaces)")
     args = p.parse_args(argv)

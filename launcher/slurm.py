@@ -18,8 +18,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from launcher.commands import TRAIN_MODULE, build_argv
-from launcher.spec import LaunchSpec, config_problems
+from packlora.launcher.commands import TRAIN_MODULE, build_argv
+from packlora.launcher.spec import LaunchSpec, config_problems
 
 SLURM_LAUNCHERS = ("torchrun", "deepspeed", "srun")
 """What starts the training processes on each node: a per-node launcher, or srun itself."""
@@ -207,7 +207,7 @@ def sbatch_script(spec: SlurmSpec) -> str:
         export MASTER_PORT=29500
         export PACKLORA_RESUME=
     """
-    from training.preemption import STOPPED_EXIT_CODE  # light: no torch at import
+    from packlora.training.preemption import STOPPED_EXIT_CODE  # light: no torch at import
 
     n, g = spec.nodes, spec.procs_per_node
     per_process = spec.launcher == "srun"
@@ -258,7 +258,7 @@ def sbatch_script(spec: SlurmSpec) -> str:
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         # The batch script runs on the first node of the allocation, i.e. on MASTER_ADDR: bind-test here.
         f"export MASTER_PORT={spec.master_port}" if spec.master_port is not None
-        else 'export MASTER_PORT="$(python -m launcher.ports --seed "$SLURM_JOB_ID")"',
+        else 'export MASTER_PORT="$(python -m packlora.launcher.ports --seed "$SLURM_JOB_ID")"',
         f'echo "packlora: job $SLURM_JOB_ID, {n} node(s) x {g} process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"',
     ]
     if spec.requeue:
@@ -270,7 +270,7 @@ def sbatch_script(spec: SlurmSpec) -> str:
     lines.append(_echo_paths(spec, "started;"))
     if spec.launcher == "deepspeed":
         lines.append(
-            f"python -m launcher.hostfile --slots {g} "
+            f"python -m packlora.launcher.hostfile --slots {g} "
             f'$(scontrol show hostnames "$SLURM_JOB_NODELIST") > {shlex.quote(spec.output)}/hostfile-"$SLURM_JOB_ID"'
         )
     lines += [

@@ -24,9 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher import sinfo
-from launcher.ports import explicit_port
-from launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S, SLURM_LAUNCHERS, SlurmSpec, sbatch_script
+from packlora.launcher import sinfo
+from packlora.launcher.ports import explicit_port
+from packlora.launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S, SLURM_LAUNCHERS, SlurmSpec, sbatch_script
 
 SCRIPT_NAME = "packlora.sbatch"
 
@@ -84,7 +84,7 @@ def _paths(spec: SlurmSpec) -> str:
 def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SlurmSpec:
     """The ``SlurmSpec`` for parsed flags: loads the config for its ``output_dir``; exits via
     ``parser.error`` on a bad config or bad flags."""
-    from training.config import ConfigError, load_config
+    from packlora.training.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

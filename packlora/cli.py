@@ -19,14 +19,14 @@ import sys
 # subcommand -> (module, one-line help). Modules are imported lazily so `packlora --help`
 # does not pay for torch/deepspeed imports.
 SUBCOMMANDS = {
-    "launch": ("launcher.cli", "build and run the deepspeed/torchrun command for a config"),
-    "slurm": ("launcher.slurm_cli", "write (and submit) an sbatch script: one launcher task per node"),
+    "launch": ("packlora.launcher.cli", "build and run the deepspeed/torchrun command for a config"),
+    "slurm": ("packlora.launcher.slurm_cli", "write (and submit) an sbatch script: one launcher task per node"),
     "train": ("packlora.train", "run one training process (started by `launch`)"),
-    "inspect": ("training.inspect_cli", "label audit: what is trained, packing efficiency"),
-    "decode": ("decoding.cli", "generate replies from a checkpoint, stopping at its stop IDs"),
-    "subset": ("data_utils.subset", "reproducible length-stratified subset of a JSONL file, with a manifest"),
-    "export": ("training.export", "merge a LoRA checkpoint into a standard model directory"),
-    "eval-runaway": ("decoding.eval_cli", "rate of replies that run on past the end of their turn"),
+    "inspect": ("packlora.training.inspect_cli", "label audit: what is trained, packing efficiency"),
+    "decode": ("packlora.decoding.cli", "generate replies from a checkpoint, stopping at its stop IDs"),
+    "subset": ("packlora.data_utils.subset", "reproducible length-stratified subset of a JSONL file, with a manifest"),
+    "export": ("packlora.training.export", "merge a LoRA checkpoint into a standard model directory"),
+    "eval-runaway": ("packlora.decoding.eval_cli", "rate of replies that run on past the end of their turn"),
 }
 
 

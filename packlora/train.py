@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_utils.configtools import cli_entry
-from training import distributed
+from packlora.data_utils.configtools import cli_entry
+from packlora.training import distributed
 
 logger = logging.getLogger("packlora.train")
 
@@ -35,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()  # after configure: the rank in every log line is this process's own
     _log_place()
 
-    from data_utils.collator import PackedCollator
-    from training.checkpoint import resolve_resume
-    from training.data import load_run_preset, prepare_run_data, run_stop_ids
-    from training.init_from import init_adapter, materialize_init_base
-    from training.model import build_model, check_runs_here, load_tokenizer, materialize_base
-    from training.preemption import STOP_FILE_ENV, StopRequest
-    from training.preflight import load_and_check
-    from training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
-    from training.varlen_attention import FLATTENED_BACKENDS
+    from packlora.data_utils.collator import PackedCollator
+    from packlora.training.checkpoint import resolve_resume
+    from packlora.training.data import load_run_preset, prepare_run_data, run_stop_ids
+    from packlora.training.init_from import init_adapter, materialize_init_base
+    from packlora.training.model import build_model, check_runs_here, load_tokenizer, materialize_base
+    from packlora.training.preemption import STOP_FILE_ENV, StopRequest
+    from packlora.training.preflight import load_and_check
+    from packlora.training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
+    from packlora.training.varlen_attention import FLATTENED_BACKENDS
 
     cfg = load_and_check(ns.config, ns.overrides)
     check_runs_here(cfg.model)  # before the process group exists: a clear error, not a rank traceback
@@ -109,7 +109,7 @@ def _exit_stopped(trainer, stop, out: Path, main_rank: bool) -> int:
     """After a stop on request (``training.preemption``): ``checkpoint-N`` is complete on disk; rank 0
     acknowledges it to the batch script, every rank leaves together. No final save, no decoding:
     the run is not finished, and ``resume_from_checkpoint=auto`` continues it from that checkpoint."""
-    from training.preemption import STOPPED_EXIT_CODE, acknowledge
+    from packlora.training.preemption import STOPPED_EXIT_CODE, acknowledge
 
     ckpt = (out / f"checkpoint-{stop.stopped_at}").resolve()
     if main_rank:
@@ -147,7 +147,7 @@ def _log_start(cfg, args, out: Path) -> None:
     logger.info("rank 0 of %d; checkpoints -> %s (every %s steps); TensorBoard logs -> %s; collective "
                 "timeout %d s (training.ddp_timeout)", args.world_size, out.resolve(), args.save_steps,
                 os.environ["TENSORBOARD_LOGGING_DIR"], args.ddp_timeout)
-    from training.preflight import advice
+    from packlora.training.preflight import advice
 
     for line in advice(cfg):
         logger.warning("%s", line)
@@ -159,7 +159,7 @@ def _log_start(cfg, args, out: Path) -> None:
 def _audit_labels(data, tokenizer, out: Path, legacy: bool, main_rank: bool) -> None:
     """Log the data report and the first row's trained text (rank 0); refuse role markers in labels
     unless the run reproduces the bug on purpose (``data.labels: legacy_full_sequence``)."""
-    from data_utils.audit import render_row, trained_text
+    from packlora.data_utils.audit import render_row, trained_text
 
     report = data.report
     if main_rank:
@@ -185,8 +185,8 @@ def _audit_labels(data, tokenizer, out: Path, legacy: bool, main_rank: bool) -> 
 def _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out: Path) -> None:
     from functools import partial
 
-    from decoding.runaway import evaluate_runaway
-    from training.runaway_callback import RunawayEvalCallback, heldout_prompts
+    from packlora.decoding.runaway import evaluate_runaway
+    from packlora.training.runaway_callback import RunawayEvalCallback, heldout_prompts
 
     prompts = heldout_prompts(data.heldout, cfg.runaway_eval.num_prompts)
     evaluate = partial(evaluate_runaway, fmt=fmt, prompts=prompts, stop_ids=stop_ids,
@@ -203,8 +203,8 @@ def build_training_arguments(cfg):
     import torch
     from transformers import TrainingArguments
 
-    from training.model import resolve_dtype
-    from training.preflight import deepspeed_path
+    from packlora.training.model import resolve_dtype
+    from packlora.training.preflight import deepspeed_path
 
     dtype = resolve_dtype(cfg.model.dtype)
     kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500)
@@ -274,7 +274,7 @@ def _write_heldout(path: Path, heldout) -> None:
 def _decode_heldout(out: Path) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from decoding.decode import decode_file
+    from packlora.decoding.decode import decode_file
 
     unset_hf_deepspeed_config()  # decoding runs in this process alone, without zero.Init
     rows = decode_file(str(out), str(out / "heldout.jsonl"), str(out / "decoded.jsonl"))
@@ -285,7 +285,7 @@ def _decode_heldout(out: Path) -> None:
 @contextlib.contextmanager
 def _report_if_no_data(out: Path, main_rank: bool):
     """Write ``data_report.json`` (rank 0) also when every example was dropped, then re-raise."""
-    from data_utils.dataset import NoExampleError
+    from packlora.data_utils.dataset import NoExampleError
 
     try:
         yield

@@ -294,7 +294,7 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from presets import load_preset
+    from packlora.presets import load_preset
 
     preset = load_preset(PRESET)
     extra = ["system\nuser\nassistant\n", preset.system_prompt, preset.guard, "请把下面这段现代文改写成《世说新语》的文言笔法："]
@@ -409,7 +409,7 @@ def heldout_text_loss(model_dir: Path, heldout: dict[str, list[str]], max_seq_le
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_utils.tokenize_text import split_segment, tokenize_text
+    from packlora.data_utils.tokenize_text import split_segment, tokenize_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -513,8 +513,8 @@ def _run_logged(cmd: list[str], log: Path | None) -> None:
 
 
 def _prompts(heldout_file: Path, row: Row):
-    from decoding.decode import read_prompts
-    from presets import apply_preset, load_preset
+    from packlora.decoding.decode import read_prompts
+    from packlora.presets import apply_preset, load_preset
 
     prompts = read_prompts(heldout_file)
     if row.preset:
@@ -525,8 +525,8 @@ def _prompts(heldout_file: Path, row: Row):
 
 def with_stop_ids(reply, stop_ids, max_new_tokens: int, tokenizer):
     """The reply a decoder with ``stop_ids`` returns, cut from ``reply`` decoded with a subset of them."""
-    from decoding.generate import Reply
-    from decoding.stopping import cut_at_first_stop
+    from packlora.decoding.generate import Reply
+    from packlora.decoding.stopping import cut_at_first_stop
 
     ids = list(reply.token_ids) + ([reply.stop_id] if reply.stop_id is not None else [])
     kept, stop = cut_at_first_stop(ids, stop_ids)
@@ -549,8 +549,8 @@ def evaluate_run(run: RunInfo, row: Row, seed: int, plan: Plan, heldout_file: Pa
         return json.loads(cache.read_text())
     import dataclasses as dc
 
-    from decoding.generate import generate_replies, load_checkpoint
-    from decoding.runaway import naive_stop_ids, score_reply
+    from packlora.decoding.generate import generate_replies, load_checkpoint
+    from packlora.decoding.runaway import naive_stop_ids, score_reply
 
     t0 = time.time()
     prompts = _prompts(heldout_file, row)
@@ -584,7 +584,7 @@ def assistant_loss(model, fmt, heldout_file: Path, row: Row) -> float:
     ``<|im_end|>``, whatever labels it was trained with."""
     import torch
 
-    from presets import apply_preset, load_preset
+    from packlora.presets import apply_preset, load_preset
 
     preset = load_preset(row.preset) if row.preset else None
     device = next(model.parameters()).device
@@ -610,7 +610,7 @@ def stop_id_check(run: RunInfo, row: Row, seed: int, plan: Plan, heldout_file: P
     cache = run.path / "stop_id_check.json"
     if cache.is_file() and json.loads(cache.read_text()).get("run_seconds") == round(run.seconds, 1):
         return json.loads(cache.read_text())
-    from decoding.generate import generate_replies, load_checkpoint
+    from packlora.decoding.generate import generate_replies, load_checkpoint
 
     prompts = _prompts(heldout_file, row)
     ckpt = load_checkpoint(run.path, device="cuda" if _cuda() else "cpu")
@@ -685,7 +685,7 @@ def _cpu_seconds() -> float:
 
 
 def _rate(results: list[dict], pred):
-    from decoding.stats import Rate
+    from packlora.decoding.stats import Rate
 
     return Rate(sum(1 for r in results if pred(r)), len(results))
 

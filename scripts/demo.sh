@@ -9,7 +9,7 @@ bash scripts/install.sh
 . .venv/bin/activate
 packlora inspect configs/shishuo_tiny.yaml --json
 packlora launch configs/shishuo_tiny.yaml "$@"
-out=$(python -c "import sys, yaml; from training.config import load_config; print(load_config('configs/shishuo_tiny.yaml', [a for a in sys.argv[1:] if '=' in a and not a.startswith('-')]).output_dir)" "$@")
+out=$(python -c "import sys, yaml; from packlora.training.config import load_config; print(load_config('configs/shishuo_tiny.yaml', [a for a in sys.argv[1:] if '=' in a and not a.startswith('-')]).output_dir)" "$@")
 echo "== held-out replies ($out/decoded.jsonl) =="
 python - "$out/decoded.jsonl" <<'PY'
 import json, sys

@@ -24,21 +24,38 @@ ALLOWED = {
 }
 
 
-def _imports():
-    """``{module: [(imported module, [names]), ...]}`` for every module of the packages."""
+def _package_name(name: str) -> str:
+    """``packlora.training.model`` -> ``training.model``: the folder a subpackage of packlora lives in.
+    ``packlora``'s own modules (``packlora.cli``) keep their name."""
+    parts = name.split(".")
+    return ".".join(parts[1:]) if len(parts) > 1 and parts[0] == "packlora" and parts[1] in PACKAGES else name
+
+
+def _imports(raw: bool = False):
+    """``{module: [(imported module, [names]), ...]}`` for every module of the packages, by folder
+    (``training.model``); the imported names too, unless ``raw`` (then as written in the source)."""
     out = defaultdict(list)
+    name = (lambda n: n) if raw else _package_name
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Import):
-                    out[module] += [(alias.name, []) for alias in node.names]
+                    out[module] += [(name(alias.name), []) for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    out[module].append((node.module, [alias.name for alias in node.names]))
+                    out[module].append((name(node.module), [alias.name for alias in node.names]))
     return out
 
 
 IMPORTS = _imports()
+
+
+def test_every_import_of_packlora_code_goes_through_the_one_import_name():
+    """``setup.cfg`` installs only ``packlora``: an import of a folder's own name (``training``)
+    would find a user's package of that name, or nothing."""
+    folders = set(PACKAGES) - {"packlora"} | {"ds_configs"}
+    bare = [f"{m}: {t}" for m, imports in _imports(raw=True).items() for t, _ in imports if t.split(".")[0] in folders]
+    assert bare == []
 
 
 def _ours(name: str) -> bool:

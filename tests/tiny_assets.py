@@ -167,9 +167,9 @@ def build_llama3_tokenizer(out_dir: str | Path, vocab_size: int = 400):
 def prepare(files, tokenizer, *, seed: int = 42, preset=None, preset_overrides_system: bool = False, **data):
     """``data_utils.dataset.prepare_data`` with a ``DataConfig`` built from keyword arguments and the
     tokenizer's detected ``ChatFormat`` (the tests' shorthand)."""
-    from data_utils.chat_format import ChatFormat
-    from data_utils.config import DataConfig
-    from data_utils.dataset import prepare_data
+    from packlora.data_utils.chat_format import ChatFormat
+    from packlora.data_utils.config import DataConfig
+    from packlora.data_utils.dataset import prepare_data
 
     if data.get("cache_dir") is not None:
         data["cache_dir"] = str(data["cache_dir"])

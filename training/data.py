@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from data_utils.dataset import PreparedData, prepare_data
+from packlora.data_utils.dataset import PreparedData, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -12,7 +12,7 @@ def load_run_preset(name):
     """The run's style preset (``preset:``), logged in full; None without one."""
     if name is None:
         return None
-    from presets import load_preset
+    from packlora.presets import load_preset
 
     preset = load_preset(str(name))
     logger.info("preset %s: system prompt %r, guard %r, stop tokens %s", preset.name, preset.system_prompt,

@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_utils.configtools import cli_entry
+from packlora.data_utils.configtools import cli_entry
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
     """
     from transformers import AutoTokenizer
 
-    from decoding import checkpoint as ckpt_format
+    from packlora.decoding import checkpoint as ckpt_format
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not ckpt_format.is_adapter(checkpoint):

@@ -26,8 +26,8 @@ import json
 import logging
 from pathlib import Path
 
-from decoding.checkpoint import BASE_MODEL_DIR, adapter_sha256, is_adapter, merge_adapter, resolve_base_model, set_stop_ids
-from training.distributed import without_zero3_init
+from packlora.decoding.checkpoint import BASE_MODEL_DIR, adapter_sha256, is_adapter, merge_adapter, resolve_base_model, set_stop_ids
+from packlora.training.distributed import without_zero3_init
 
 logger = logging.getLogger(__name__)
 MARKER = "packlora_base.json"

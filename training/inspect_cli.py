@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from data_utils.configtools import cli_entry
+from packlora.data_utils.configtools import cli_entry
 
 JSON_KEYS = (
     "records", "heldout", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",
@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets.utils.logging import disable_progress_bar
 
-    from data_utils.audit import render_row
-    from training.data import load_run_preset, prepare_run_data
-    from training.model import load_tokenizer
-    from training.preflight import load_and_check
+    from packlora.data_utils.audit import render_row
+    from packlora.training.data import load_run_preset, prepare_run_data
+    from packlora.training.model import load_tokenizer
+    from packlora.training.preflight import load_and_check
 
     if ns.json:
         disable_progress_bar()

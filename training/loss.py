@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from data_utils.types import IGNORE_INDEX
+from packlora.data_utils.types import IGNORE_INDEX
 
 LOSS_NORMALIZATIONS = ("per_token", "per_example")
 

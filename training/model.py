@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
-from training import varlen_attention  # (registers attn_implementation varlen)
-from decoding.checkpoint import BASE_MODEL_DIR, set_stop_ids
-from training.config import LoraConfig, ModelConfig, RunConfig
-from training.distributed import without_zero3_init
-from training.isolation import install_isolation_guard
+from packlora.training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
+from packlora.training import varlen_attention  # (registers attn_implementation varlen)
+from packlora.decoding.checkpoint import BASE_MODEL_DIR, set_stop_ids
+from packlora.training.config import LoraConfig, ModelConfig, RunConfig
+from packlora.training.distributed import without_zero3_init
+from packlora.training.isolation import install_isolation_guard
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import dataclasses
 import importlib.resources
 from pathlib import Path
 
-from data_utils.configtools import ConfigError, unknown_key
-from training.config import OWNED_TRAINING_KEYS, RunConfig, load_config
+from packlora.data_utils.configtools import ConfigError, unknown_key
+from packlora.training.config import OWNED_TRAINING_KEYS, RunConfig, load_config
 
 
 def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
@@ -31,7 +31,7 @@ def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
         except FileNotFoundError as e:
             p.append(str(e))
     if cfg.preset is not None:
-        from presets import PresetError, load_preset
+        from packlora.presets import PresetError, load_preset
 
         try:
             load_preset(str(cfg.preset))
@@ -91,10 +91,10 @@ def resolve_deepspeed_config(name: str) -> str:
     """
     if Path(name).is_file():
         return str(Path(name).resolve())
-    packaged = importlib.resources.files("ds_configs") / name
+    packaged = importlib.resources.files("packlora.ds_configs") / name
     if packaged.is_file():
         return str(packaged)
-    available = sorted(p.name for p in importlib.resources.files("ds_configs").iterdir() if p.name.endswith(".json"))
+    available = sorted(p.name for p in importlib.resources.files("packlora.ds_configs").iterdir() if p.name.endswith(".json"))
     raise FileNotFoundError(f"deepspeed: {name!r} is neither a file nor one of ds_configs/ {available}")
 
 

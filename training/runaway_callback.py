@@ -77,6 +77,6 @@ class RunawayEvalCallback(TrainerCallback):
 def heldout_prompts(heldout, limit: int) -> list[tuple]:
     """``(messages, reference, source)`` for the first ``limit`` held-out ``ChatRecord``s: the chat
     up to its final assistant turn, and that turn's content as the reference."""
-    from data_utils.chat_format import ChatFormat
+    from packlora.data_utils.chat_format import ChatFormat
 
     return [(*ChatFormat.split_reference(r.as_dicts()), str(r.source)) for r in list(heldout)[:limit]]

@@ -12,10 +12,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
-from decoding.checkpoint import verify_adapter, write_extras
-from training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
-from training.loss import LossNormalizationMixin, row_loss_stats
-from training.model import lora_shapes
+from packlora.decoding.checkpoint import verify_adapter, write_extras
+from packlora.training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
+from packlora.training.loss import LossNormalizationMixin, row_loss_stats
+from packlora.training.model import lora_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from training.packed_attention import packed_sdpa_mask, segment_bounds
+from packlora.training.packed_attention import packed_sdpa_mask, segment_bounds
 
 NAME = "varlen"
 FLATTENED_BACKENDS = ("flash_attention_2", NAME)

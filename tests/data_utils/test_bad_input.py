@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_utils.dataset import NoExampleError, OverflowError_
-from data_utils.records import REASONS, RecordError, read_records
-from data_utils.types import IGNORE_INDEX
+from packlora.data_utils.dataset import NoExampleError, OverflowError_
+from packlora.data_utils.records import REASONS, RecordError, read_records
+from packlora.data_utils.types import IGNORE_INDEX
 from tiny_assets import prepare
 
 CORPUS = Path(__file__).parent / "bad_inputs"
@@ -110,9 +110,9 @@ def test_reply_with_edge_whitespace_is_trained_exactly_as_written(qwen2_tokenize
 
 
 def test_unlabelable_chat_is_an_error_naming_its_line_or_a_counted_skip(tmp_path):
-    from data_utils.chat_format import ChatFormat, LabelError
-    from data_utils.config import DataConfig
-    from data_utils.dataset import prepare_data
+    from packlora.data_utils.chat_format import ChatFormat, LabelError
+    from packlora.data_utils.config import DataConfig
+    from packlora.data_utils.dataset import prepare_data
     from tiny_assets import build_qwen3_tokenizer
 
     path = CORPUS / LABEL_ERROR

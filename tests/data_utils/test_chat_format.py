@@ -5,9 +5,9 @@ import copy
 
 import pytest
 
-from data_utils.audit import audit_rows
-from data_utils.chat_format import ChatFormat, LabelError, StopTokenError, detect_format
-from data_utils.types import IGNORE_INDEX as X
+from packlora.data_utils.audit import audit_rows
+from packlora.data_utils.chat_format import ChatFormat, LabelError, StopTokenError, detect_format
+from packlora.data_utils.types import IGNORE_INDEX as X
 from tiny_assets import build_llama3_tokenizer, build_qwen3_tokenizer
 
 # Real Qwen2 ids (../shared/assets/qwen2-tokenizer); Qwen3 shares them

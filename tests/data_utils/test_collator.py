@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from data_utils.collator import PackedCollator
+from packlora.data_utils.collator import PackedCollator
 
 X = -100
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from data_utils.audit import LabelAudit, audit_rows
-from data_utils.chat_format import ChatFormat, LabelError
-from data_utils.config import DataConfig
-from data_utils.dataset import OverflowError_, pack_stage, read_stage, split_stage, tokenize_stage
+from packlora.data_utils.audit import LabelAudit, audit_rows
+from packlora.data_utils.chat_format import ChatFormat, LabelError
+from packlora.data_utils.config import DataConfig
+from packlora.data_utils.dataset import OverflowError_, pack_stage, read_stage, split_stage, tokenize_stage
 from tiny_assets import prepare
 
 IM_START, IM_END = 151644, 151645

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from data_utils.packing import best_fit_decreasing, packing_efficiency
+from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
 
 
 def test_bfd_fills_rows_exactly_when_items_fit_perfectly():

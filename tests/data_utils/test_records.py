@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from data_utils.records import RecordError, read_records
-from data_utils.types import ChatRecord, Message, TextRecord
+from packlora.data_utils.records import RecordError, read_records
+from packlora.data_utils.types import ChatRecord, Message, TextRecord
 
 
 def _write(tmp_path, lines, name="data.jsonl"):

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from data_utils.chat_format import ChatFormat
-from data_utils.config import DataConfig
-from data_utils.dataset import prepare_data
-from data_utils.records import RecordError
-from data_utils.sources import SourceSpec, iter_source
+from packlora.data_utils.chat_format import ChatFormat
+from packlora.data_utils.config import DataConfig
+from packlora.data_utils.dataset import prepare_data
+from packlora.data_utils.records import RecordError
+from packlora.data_utils.sources import SourceSpec, iter_source
 
 CHATS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"},

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from data_utils.subset import draw_subset, largest_remainder, main, make_subset, manifest_path
+from packlora.data_utils.subset import draw_subset, largest_remainder, main, make_subset, manifest_path
 from tiny_assets import QWEN2_TOKENIZER, SHARED
 
 ZHS = SHARED / "data" / "zhanghenshui" / "stage2_continue.jsonl"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from decoding.cli import decode_file, main, read_prompts
-from decoding.generate import generate_replies, load_checkpoint
+from packlora.decoding.cli import decode_file, main, read_prompts
+from packlora.decoding.generate import generate_replies, load_checkpoint
 
 KEYS = {"source", "messages", "reference", "reply", "stop_reason", "num_new_tokens"}
 

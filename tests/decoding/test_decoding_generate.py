@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from data_utils.chat_format import ChatFormat
+from packlora.data_utils.chat_format import ChatFormat
 from tiny_assets import ENDOFTEXT, IM_END, IM_START, tiny_model
 from torch import nn
 
-from decoding.generate import Reply, generate_replies
+from packlora.decoding.generate import Reply, generate_replies
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 CONVERSATIONS = [  # three prompt lengths, so a batch of them is left-padded

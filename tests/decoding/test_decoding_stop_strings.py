@@ -6,12 +6,12 @@ import doctest
 
 import pytest
 import torch
-from data_utils.chat_format import ChatFormat
+from packlora.data_utils.chat_format import ChatFormat
 from tiny_assets import ENDOFTEXT, IM_END, IM_START, scripted_lm
 
-import decoding.stop_strings
-from decoding.generate import Reply, generate_replies
-from decoding.stop_strings import StopAwareStreamer, StopStringMatcher, StringStop
+import packlora.decoding.stop_strings
+from packlora.decoding.generate import Reply, generate_replies
+from packlora.decoding.stop_strings import StopAwareStreamer, StopStringMatcher, StringStop
 
 A = [{"role": "user", "content": "Hello!"}]
 B = [{"role": "user", "content": "The quick brown fox"}]
@@ -64,7 +64,7 @@ def test_bad_stop_strings_raise_naming_the_value():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(decoding.stop_strings)
+    result = doctest.testmod(packlora.decoding.stop_strings)
     assert result.attempted >= 5 and result.failed == 0
 
 
@@ -183,7 +183,7 @@ def test_decode_cli_streams_exactly_the_replies_it_writes(tmp_path, capsys):
 
     from tiny_assets import build_chatml_tokenizer, tiny_model
 
-    from decoding.cli import main
+    from packlora.decoding.cli import main
 
     tok = build_chatml_tokenizer(tmp_path / "ckpt")
     tiny_model(len(tok), initializer_range=1.0, tie_word_embeddings=False).save_pretrained(tmp_path / "ckpt")

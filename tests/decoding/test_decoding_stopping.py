@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import doctest
 
-import decoding.stopping
-from decoding.stopping import cut_at_first_stop
+import packlora.decoding.stopping
+from packlora.decoding.stopping import cut_at_first_stop
 
 
 def test_cut_keeps_tokens_before_the_first_stop_only():
@@ -14,5 +14,5 @@ def test_cut_keeps_tokens_before_the_first_stop_only():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(decoding.stopping)
+    result = doctest.testmod(packlora.decoding.stopping)
     assert result.attempted >= 2 and result.failed == 0

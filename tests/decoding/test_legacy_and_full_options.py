@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_assets import IM_END, IM_START
 
-from data_utils.collator import PackedCollator
-from data_utils.chat_format import ChatFormat
-from data_utils.types import IGNORE_INDEX
-from training.config import ConfigError, config_from_dict
+from packlora.data_utils.collator import PackedCollator
+from packlora.data_utils.chat_format import ChatFormat
+from packlora.data_utils.types import IGNORE_INDEX
+from packlora.training.config import ConfigError, config_from_dict
 
 CHAT = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi"}]
 
@@ -72,8 +72,8 @@ def test_full_parameter_model_trains_every_weight(tmp_path, chatml_tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tiny_assets import tiny_qwen2_config
-    from training.config import ModelConfig
-    from training.model import build_model
+    from packlora.training.config import ModelConfig
+    from packlora.training.model import build_model
 
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_qwen2_config(len(chatml_tokenizer)))).save_pretrained(
         tmp_path / "base")

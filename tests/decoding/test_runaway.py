@@ -1,17 +1,17 @@
 """Runaway metrics: per-reply scores on hand-written replies, rates over scripted-model batches,
 ``packlora eval-runaway`` and ``decode --no-stop-ids`` on a checkpoint, and the stop-id round trip
-from training to decoding."""
+from packlora.training to decoding."""
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
-from data_utils.chat_format import ChatFormat
+from packlora.data_utils.chat_format import ChatFormat
 from tiny_assets import ENDOFTEXT, IM_END, IM_START, scripted_lm
 
-from decoding.generate import Reply, load_checkpoint
-from decoding.runaway import (
+from packlora.decoding.generate import Reply, load_checkpoint
+from packlora.decoding.runaway import (
     RepeatedUnit, evaluate_runaway, has_role_leak, naive_stop_ids, repeated_unit, score_reply, summarize,
 )
 
@@ -151,7 +151,7 @@ def _held_out(tmp_path):
 
 
 def test_eval_runaway_cli_writes_the_report(adapter_ckpt, tmp_path, capsys):
-    from decoding.eval_cli import main
+    from packlora.decoding.eval_cli import main
 
     out = tmp_path / "r.json"
     assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(_held_out(tmp_path)), "--output", str(out),
@@ -169,7 +169,7 @@ def test_eval_runaway_cli_writes_the_report(adapter_ckpt, tmp_path, capsys):
 
 
 def test_eval_runaway_cli_samples_with_qwens_settings_and_records_them(adapter_ckpt, tmp_path, capsys):
-    from decoding.eval_cli import main
+    from packlora.decoding.eval_cli import main
 
     out, held = tmp_path / "r.json", _held_out(tmp_path)
     qwen = ["--do-sample", "--temperature", "0.7", "--top-p", "0.8", "--top-k", "20", "--repetition-penalty", "1.05"]
@@ -189,7 +189,7 @@ def test_eval_runaway_cli_samples_with_qwens_settings_and_records_them(adapter_c
 
 
 def test_eval_runaway_cli_reports_a_missing_input(adapter_ckpt, tmp_path, capsys):
-    from decoding.eval_cli import main
+    from packlora.decoding.eval_cli import main
 
     assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(tmp_path / "no.jsonl"), "--output",
                  str(tmp_path / "r.json")]) == 1
@@ -197,7 +197,7 @@ def test_eval_runaway_cli_reports_a_missing_input(adapter_ckpt, tmp_path, capsys
 
 
 def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path, caplog):
-    from decoding.cli import main
+    from packlora.decoding.cli import main
 
     with caplog.at_level("WARNING"):
         assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(_held_out(tmp_path)), "--output",
@@ -206,7 +206,7 @@ def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path
 
 
 def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckpt, tmp_path, chatml_tokenizer):
-    from decoding.checkpoint import write_extras
+    from packlora.decoding.checkpoint import write_extras
 
     fmt = ChatFormat(chatml_tokenizer)
     ckpt_dir = tmp_path / "ckpt"

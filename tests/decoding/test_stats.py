@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from decoding.stats import Rate, wilson_interval
+from packlora.decoding.stats import Rate, wilson_interval
 
 
 # Newcombe, "Two-sided confidence intervals for the single proportion: comparison of seven

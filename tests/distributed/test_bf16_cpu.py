@@ -113,9 +113,9 @@ def test_bf16_checkpoint_reloads_decodes_and_merges_to_a_bf16_model(workspace, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from decoding.cli import decode_file
-    from decoding.generate import load_checkpoint
-    from training.export import export_merged
+    from packlora.decoding.cli import decode_file
+    from packlora.decoding.generate import load_checkpoint
+    from packlora.training.export import export_merged
 
     out = trained(stage)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(workspace / "base")

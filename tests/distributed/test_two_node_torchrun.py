@@ -23,7 +23,7 @@ RUN_TIMEOUT_S = 600  # both trees together; ~30 s on 2 idle cores
 @pytest.fixture(scope="module")
 def two_trees(multinode_config, tmp_path_factory):
     """Run both node commands at once; returns (output_dir, {node rank: output})."""
-    from launcher.ports import choose_port
+    from packlora.launcher.ports import choose_port
 
     host = socket.gethostname()  # node 0's address as the other node sees it: not a loopback literal
     try:

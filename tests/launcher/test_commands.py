@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import cli
+from packlora.launcher import cli
 from tiny_assets import QWEN2_TOKENIZER
-from launcher.commands import build_argv, deepspeed_argv, format_command, torchrun_argv
-from launcher.spec import LaunchSpec
+from packlora.launcher.commands import build_argv, deepspeed_argv, format_command, torchrun_argv
+from packlora.launcher.spec import LaunchSpec
 
 
 def _spec(**fields) -> LaunchSpec:

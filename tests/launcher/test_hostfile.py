@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import hostfile
-from launcher.hostfile import Host, HostfileError, format_hostfile, parse_hostfile, read_hostfile
+from packlora.launcher import hostfile
+from packlora.launcher.hostfile import Host, HostfileError, format_hostfile, parse_hostfile, read_hostfile
 
 
 def test_format_hostfile_writes_one_slots_line_per_host():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from training.distributed import LaunchEnvError, ProcessPlace, resolve_process_place
+from packlora.training.distributed import LaunchEnvError, ProcessPlace, resolve_process_place
 
 # What srun sets for task 3 of 4 on the second of two nodes (2 tasks per node), as seen on Slurm 22.05.
 SRUN_TASK = {
@@ -92,7 +92,7 @@ def test_more_processes_per_node_than_visible_gpus_is_an_error_naming_cuda_visib
 
 
 def test_configure_exports_the_srun_mapping(monkeypatch):
-    from training import distributed
+    from packlora.training import distributed
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PACKLORA_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from launcher import ports
-from launcher.ports import choose_port, parse_port_range, pick_port, port_is_free, port_pool
+from packlora.launcher import ports
+from packlora.launcher.ports import choose_port, parse_port_range, pick_port, port_is_free, port_pool
 
 
 @pytest.mark.parametrize(

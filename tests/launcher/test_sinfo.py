@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import sinfo
+from packlora.launcher import sinfo
 
 SINFO = """\
 cpu*|(null)

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 import torch
 
-from launcher import cli, sinfo, slurm_cli
-from launcher.slurm import SlurmSpec, sbatch_script, srun_line
+from packlora.launcher import cli, sinfo, slurm_cli
+from packlora.launcher.slurm import SlurmSpec, sbatch_script, srun_line
 
 
 def _spec(**fields) -> SlurmSpec:
@@ -45,7 +45,7 @@ warned=0
 trap 'warned=1; echo "packlora: job $SLURM_JOB_ID got USR1 (time limit or pre-emption in 300 s): checkpoint at the next step boundary, then requeue"; touch "$PACKLORA_STOP_FILE"' USR1
 export PACKLORA_WORLD_SIZE=16
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-export MASTER_PORT="$(python -m launcher.ports --seed "$SLURM_JOB_ID")"
+export MASTER_PORT="$(python -m packlora.launcher.ports --seed "$SLURM_JOB_ID")"
 echo "packlora: job $SLURM_JOB_ID, 2 node(s) x 8 process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"
 # A requeued job (SLURM_RESTART_COUNT > 0) resumes from the newest complete checkpoint in output_dir.
 export PACKLORA_RESUME=
@@ -76,7 +76,7 @@ def test_deepspeed_script_writes_the_allocations_hostfile_and_refuses_remapped_g
     lines = text.splitlines()
     assert "export MASTER_PORT=29500" in lines  # an explicit port is honoured
     assert (
-        'python -m launcher.hostfile --slots 4 $(scontrol show hostnames "$SLURM_JOB_NODELIST") '
+        'python -m packlora.launcher.hostfile --slots 4 $(scontrol show hostnames "$SLURM_JOB_NODELIST") '
         '> /shared/runs/sft/slurm/hostfile-"$SLURM_JOB_ID"'
     ) in lines
     assert srun_line(_spec(launcher="deepspeed", gpus_per_node=4)) == (
@@ -457,7 +457,7 @@ def test_launch_rejects_a_hostfile_that_disagrees(config_file, capsys, hostfile,
     ],
 )  # fmt: skip
 def test_gpus_per_node_config_key_is_validated(value, error, tmp_path, monkeypatch):
-    from training.config import ConfigError, config_from_dict
+    from packlora.training.config import ConfigError, config_from_dict
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')

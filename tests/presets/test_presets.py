@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from presets import PresetError, apply_preset, available_presets, load_preset
+from packlora.presets import PresetError, apply_preset, available_presets, load_preset
 from tiny_assets import REPO_ROOT, SHARED, prepare
-from training.config import ConfigError, config_from_dict
+from packlora.training.config import ConfigError, config_from_dict
 
 REWRITE_GUARD = "你的回复必须在完成改写后立即结束，不得继续生成任何对话、提示或新任务。"
 CONTINUE_GUARD = "你的回复必须在完成续写后立即结束，不得继续生成任何对话、提示或新任务。"
@@ -63,8 +63,8 @@ def test_preset_counts_a_listed_system_prompt_as_its_own(tmp_path):
 
 
 def test_zhanghenshui_data_report_counts_every_chat_with_the_guard(qwen2_tokenizer, tmp_path):
-    from training.config import load_config
-    from training.data import load_run_preset, prepare_run_data
+    from packlora.training.config import load_config
+    from packlora.training.data import load_run_preset, prepare_run_data
 
     tiny = (REPO_ROOT / "configs/zhanghenshui/tiny_cpu.overrides").read_text().split()
     cfg = load_config(REPO_ROOT / "configs/zhanghenshui/stage2.yaml", [*tiny, "init_from=null", f"data.cache_dir={tmp_path}"])
@@ -132,7 +132,7 @@ def test_long_document_is_split_into_counted_chunks_with_eos_where_asked(chatml_
 
 
 def test_config_names_bad_preset_init_from_and_init_mode(run_config, tmp_path):
-    from training.preflight import check_run
+    from packlora.training.preflight import check_run
 
     raw = run_config.dict(preset="shishou", init_from=str(tmp_path / "nowhere"), init_mode="fuse")
     raw["data"]["stage"] = "cpt"
@@ -158,11 +158,11 @@ def test_config_records_preset_and_init_from(run_config, tmp_path):
 
 
 def test_presets_load_by_name_outside_the_source_tree(tmp_path):
-    # package_data: the YAML files travel with the installed `presets` package
+    # package_data: the YAML files travel with the installed `packlora.presets` package
     import subprocess
     import sys
 
-    code = "import presets; print(presets.load_preset('zhang_henshui').system_prompt)"
+    code = "from packlora import presets; print(presets.load_preset('zhang_henshui').system_prompt)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "你是一个文学创作助手，擅长张恨水的章回小说文风。"

@@ -122,7 +122,7 @@ def test_slurm_job_prints_checkpoint_and_log_paths_at_start_and_end(job, layout)
 
 
 def test_slurm_job_chose_a_port_outside_the_ephemeral_range(job):
-    from launcher.ports import read_ephemeral_range
+    from packlora.launcher.ports import read_ephemeral_range
 
     _, _, log = job("srun")
     [line] = [x for x in log.splitlines() if "rendezvous" in x]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
-from decoding.checkpoint import IncompleteAdapterError
-from training.checkpoint import (
+from packlora.decoding.checkpoint import IncompleteAdapterError
+from packlora.training.checkpoint import (
     COMPLETE_MARKER,
     commit_checkpoint,
     find_resume_checkpoint,
@@ -43,8 +43,8 @@ def _trainer(out: Path, rows, tokenizer, save_total_limit=None, expected_extra=N
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
 
-    from data_utils.collator import PackedCollator
-    from training.trainer import CheckpointExtrasCallback, PackloraTrainer
+    from packlora.data_utils.collator import PackedCollator
+    from packlora.training.trainer import CheckpointExtrasCallback, PackloraTrainer
 
     spec = {k: v for k, v in tiny_qwen2_config(len(tokenizer)).items() if k != "model_type"}
     set_seed(0)
@@ -98,7 +98,7 @@ def test_rotation_keeps_the_newest_complete_checkpoints_and_no_staging_dir(unint
 def test_crash_mid_save_keeps_the_previous_checkpoint_and_resume_skips_the_partial_one(
     rows, chatml_tokenizer, tmp_path, monkeypatch, uninterrupted
 ):
-    from training.trainer import PackloraTrainer
+    from packlora.training.trainer import PackloraTrainer
 
     real = PackloraTrainer._save_rng_state
 

@@ -1,8 +1,8 @@
 """Config loading: overrides, every problem reported at once naming its key, unknown keys refused."""
 import pytest
 
-from training.config import ConfigError, load_config, parse_overrides
-from training.preflight import deepspeed_path, resolve_deepspeed_config
+from packlora.training.config import ConfigError, load_config, parse_overrides
+from packlora.training.preflight import deepspeed_path, resolve_deepspeed_config
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_unknown_keys_get_a_did_you_mean_and_override_typos_are_blamed_on_the_co
 
 
 def test_missing_data_file_deepspeed_config_and_training_field_are_named_by_the_preflight(cfg_file, tmp_path):
-    from training.preflight import load_and_check
+    from packlora.training.preflight import load_and_check
 
     path = cfg_file(**{"data.train": [str(tmp_path / "missing.jsonl")], "deepspeed": "zero9.json",
                        "training.not_a_field": 1, "training.max_stpes": 2})
@@ -85,7 +85,7 @@ def test_packaged_deepspeed_configs_leave_trainer_owned_values_auto():
 
 @pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2"])
 def test_backends_that_cannot_train_on_cpu_are_refused_up_front(attn):
-    from training.model import check_attention_backend
+    from packlora.training.model import check_attention_backend
 
     with pytest.raises(ValueError, match=f"model.attn_implementation: {attn}"):
         check_attention_backend(attn, cuda=False)
@@ -94,7 +94,7 @@ def test_backends_that_cannot_train_on_cpu_are_refused_up_front(attn):
 
 
 def test_warmup_at_least_as_long_as_the_run_is_flagged_not_refused(cfg_file):
-    from training.preflight import advice
+    from packlora.training.preflight import advice
 
     cfg = load_config(cfg_file(**{"training.max_steps": 10, "training.warmup_steps": 20}))
     assert advice(cfg) == ["training.warmup_steps=20 >= training.max_steps=10: the learning rate never leaves "

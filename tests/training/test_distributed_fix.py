@@ -3,7 +3,7 @@ device was found."""
 import pytest
 from accelerate.utils import DistributedType
 
-from training.distributed import _cpu_fallback
+from packlora.training.distributed import _cpu_fallback
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,8 @@ def model_and_data(chatml_tokenizer, tmp_path_factory):
 def _evaluate(model, rows, tokenizer, tmp_path, normalization, batch_size=2):
     from transformers import TrainingArguments
 
-    from data_utils.collator import PackedCollator
-    from training.trainer import PackloraTrainer
+    from packlora.data_utils.collator import PackedCollator
+    from packlora.training.trainer import PackloraTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=batch_size, report_to=[],
                              use_cpu=True, remove_unused_columns=False)

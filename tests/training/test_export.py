@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
-from decoding.checkpoint import write_extras
-from training.export import main
+from packlora.decoding.checkpoint import write_extras
+from packlora.training.export import main
 
 RANK, ALPHA = 4, 8
 SCALE = 2.0  # ALPHA / RANK, written out

@@ -5,7 +5,7 @@ import re
 import pytest
 from pathlib import Path
 
-from training.inspect_cli import JSON_KEYS, main
+from packlora.training.inspect_cli import JSON_KEYS, main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from data_utils.collator import PackedCollator
+from packlora.data_utils.collator import PackedCollator
 from tiny_assets import (PACKED_SEQ_LENS, PACKED_VOCAB, attention_model, packed_rows, summed_ce, tiny_qwen2_config,
                          trainable_grads)
-import training.packed_attention  # noqa: F401,E402  (registers packed_sdpa)
-from training.isolation import PackedInputError, check_packed_inputs, has_restarts, install_isolation_guard
+import packlora.training.packed_attention  # noqa: F401,E402  (registers packed_sdpa)
+from packlora.training.isolation import PackedInputError, check_packed_inputs, has_restarts, install_isolation_guard
 
 SEQ_LENS, VOCAB = PACKED_SEQ_LENS, PACKED_VOCAB  # row 0 is 15 tokens (full), row 1 is 13 -> padded with 2
 

@@ -3,8 +3,8 @@ answered for the arguments alone), float16 is refused up front with the fix."""
 import pytest
 import torch
 
-from training.config import load_config
-from training.model import check_runs_here
+from packlora.training.config import load_config
+from packlora.training.model import check_runs_here
 
 
 @pytest.fixture

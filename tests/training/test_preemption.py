@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 from transformers import TrainerControl
 
-from training.preemption import STOPPED_EXIT_CODE, StopRequest, ack_path, acknowledge
-from training.trainer import StopOnRequestCallback
+from packlora.training.preemption import STOPPED_EXIT_CODE, StopRequest, ack_path, acknowledge
+from packlora.training.trainer import StopOnRequestCallback
 
 
 def test_sigusr1_asks_for_a_stop_until_uninstalled(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from tiny_assets import ENDOFTEXT, IM_END, REPO_ROOT, scripted_lm, tiny_qwen2_config
 
-from data_utils.chat_format import ChatFormat
-from decoding.runaway import evaluate_runaway
-from training.runaway_callback import RunawayEvalCallback, heldout_prompts
+from packlora.data_utils.chat_format import ChatFormat
+from packlora.decoding.runaway import evaluate_runaway
+from packlora.training.runaway_callback import RunawayEvalCallback, heldout_prompts
 
 A = [{"role": "user", "content": "Hello!"}]
 
@@ -50,7 +50,7 @@ def test_callback_runs_every_n_steps_logs_scalars_and_appends_the_report(chatml_
 
 
 def test_heldout_prompts_split_off_the_reference():
-    from data_utils.types import ChatRecord, Message, Source
+    from packlora.data_utils.types import ChatRecord, Message, Source
 
     rec = ChatRecord((Message("user", "q"), Message("assistant", "a")), Source("f", 3))
     assert heldout_prompts([rec, rec], 1) == [([{"role": "user", "content": "q"}], "a", "f:3")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import ConfigError, ModelConfig, load_config, parse_overrides
+from packlora.training.config import ConfigError, ModelConfig, load_config, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("data_utils", "training", "launcher", "decoding", "packlora", "presets", "scripts")
@@ -112,7 +112,7 @@ def test_override_with_a_python_yaml_tag_is_refused():
 
 
 def test_checkpoint_config_is_read_with_safe_load(tmp_path):
-    from decoding.checkpoint import CONFIG_NAME, run_config
+    from packlora.decoding.checkpoint import CONFIG_NAME, run_config
 
     (tmp_path / CONFIG_NAME).write_text("seed: !!python/name:os.system\n")
     with pytest.raises(yaml.constructor.ConstructorError):
@@ -131,7 +131,7 @@ def test_config_paths_are_checked_before_any_work(tmp_path):
         "data": {"train": [str(tmp_path / "no.jsonl")], "on_error": "ignore"},
         "training": {"resume_from_checkpoint": str(tmp_path / "out" / "checkpoint-7")},
     }))  # fmt: skip
-    from training.preflight import load_and_check
+    from packlora.training.preflight import load_and_check
 
     with pytest.raises(ConfigError) as err:
         load_config(cfg)  # the config's own shape first
@@ -145,7 +145,7 @@ def test_config_paths_are_checked_before_any_work(tmp_path):
 
 
 def test_resume_auto_and_null_pass_validation(run_config):
-    from training.config import config_from_dict
+    from packlora.training.config import config_from_dict
 
     for value in ("auto", None):
         cfg = config_from_dict(run_config.dict(**{"training.resume_from_checkpoint": value}))

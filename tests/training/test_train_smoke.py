@@ -164,7 +164,7 @@ def test_auto_peft_model_loads_the_stop_ids_and_stops_at_im_end(run_dir):
 def test_merged_export_loads_the_stop_ids_and_stops_at_im_end(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.export import main as export
+    from packlora.training.export import main as export
 
     assert export([str(run_dir), "--merge", str(tmp_path / "merged")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -173,8 +173,8 @@ def test_merged_export_loads_the_stop_ids_and_stops_at_im_end(run_dir, tmp_path)
 
 
 def test_packlora_decode_uses_the_stop_ids_and_cuts_the_reply_at_im_end(run_dir, tmp_path, monkeypatch):
-    from decoding import generate
-    from decoding.cli import decode_file
+    from packlora.decoding import generate
+    from packlora.decoding.cli import decode_file
 
     loaded = generate.load_checkpoint(run_dir, device="cpu")
     assert list(loaded.stop_ids) == STOP_IDS
@@ -193,9 +193,9 @@ def test_a_moved_run_decodes_exports_and_resumes(run_dir, tmp_path, monkeypatch)
     """Last in this file: it moves the module's run for good (the recorded base path goes stale)."""
     import shutil
 
-    from decoding.decode import decode_file
+    from packlora.decoding.decode import decode_file
     from packlora import train
-    from training.export import main as export
+    from packlora.training.export import main as export
 
     moved = tmp_path / "elsewhere" / "run"
     moved.parent.mkdir()

@@ -10,7 +10,7 @@ import pytest
 import transformers
 from transformers import Trainer
 
-from training.trainer import PackloraTrainer
+from packlora.training.trainer import PackloraTrainer
 
 # name -> the parameter names packlora's override is written against
 OVERRIDDEN = {

@@ -14,11 +14,11 @@ import re
 import pytest
 import torch
 
-from data_utils.collator import PackedCollator
+from packlora.data_utils.collator import PackedCollator
 from tiny_assets import PACKED_SEQ_LENS, PACKED_VOCAB, attention_model, packed_rows, summed_ce, trainable_grads
-from training import varlen_attention
-from training.isolation import PackedInputError, install_isolation_guard
-from training.model import check_attention_backend
+from packlora.training import varlen_attention
+from packlora.training.isolation import PackedInputError, install_isolation_guard
+from packlora.training.model import check_attention_backend
 
 SEQ_LENS, VOCAB = PACKED_SEQ_LENS, PACKED_VOCAB
 
@@ -200,7 +200,7 @@ def test_refused_up_front_without_cuda_or_without_the_kernel(monkeypatch):
 
 
 def test_config_refuses_varlen_in_float32_and_with_legacy_labels(run_config):
-    from training.config import ConfigError, load_config
+    from packlora.training.config import ConfigError, load_config
 
     path = run_config(**{"model.attn_implementation": "varlen", "model.dtype": "float32"})
     with pytest.raises(ConfigError) as err:
@@ -219,7 +219,7 @@ def test_config_refuses_varlen_in_float32_and_with_legacy_labels(run_config):
 
 
 def test_packlora_launch_refuses_varlen_on_cpu_before_starting_any_process(run_config, capsys, monkeypatch):
-    from launcher import cli
+    from packlora.launcher import cli
 
     monkeypatch.setattr(cli, "_cuda_device_count", lambda: 0)
     monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
