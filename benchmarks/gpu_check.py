@@ -70,7 +70,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(REPO))
 
 WHEELS_FILE = BENCH / "gpu_wheels.txt"
 IMAGE_FILE = BENCH / "gpu_image_packages.txt"

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU: check the wheel list, print the commands, run the workers tiny
 #
 # On the GPU machine nothing can be downloaded: the carried wheels are installed into its python3
-# (torch 2.11 stays), the repo is imported from here (PYTHONPATH), and the assets come from
+# (torch 2.11 stays), packlora is installed from this checkout, and the assets come from
 # .gpu/shared (../shared does not travel). With $OUT set (the device tool's output folder), the
 # report, the JSON results and the logs are copied there.
 set -euo pipefail
@@ -48,7 +48,10 @@ if ! eval "$install_cmd" > "$work/results/install.log" 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export PATH=/tmp/site/bin:$PATH
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# packlora from this checkout: one import name, its folders mapped to subpackages by setup.cfg, so it is
+# installed (a plain wheel build, no network), not put on PYTHONPATH.
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/packlora-site . >> "$work/results/install.log" 2>&1
+export PYTHONPATH=/tmp/packlora-site${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there: never wait on one
 export PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 "$PY" -c "import deepspeed, datasets, transformers, peft, torch; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__)" 2>&1 | grep installed | tee -a "$work/results/install.log"

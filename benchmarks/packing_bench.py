@@ -14,7 +14,6 @@ import argparse
 import math
 import statistics
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import pyarrow.compute as pc
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
 
 
 def chat_lengths(path: Path, max_seq_length: int) -> list[int]:

@@ -69,7 +69,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 CHATS = SHARED / "data" / "shishuo" / "stage2_rewrite.jsonl"
 SHISHUO_TEXT = SHARED / "data" / "shishuo" / "stage1_text.jsonl"
