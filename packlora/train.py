@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         model=model, args=args, train_dataset=data.rows, eval_dataset=data.eval_rows, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks, batch_digest_dir=out if cfg.log_batch_digests else None,
         packing_stats={"packing_efficiency": data.report.packing_efficiency, "rows_per_epoch": data.report.rows},
+        lm_head_positions=cfg.model.lm_head_positions, lm_head_chunk_tokens=cfg.model.lm_head_chunk_tokens,
     )
     if cfg.runaway_eval.every_steps:
         _add_runaway_eval(trainer, cfg, fmt, data, stop_ids, out)

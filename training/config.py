@@ -55,6 +55,14 @@ class ModelConfig(Section):
     """Weights and compute dtype. ``auto``: bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless you trust the model's source."""
+    lm_head_positions: Literal["supervised", "all"] = "supervised"
+    """Where the LM head (vocabulary projection) and the loss run, in training and in the evaluation
+    loss. ``supervised``: only at the positions whose next label trains, a chunk of positions at a
+    time, so the ``[tokens x vocab]`` logits are never built (training/lm_head.py); the same loss.
+    ``all``: every position, full logits, as transformers does by default (kept for comparison)."""
+    lm_head_chunk_tokens: int | None = field(default=None, metadata={"min": 1, "unit": "tokens"})
+    """Positions projected at once with ``lm_head_positions: supervised``; null: as many as fit in
+    64 MiB of float32 logits (110 at Qwen2's 151,936-id vocabulary)."""
 
     def rules(self) -> list[str]:
         p = []
@@ -67,6 +75,9 @@ class ModelConfig(Section):
         if self.attn_implementation in ("varlen", "flash_attention_2") and self.dtype == "float32":
             p.append(f"model.dtype: float32 with model.attn_implementation: {self.attn_implementation}; Flash Attention "
                      "takes bfloat16 or float16 only: set model.dtype: bfloat16 (or auto, bf16 on CUDA)")
+        if self.lm_head_chunk_tokens is not None and self.lm_head_positions == "all":
+            p.append("model.lm_head_chunk_tokens: only used with model.lm_head_positions: supervised; remove it or set "
+                     "lm_head_positions: supervised")
         return p
 
 

@@ -14,7 +14,8 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from packlora.decoding.checkpoint import verify_adapter, write_extras
 from packlora.training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
-from packlora.training.loss import LossNormalizationMixin, row_loss_stats
+from packlora.training.lm_head import LM_HEAD_POSITIONS, prepare_head_for_zero3, supervised_token_ce
+from packlora.training.loss import LossNormalizationMixin, row_loss_stats, token_row_loss_stats
 from packlora.training.model import lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -91,10 +92,20 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
     Evaluation (``data.eval`` / ``data.eval_split``) runs on packed, isolated rows like training, on
     every rank, and reports ``eval_loss`` normalised like the training loss over the whole set
     (``prediction_step``); TensorBoard shows it as ``eval/loss``.
+
+    ``lm_head_positions`` (``model.lm_head_positions``): ``"supervised"`` (default) projects and
+    scores only the positions whose next label trains, in chunks of ``lm_head_chunk_tokens``
+    (``training/lm_head.py``), in training and evaluation alike; ``"all"`` builds the full logits.
     """
 
-    def __init__(self, *args, batch_digest_dir: Path | None = None, packing_stats: dict | None = None, **kwargs):
+    def __init__(self, *args, batch_digest_dir: Path | None = None, packing_stats: dict | None = None,
+                 lm_head_positions: str = "supervised", lm_head_chunk_tokens: int | None = None, **kwargs):
+        if lm_head_positions not in LM_HEAD_POSITIONS:
+            raise ValueError(f"lm_head_positions must be one of {LM_HEAD_POSITIONS}, got {lm_head_positions!r}")
+        self.lm_head_positions, self.lm_head_chunk_tokens = lm_head_positions, lm_head_chunk_tokens
         super().__init__(*args, **kwargs)
+        if lm_head_positions == "supervised":
+            prepare_head_for_zero3(self.model)  # before the DeepSpeed engine is built (in train/evaluate)
         self._packing_stats = dict(packing_stats or {})  # constant figures logged with every loss
         self._tokens = [0, 0]  # supervised labels, label slots since the last log (this rank)
         self._last_log_time = None
@@ -146,8 +157,12 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
         weights = inputs.pop("loss_weights", None)
         labels = inputs.pop("labels")
         with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
-        stats = self.accelerator.gather_for_metrics(row_loss_stats(logits, labels, weights))
+            if self.lm_head_positions == "supervised":
+                ce, keep, _ = supervised_token_ce(model, {**inputs, "use_cache": False}, labels, self.lm_head_chunk_tokens)
+                stats = token_row_loss_stats(ce, keep, weights)
+            else:
+                stats = row_loss_stats(model(**inputs, use_cache=False).logits, labels, weights)
+        stats = self.accelerator.gather_for_metrics(stats)
         self._eval_sums = stats.sum(0) + (self._eval_sums if self._eval_sums is not None else 0)
         return None, None, None
 

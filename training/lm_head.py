@@ -1,0 +1,245 @@
+"""The LM head (vocabulary projection) and the cross-entropy only where a label trains, in chunks.
+
+packlora trains assistant replies only: on the bundled 世说新语 chats about 20% of a packed row's
+positions carry a label. A plain causal-LM forward projects every position onto the vocabulary
+and keeps ``[tokens x vocab]`` float32 logits for the backward (2.3 GiB for one 4,096-token row at
+Qwen2's 151,936 ids), then throws 80% of them away in the loss. With
+``model.lm_head_positions: supervised`` (the default) one forward pass does this instead::
+
+    labels            -100 -100   a2   a3 -100 -100   b2 -100     (not shifted; the model shifts)
+    keep[t]              F    T    T    F    F    T    F    F     keep[t] = labels[t + 1] != -100
+    hidden [B, L, H]  --logits_to_keep=keep-->  [N, H]  --lm_head, C positions at a time-->  CE [N]
+
+1. The model's own forward selects the kept positions: transformers' ``logits_to_keep`` takes a
+   2-D boolean ``[B, L]`` mask and flattens the hidden states to ``[N, H]`` before its head
+   (``transformers.modeling_utils.slice_logits_to_keep``, used by every causal LM of transformers 5).
+   The mask is per row, so batches of several rows keep different positions and counts.
+2. The model calls its head module once, as always: ZeRO-3 gathers the head's weight once for the
+   whole call (and again before its backward), a PEFT LoRA on ``lm_head`` runs, tied input/output
+   embeddings are the same ``Parameter``. Only for that one call, the module's ``forward`` is
+   replaced by ``chunked_token_ce``: the original ``forward`` projects ``C`` kept positions at a
+   time, each chunk's cross-entropy is taken in float32, and the chunk runs under
+   ``torch.utils.checkpoint`` (non-reentrant), so its ``[C, V]`` logits are recomputed in the
+   backward instead of kept. The call returns the per-position cross-entropy ``[N]`` (float32),
+   which the model hands back as ``outputs.logits``.
+
+So the head + loss hold ``O(C x V)`` memory, whatever the row length, and do the head's matmuls
+for ``N`` positions instead of ``B x L`` (plus one recomputed forward per chunk in the backward).
+
+Each position's logits are the same row of the same matmul, and its cross-entropy is the one
+``transformers.loss.loss_utils.ForCausalLMLoss`` takes (float32, ``ignore_index`` -100): only the
+order of the final sum differs (``tests/training/test_lm_head.py``: loss to 1e-6, LoRA gradients
+to 1e-5 relative, against ``lm_head_positions: all``).
+
+Method: projecting only the positions whose next-token label is not -100 is what TRL's
+``add_fused_lm_head`` does (``trl/trainer/utils.py``, TRL 1.16; it reads ``lm_head.weight`` directly
+and tiles the vocabulary). Splitting the positions into chunks, each ``lm_head`` + loss on its own,
+is torchtitan's ``ChunkedLossWrapper`` (``torchtitan/components/loss.py``). Never materialising the
+logits is the aim of Cut Cross-Entropy (Wijmans et al., arXiv 2411.09009), which tiles the
+vocabulary inside a kernel. packlora chunks positions and recomputes each chunk in the backward
+(autograd, no hand-written gradient) because the head must run as its module: a LoRA on
+``lm_head`` or another wrapper is then part of the computation, and nothing reads the weight
+behind ZeRO-3's back.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from packlora.data_utils.types import IGNORE_INDEX
+
+LmHeadPositions = Literal["supervised", "all"]
+LM_HEAD_POSITIONS = ("supervised", "all")
+
+CHUNK_BYTES = 64 * 2**20
+"""Default size of one chunk's float32 logits (64 MiB: 110 positions at Qwen2's 151,936 ids,
+512 at a 32,768-id vocabulary); ``auto_chunk_tokens``."""
+
+
+def auto_chunk_tokens(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Positions per chunk so that one chunk's float32 logits take at most ``budget_bytes``
+    (at least 1).
+
+    >>> auto_chunk_tokens(151_936), auto_chunk_tokens(32_768), auto_chunk_tokens(10**9)
+    (110, 512, 1)
+    """
+    return max(1, budget_bytes // (4 * vocab_size))
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits a loss reads, and the labels they are scored against.
+
+    Labels are not shifted (``data_utils/types.py``): the logit at ``t`` scores ``labels[t + 1]``.
+
+    Args:
+        labels: ``[B, L]`` int64, ``-100`` where untrained.
+
+    Returns:
+        ``keep``: ``[B, L]`` bool, ``keep[b, t] = labels[b, t + 1] != -100`` (the last position is
+        never kept); ``target``: ``[N]`` int64, the kept positions' next labels in row-major order
+        (the order of ``hidden[keep]``), ``N = keep.sum()``.
+
+    >>> keep, target = supervised_positions(torch.tensor([[-100, -100, 5, 6, -100, 7], [-100, 8, -100, -100, -100, -100]]))
+    >>> keep.int().tolist(), target.tolist()
+    ([[0, 1, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0]], [5, 6, 7, 8])
+    """
+    target = labels[:, 1:]
+    trained = target != IGNORE_INDEX
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = trained
+    return keep, target[trained]
+
+
+def kept_weights(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[N]``: the per-label ``loss_weights`` (``[B, L]``, aligned with ``labels``) of the kept
+    positions, in the order of ``supervised_positions``' ``target``."""
+    return weights[:, 1:][keep[:, :-1]]
+
+
+def _token_ce(forward, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(forward(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def chunked_token_ce(forward, hidden: torch.Tensor, target: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Cross-entropy of ``forward(hidden)`` against ``target``, ``chunk_tokens`` rows at a time.
+
+    With gradients on, each chunk runs under ``torch.utils.checkpoint(use_reentrant=False)``: its
+    ``[chunk, V]`` logits are freed after the chunk's loss and recomputed in the backward (the RNG
+    state is replayed, so a dropout inside ``forward`` draws the same mask).
+
+    Args:
+        forward: the head, ``[n, H] -> [n, V]`` logits (any float dtype; the loss is float32).
+        hidden: ``[N, H]``; target: ``[N]`` int64 (``-100`` scores 0).
+        chunk_tokens: rows per chunk, >= 1.
+
+    Returns:
+        ``[N]`` float32, one cross-entropy per row (in nats). ``N = 0`` gives an empty tensor that
+        is still part of the graph, so a backward through it gives zero gradients, not an error.
+    """
+    n = hidden.shape[0]
+    if n <= chunk_tokens:
+        spans = [(0, n)]
+    else:
+        spans = [(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)]
+    grad = torch.is_grad_enabled()
+    parts = []
+    for s, e in spans:
+        if grad and n:
+            parts.append(checkpoint(_token_ce, forward, hidden[s:e], target[s:e], use_reentrant=False))
+        else:
+            parts.append(_token_ce(forward, hidden[s:e], target[s:e]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def output_head(model) -> torch.nn.Module:
+    """The module the model calls as its LM head (``get_output_embeddings()``), through a
+    DeepSpeed engine, DDP or a PEFT model (a LoRA on ``lm_head`` gives the LoRA layer).
+
+    Raises:
+        ValueError: the model has no output embeddings.
+    """
+    inner = model
+    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
+        inner = inner.module  # DeepSpeedEngine, DistributedDataParallel
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None); "
+                         "model.lm_head_positions: supervised needs a causal LM head: set it to all")
+    return head
+
+
+def prepare_head_for_zero3(model) -> bool:
+    """Under DeepSpeed ZeRO-3, make a head that has parameterised submodules of its own (a PEFT
+    LoRA layer on ``lm_head``: ``base_layer``, ``lora_A``, ``lora_B``) a DeepSpeed *leaf module*.
+    Call before the DeepSpeed engine exists (``PackloraTrainer.__init__`` does).
+
+    Why: ZeRO-3 gathers a module's parameters in a hook on every call of that module, and a gather
+    is a collective all ranks must enter together. The chunked head calls its submodules once per
+    chunk, and the number of chunks follows each rank's number of trained labels, so two ranks
+    would enter different numbers of gathers and deadlock (gloo: "Received data size doesn't match
+    expected size"). A leaf module gathers all of its parameters, submodules included, once per
+    call of the module itself (``deepspeed.utils.set_z3_leaf_module``, the mechanism DeepSpeed has for
+    mixture-of-experts blocks), and reduces their gradients after its own backward. A plain
+    ``nn.Linear`` head has no submodules and is left alone (its chunks call ``forward`` directly,
+    no hook, no collective); so is everything when ZeRO-3 is off.
+
+    Returns:
+        True if the head was marked.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return False
+    head = output_head(model)
+    if not any(True for child in head.children() for _ in child.parameters()):
+        return False
+    from deepspeed.utils import set_z3_leaf_module
+
+    set_z3_leaf_module(head, True)
+    return True
+
+
+@contextlib.contextmanager
+def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tokens: int | None = None):
+    """While active, calling ``head`` on ``[N, H]`` hidden states returns their ``[N]`` float32
+    cross-entropy against ``target`` (``chunked_token_ce`` over the head's own ``forward``) instead
+    of logits. The module is still called through ``__call__``, so its hooks (ZeRO-3 gather and
+    release, PEFT) run once per call as before.
+
+    Args:
+        head: the LM head module (``output_head``).
+        target: ``[N]`` int64, the labels of the rows the head will be called on.
+        chunk_tokens: rows per chunk; None: ``auto_chunk_tokens`` of the head's ``out_features``.
+
+    Raises:
+        RuntimeError (from the call): the head got other than ``[N, H]``, i.e. the model did not
+            select the positions with a 2-D boolean ``logits_to_keep``.
+    """
+    if chunk_tokens is None:
+        vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "ds_shape", [0])[0]
+        chunk_tokens = auto_chunk_tokens(int(vocab) or 1)
+    original = head.forward
+    own = "forward" in head.__dict__  # an instance-level forward (e.g. an accelerate hook) to put back
+
+    def forward(hidden, *args, **kwargs):
+        if hidden.dim() != 2 or hidden.shape[0] != target.shape[0]:
+            raise RuntimeError(
+                f"lm_head_positions: supervised: the LM head got hidden states of shape {tuple(hidden.shape)}, "
+                f"expected [{target.shape[0]}, hidden]; this model's forward does not select positions with a 2-D "
+                "boolean logits_to_keep (transformers' slice_logits_to_keep). Set model.lm_head_positions: all"
+            )
+        return chunked_token_ce(lambda x: original(x, *args, **kwargs), hidden, target, chunk_tokens)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own:
+            head.forward = original
+        else:
+            del head.forward
+
+
+def supervised_token_ce(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None):
+    """One forward pass of ``model`` on ``inputs`` (no ``labels`` in them) that projects and scores
+    only the supervised positions (module docstring).
+
+    Args:
+        model: a causal LM, possibly inside PEFT / DeepSpeed / DDP; its forward takes ``logits_to_keep``.
+        inputs: the model's keyword arguments (``input_ids``, ``position_ids``, ...).
+        labels: ``[B, L]`` int64, not shifted, ``-100`` where untrained.
+        chunk_tokens: positions per chunk (None: ``auto_chunk_tokens``).
+
+    Returns:
+        ``(ce, keep, outputs)``: ``ce`` ``[N]`` float32, the cross-entropy of each kept position in
+        the order of ``supervised_positions``; ``keep`` ``[B, L]`` bool; ``outputs`` the model's
+        output, whose ``logits`` is ``ce``.
+    """
+    keep, target = supervised_positions(labels)
+    with head_returns_token_ce(output_head(model), target, chunk_tokens):
+        outputs = model(**inputs, logits_to_keep=keep)
+    return outputs.logits, keep, outputs
