@@ -29,11 +29,15 @@ machine, the versions and the date. Sub-commands (each also runs alone)::
    packlora's own ``PackloraTrainer`` (``Trainer`` + DeepSpeed). Data: the real shishuo and
    zhanghenshui chats, packed (whole-set BFD) into rows of 4,096 tokens, one row per step; the padded
    baseline takes as many examples per step as a packed row holds on average, padded to the
-   longest, with ``sdpa``. ``flex_attention`` rows are padded to 4,096 (one compiled shape). Each
-   variant (in the order padded, sdpa, packed_sdpa, varlen, flex_attention, each over both data
-   sets): warm-up steps, then timed steps (CUDA-synchronised), in one run whose backend is switched
-   between variants; what the time budget leaves out is reported as not measured. Figures: supervised tokens/s (labels that the loss sees), peak allocated
-   memory over the variant's steps, and MFU.
+   longest, with ``sdpa``. ``flex_attention`` rows are padded to 4,096 (one compiled shape). Every
+   variant projects and scores only the supervised positions (``model.lm_head_positions:
+   supervised``, the default) except ``varlen_full_logits``: ``varlen`` with the full logits
+   (``all``, the path before issue 21), so that pair gives the head's effect on peak memory and
+   tokens/s at 4,096-token rows. Each variant (in the order padded, sdpa, packed_sdpa, varlen,
+   varlen_full_logits, flex_attention, each over both data sets): warm-up steps, then timed steps
+   (CUDA-synchronised), in one run whose backend and head are switched between variants; what the
+   time budget leaves out is reported as not measured. Figures: supervised tokens/s (labels that
+   the loss sees), peak allocated memory over the variant's steps, and MFU.
 
 **MFU** = model FLOPs of the timed steps / (time x peak bf16 FLOP/s). Per step, for the real (not
 padding) tokens and segment lengths ``n`` of the batch:
@@ -44,7 +48,9 @@ padding) tokens and segment lengths ``n`` of the batch:
 2020, "Scaling Laws for Neural Language Models", sec. 2.1; with the base frozen, its weight
 gradients (2N) are not computed, so the base costs ``4 N_base`` and the LoRA matrices ``6 N_lora``.
 ``N_base`` counts every matmul weight (attention and MLP projections, and the tied LM head);
-embeddings lookups are free. Attention is the ``12 n_layers n_heads d_head T`` per token of Chowdhery et al.
+embeddings lookups are free. The LM head is counted at every real token, as in the ``6N``
+convention, although the supervised head projects only the supervised positions: the figure is the
+model's FLOPs, not the work the hardware did, so the supervised variants' MFU is the higher for it. Attention is the ``12 n_layers n_heads d_head T`` per token of Chowdhery et al.
 2022, "PaLM", appendix B (QK^T and AV, forward and backward), halved for causal masking and taken
 per segment (``T = n``, summed over its ``n`` tokens). Peak: 989.4 TFLOP/s dense bf16 for an H100 or
 H200 SXM (NVIDIA's datasheets); the measured bf16 matmul rate is reported next to it.
@@ -89,7 +95,9 @@ DATASETS = {"shishuo": "data/shishuo/stage2_rewrite.jsonl", "zhanghenshui": "dat
 EXACT_BACKENDS = ("varlen", "sdpa", "packed_sdpa", "flex_attention")  # flex last: it compiles
 # Throughput variants in the order they run (each over both data sets): the riskiest and slowest to
 # compile last, so that a failure or the time budget costs the fewest figures.
-VARIANTS = ("padded", "sdpa", "packed_sdpa", "varlen", "flex_attention")
+VARIANTS = ("padded", "sdpa", "packed_sdpa", "varlen", "varlen_full_logits", "flex_attention")
+VARIANT_ATTN = {"padded": "sdpa", "varlen_full_logits": "varlen"}  # the others: the variant's name
+FULL_LOGITS = {"varlen_full_logits"}  # model.lm_head_positions: all (today's path before issue 21); else supervised
 QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
                   rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -583,7 +591,7 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
 
     def collate(batch):
         (item,) = batch
-        out = collators.get(item["variant"], plain)(item["rows"])
+        out = collators.get(VARIANT_ATTN.get(item["variant"], item["variant"]), plain)(item["rows"])
         seg_lens = [n for r in item["rows"] for n in r["seq_lens"]]
         stats[item["index"]] = {"supervised": int((out["labels"][..., 1:] != -100).sum()), "real": sum(seg_lens),
                                 "slots": out["labels"].numel(), "seg_lens": seg_lens}
@@ -603,7 +611,8 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
         results = []
         for name, variant in [(d, v) for d in files for v in variants]:
             m = marks.get((name, variant), {})
-            row = {"dataset": name, "variant": variant, "attn_implementation": "sdpa" if variant == "padded" else variant}
+            row = {"dataset": name, "variant": variant, "attn_implementation": VARIANT_ATTN.get(variant, variant),
+                   "lm_head_positions": "all" if variant in FULL_LOGITS else "supervised"}
             if "t1" not in m or "t0" not in m:
                 row["skipped"] = "time budget" if time.time() > deadline else "did not run"
                 results.append(row)
@@ -626,7 +635,8 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
         def on_step_begin(self, args, state, control, **kw):
             item = schedule[state.global_step]
             if item["index"] == 0 or key(schedule[item["index"] - 1]) != key(item):
-                _set_attn(model, "sdpa" if item["variant"] == "padded" else item["variant"])
+                _set_attn(model, VARIANT_ATTN.get(item["variant"], item["variant"]))
+                trainer.lm_head_positions = "all" if item["variant"] in FULL_LOGITS else "supervised"
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -782,7 +792,7 @@ def run(ns) -> int:
         cmd = worker_command("throughput", "--stage", stage, "--out", str(results / f"throughput_{stage}.json"),
                              "--deadline", str(time.time() + share - 25), *common)
         cmd += ["--tiny", "--reference-varlen", "--warmup", "1", "--timed", "1", "--max-records", "60", "--dtype",
-                "float32", "--variants", "padded,sdpa,packed_sdpa,varlen"] if dry else []
+                "float32", "--variants", "padded,sdpa,packed_sdpa,varlen,varlen_full_logits"] if dry else []
         codes[f"throughput_{stage}"] = _run_step(f"throughput_{stage}", cmd, results, share,
                                                  env=single_process_env(choose_port()))
     (results / "exit_codes.json").write_text(json.dumps(codes))
@@ -880,6 +890,16 @@ def report(results: Path, dry: bool) -> str:
                        f"{_fmt(sdpa and t / sdpa, '.2f')} | {r['real_token_fraction']:.1%} | {_fmt(r['peak_gib'], '.1f')} | "
                        f"{r['model_tflops_per_s']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                        f"{r['timed_steps']} |")
+        head_rows = []
+        for name in tp["datasets"]:
+            new, old = by.get((name, "varlen"), {}), by.get((name, "varlen_full_logits"), {})
+            if "supervised_tokens_per_s" in new and "supervised_tokens_per_s" in old:
+                mem = new["peak_gib"] / old["peak_gib"] if new.get("peak_gib") and old.get("peak_gib") else None
+                head_rows.append(f"{name}: {new['supervised_tokens_per_s'] / old['supervised_tokens_per_s']:.2f}x the "
+                                 f"supervised tokens/s, {_fmt(mem, '.2f')}x the peak memory")
+        if head_rows:
+            out.append("\nLM head at the supervised positions (`varlen`) vs full logits (`varlen_full_logits`), one "
+                       "run each: " + "; ".join(head_rows) + ". Goal (issue 21): peak memory at most 0.5x.")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

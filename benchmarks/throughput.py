@@ -18,14 +18,19 @@ Two model shapes:
 Variants:
 
     packlora_sdpa          packed rows, 1 row / micro-batch, attn_implementation sdpa: isolation by
-                           transformers' block-diagonal mask from the restarting positions (the code default)
+                           transformers' block-diagonal mask from the restarting positions (the code default),
+                           LM head and loss at the supervised positions only, chunked (the code default,
+                           model.lm_head_positions: supervised)
+    packlora_full_logits   the same with model.lm_head_positions: all (full logits, the path before issue 21)
     packlora_packed_sdpa   the same with attn_implementation packed_sdpa (SDPA per segment, no mask)
     padded_unpacked        8 examples / micro-batch, padded to the longest
     packlora_no_isolation  as packlora_sdpa, positions running on across the row, same labels: what
                            isolation costs
     trl_like_for_like      TRL SFTTrainer: assistant_only_loss on a {% generation %} copy of the same
                            template (the same labels as packlora), BFD packing into rows of 1,024,
-                           padding-free, sdpa, activation checkpointing off (packlora runs without it)
+                           padding-free, sdpa, activation checkpointing off (packlora runs without it),
+                           its fused LM head on, as it ships (on CPU it scores every position: TRL
+                           compacts to the supervised positions on Triton devices only)
     trl_defaults           the same with SFTConfig's default activation checkpointing (on)
 
 TRL 1.16 has no setting for its per-step entropy and token-accuracy metrics (its fused LM head always
@@ -35,10 +40,10 @@ TRL's own overhead, not a difference in setup.
 Suites (``--suite``), each writing its own table; a run costs ~1.5 minutes of start-up (two
 processes importing torch, transformers and DeepSpeed, loading the data) before its steps:
 
-    toy               toy shape: packlora_sdpa, trl_like_for_like, trl_defaults, packlora_packed_sdpa;
-                      12 steps (2 warm-up); 19 min on 2 shared cores (2026-11-30)
+    toy               toy shape: packlora_sdpa, packlora_full_logits, trl_like_for_like; 12 steps (2 warm-up)
+    toy-trl-defaults  toy shape: packlora_sdpa, trl_defaults, packlora_packed_sdpa
     toy-baselines     toy shape: packlora_sdpa, padded_unpacked, packlora_no_isolation; ~15 min
-    layers-trl        layers shape: packlora_sdpa vs trl_like_for_like; 3 steps (1 warm-up); 7 min
+    layers-trl        layers shape: packlora_sdpa, packlora_full_logits, trl_like_for_like; 3 steps (1 warm-up)
     layers-attention  layers shape: packlora_sdpa vs packlora_packed_sdpa; 9 min
 
 Every variant runs ``--rounds`` times in alternating order (AB..., ...BA, AB...); each ratio is taken
@@ -79,15 +84,21 @@ SHAPES = {
                    num_key_value_heads=2),
 }
 SUITES = {  # name -> (shape, variants, steps, warm-up steps)
-    "toy": ("toy", ("packlora_sdpa", "trl_like_for_like", "trl_defaults", "packlora_packed_sdpa"), 12, 2),
+    "toy": ("toy", ("packlora_sdpa", "packlora_full_logits", "trl_like_for_like"), 12, 2),
+    "toy-trl-defaults": ("toy", ("packlora_sdpa", "trl_defaults", "packlora_packed_sdpa"), 12, 2),
     "toy-baselines": ("toy", ("packlora_sdpa", "padded_unpacked", "packlora_no_isolation"), 12, 2),
-    "layers-trl": ("layers", ("packlora_sdpa", "trl_like_for_like"), 3, 1),
+    "layers-trl": ("layers", ("packlora_sdpa", "packlora_full_logits", "trl_like_for_like"), 3, 1),
     "layers-attention": ("layers", ("packlora_sdpa", "packlora_packed_sdpa"), 3, 1),
 }
 ALL_VARIANTS = sorted({v for _, vs, _, _ in SUITES.values() for v in vs})
 L = 1024
 RATIOS = [  # (label, numerator, denominator, goal)
-    ("packlora / TRL, like for like (activation checkpointing off in both)", "packlora_sdpa", "trl_like_for_like", ">= 1.0x"),
+    ("LM head at supervised positions, chunked / full logits (issue 21)", "packlora_sdpa", "packlora_full_logits",
+     "toy: >= 1.8x"),
+    ("packlora / TRL, like for like (activation checkpointing off in both)", "packlora_sdpa", "trl_like_for_like",
+     "toy: >= 5x, layers: >= 2.0x"),
+    ("packlora with full logits / TRL, like for like (before issue 21)", "packlora_full_logits", "trl_like_for_like",
+     "(for comparison)"),
     ("packlora / TRL with its defaults (activation checkpointing on)", "packlora_sdpa", "trl_defaults", "(for comparison)"),
     ("packed vs padded", "packlora_sdpa", "padded_unpacked", "ideal"),
     ("isolation cost: isolated (sdpa block mask) / no isolation", "packlora_sdpa", "packlora_no_isolation", ">= 0.9x"),

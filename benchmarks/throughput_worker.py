@@ -3,8 +3,9 @@
     deepspeed --num_accelerators 2 --no_local_rank benchmarks/throughput_worker.py VARIANT BASE_DIR OUT.json STEPS WARM L
 
 Variants: ``packlora_sdpa`` / ``packlora_packed_sdpa`` (packed rows, isolation by sdpa's block mask /
-SDPA per segment), ``padded_unpacked``, ``packlora_no_isolation``, ``trl_like_for_like`` and
-``trl_defaults`` (see ``throughput.py``).
+SDPA per segment), ``packlora_full_logits`` (as ``packlora_sdpa`` with ``lm_head_positions: all``),
+``padded_unpacked``, ``packlora_no_isolation``, ``trl_like_for_like`` and ``trl_defaults`` (see
+``throughput.py``). The packlora variants train with ``PackloraTrainer``, as ``packlora launch`` does.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def main(variant: str, base_dir: str, out_json: str, steps: int, warm: int) -> N
 
 def _packlora_trainer(variant, tok, base_dir, common, lora):
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
     from packlora.data_utils.collator import PackedCollator
     from packlora.data_utils.chat_format import ChatFormat
@@ -84,6 +85,7 @@ def _packlora_trainer(variant, tok, base_dir, common, lora):
     from packlora.data_utils.dataset import prepare_data
     from packlora.training import packed_attention  # noqa: F401  (registers packed_sdpa)
     from packlora.training.isolation import install_isolation_guard
+    from packlora.training.trainer import PackloraTrainer
 
     packed = variant != "padded_unpacked"
     args = TrainingArguments(per_device_train_batch_size=1 if packed else 8, **common)
@@ -98,7 +100,9 @@ def _packlora_trainer(variant, tok, base_dir, common, lora):
     collator = PackedCollator(pad_token_id=tok.pad_token_id, isolate_segments=variant != "packlora_no_isolation")
     if variant == "packlora_no_isolation":
         collator = _same_labels_as_isolated(collator)
-    return Trainer(model=model, args=args, train_dataset=data.rows, data_collator=collator)
+    positions = "all" if variant == "packlora_full_logits" else "supervised"
+    return PackloraTrainer(model=model, args=args, train_dataset=data.rows, data_collator=collator,
+                           lm_head_positions=positions)
 
 
 def _same_labels_as_isolated(collator):

@@ -104,34 +104,72 @@ def _token_ce(forward, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(forward(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def chunked_token_ce(forward, hidden: torch.Tensor, target: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """Cross-entropy of ``forward(hidden)`` against ``target``, ``chunk_tokens`` rows at a time.
+def _spans(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)] or [(0, 0)]
 
-    With gradients on, each chunk runs under ``torch.utils.checkpoint(use_reentrant=False)``: its
-    ``[chunk, V]`` logits are freed after the chunk's loss and recomputed in the backward (the RNG
-    state is replayed, so a dropout inside ``forward`` draws the same mask).
+
+class _FrozenHeadTokenCE(torch.autograd.Function):
+    """Per-row cross-entropy of a head without trainable parameters; each chunk's gradient with
+    respect to its hidden states is taken in the forward, so the backward recomputes nothing.
+
+    Row ``t``'s loss depends on ``hidden[t]`` alone, so ``d ce_t / d hidden[t]`` (``[N, H]``, small)
+    is all the backward needs: it returns ``grad_ce[t] * d ce_t / d hidden[t]``. This is how Liger
+    Kernel's fused linear cross-entropy avoids keeping logits (gradients computed chunk by chunk in
+    the forward, scaled by the upstream gradient in the backward; Hsu et al., arXiv 2410.10989),
+    here with autograd through the head's own ``forward`` instead of a hand-written kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, target, forward, chunk_tokens):
+        ces, grads = [], []
+        for s, e in _spans(hidden.shape[0], chunk_tokens):
+            with torch.enable_grad():
+                h = hidden[s:e].detach().requires_grad_()
+                ce = _token_ce(forward, h, target[s:e])
+                (g,) = torch.autograd.grad(ce.sum(), h)
+            ces.append(ce.detach())
+            grads.append(g)
+        ctx.save_for_backward(grads[0] if len(grads) == 1 else torch.cat(grads))
+        return ces[0] if len(ces) == 1 else torch.cat(ces)
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        (dce_dhidden,) = ctx.saved_tensors
+        return grad_ce[:, None].to(dce_dhidden.dtype) * dce_dhidden, None, None, None
+
+
+def chunked_token_ce(forward, hidden: torch.Tensor, target: torch.Tensor, chunk_tokens: int,
+                     trainable_head: bool = False) -> torch.Tensor:
+    """Cross-entropy of ``forward(hidden)`` against ``target``, ``chunk_tokens`` rows at a time, so
+    at most ``[chunk_tokens, V]`` logits exist at once.
+
+    The gradient, when one is needed (grad mode on and ``hidden`` requires grad, or the head trains):
+
+    * a frozen head (``trainable_head`` False: the LoRA default, the head or the tied embedding
+      frozen): ``_FrozenHeadTokenCE``, each chunk's gradient with respect to its hidden states taken
+      in the forward and scaled in the backward (no recomputation);
+    * a head with trainable parameters (a LoRA on ``lm_head``, full fine-tuning): each chunk under
+      ``torch.utils.checkpoint(use_reentrant=False)``, its logits freed after its loss and
+      recomputed in the backward, where autograd reaches the head's parameters (the RNG state is
+      replayed, so a LoRA dropout draws the same mask).
 
     Args:
         forward: the head, ``[n, H] -> [n, V]`` logits (any float dtype; the loss is float32).
         hidden: ``[N, H]``; target: ``[N]`` int64 (``-100`` scores 0).
         chunk_tokens: rows per chunk, >= 1.
+        trainable_head: whether ``forward`` has parameters that require grad.
 
     Returns:
         ``[N]`` float32, one cross-entropy per row (in nats). ``N = 0`` gives an empty tensor that
         is still part of the graph, so a backward through it gives zero gradients, not an error.
     """
-    n = hidden.shape[0]
-    if n <= chunk_tokens:
-        spans = [(0, n)]
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or trainable_head):
+        parts = [_token_ce(forward, hidden[s:e], target[s:e]) for s, e in _spans(hidden.shape[0], chunk_tokens)]
+    elif not trainable_head:
+        return _FrozenHeadTokenCE.apply(hidden, target, forward, chunk_tokens)
     else:
-        spans = [(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)]
-    grad = torch.is_grad_enabled()
-    parts = []
-    for s, e in spans:
-        if grad and n:
-            parts.append(checkpoint(_token_ce, forward, hidden[s:e], target[s:e], use_reentrant=False))
-        else:
-            parts.append(_token_ce(forward, hidden[s:e], target[s:e]))
+        parts = [checkpoint(_token_ce, forward, hidden[s:e], target[s:e], use_reentrant=False)
+                 for s, e in _spans(hidden.shape[0], chunk_tokens)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -202,6 +240,7 @@ def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tok
     if chunk_tokens is None:
         vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "ds_shape", [0])[0]
         chunk_tokens = auto_chunk_tokens(int(vocab) or 1)
+    trainable = any(p.requires_grad for p in head.parameters())
     original = head.forward
     own = "forward" in head.__dict__  # an instance-level forward (e.g. an accelerate hook) to put back
 
@@ -212,7 +251,7 @@ def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tok
                 f"expected [{target.shape[0]}, hidden]; this model's forward does not select positions with a 2-D "
                 "boolean logits_to_keep (transformers' slice_logits_to_keep). Set model.lm_head_positions: all"
             )
-        return chunked_token_ce(lambda x: original(x, *args, **kwargs), hidden, target, chunk_tokens)
+        return chunked_token_ce(lambda x: original(x, *args, **kwargs), hidden, target, chunk_tokens, trainable)
 
     head.forward = forward
     try:

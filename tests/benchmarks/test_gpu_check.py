@@ -97,5 +97,6 @@ def test_dry_run_checks_prints_and_runs_every_worker_on_cpu(tmp_path):
     for stage in ("ZeRO-2", "ZeRO-3"):
         table = report.split(f"### Throughput, DeepSpeed {stage}")[1].split("###")[0]
         rows = [line for line in table.splitlines() if line.startswith(("| shishuo |", "| zhanghenshui |"))]
-        assert len(rows) == 8 and not any("not measured" in r for r in rows), table
+        assert len(rows) == 10 and not any("not measured" in r for r in rows), table
+        assert "LM head at the supervised positions (`varlen`) vs full logits (`varlen_full_logits`)" in table
     assert (REPO / "benchmarks" / "RESULTS.md").read_text() == before  # a dry run never writes the real figures

@@ -10,6 +10,10 @@ normalisation, these layouts must give the same gradient (relative 1e-5, fp32, g
     4 rows x accumulation 1   (1 process)
     2 ranks x 2 rows          (2 processes)
     8 unpacked rows, padded   (1 process, data.packing=false)
+
+Every layout runs with the default ``model.lm_head_positions: supervised`` (the head and the loss at
+the trained positions only). ``2 ranks x 2 rows`` also runs with ``all`` (today's full logits): the
+same gradient (relative 1e-5) under ZeRO-2 with 2 processes, for both normalisations.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ from tiny_assets import build_chatml_tokenizer, tiny_qwen2_config
 pytestmark = pytest.mark.distributed
 
 TARGET_LENGTHS = [44, 46, 48, 50, 52, 54, 56, 58]  # tokens incl. EOS; any 2 <= 120 < any 3
-LAYOUTS = {  # name: (processes, rows per micro-batch, accumulation, packing)
-    "1row_x_accum4": (1, 1, 4, True),
-    "4rows_x_accum1": (1, 4, 1, True),
-    "2ranks_x_2rows": (2, 2, 1, True),
-    "unpacked_padded": (1, 8, 1, False),
+LAYOUTS = {  # name: (processes, rows per micro-batch, accumulation, packing, model.lm_head_positions)
+    "1row_x_accum4": (1, 1, 4, True, "supervised"),
+    "4rows_x_accum1": (1, 4, 1, True, "supervised"),
+    "2ranks_x_2rows": (2, 2, 1, True, "supervised"),
+    "unpacked_padded": (1, 8, 1, False, "supervised"),
+    "2ranks_x_2rows_full_logits": (2, 2, 1, True, "all"),
 }
 
 
@@ -71,11 +76,12 @@ def workspace(tmp_path_factory):
 def _run(ws, normalization: str, layout: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    procs, micro, accum, packing = LAYOUTS[layout]
+    procs, micro, accum, packing, positions = LAYOUTS[layout]
     out = ws / f"{normalization}-{layout}"
     launch(ws / "run.yaml", "--nproc-per-node", str(procs), f"output_dir={out}", f"loss_normalization={normalization}",
            f"training.per_device_train_batch_size={micro}", f"training.gradient_accumulation_steps={accum}",
-           f"data.packing={str(packing).lower()}", log=ws / f"{normalization}-{layout}.log")
+           f"data.packing={str(packing).lower()}", f"model.lm_head_positions={positions}",
+           log=ws / f"{normalization}-{layout}.log")
     report = json.loads((out / "data_report.json").read_text())
     assert report["rows"] == (4 if packing else 8) and report["examples"] == 8
     return {k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k}
@@ -104,6 +110,13 @@ def test_gradient_is_the_same_for_every_layout_of_the_step(gradients, normalizat
     reference = gradients(normalization, "1row_x_accum4")
     assert all(t.abs().max().item() > 1e-4 for t in reference.values())  # a real gradient was applied
     assert _max_rel_diff(gradients(normalization, layout), reference) < 1e-5
+
+
+@pytest.mark.parametrize("normalization", ["per_token", "per_example"])
+def test_supervised_head_gives_the_full_logits_gradient_under_zero2_with_2_ranks(gradients, normalization):
+    full = gradients(normalization, "2ranks_x_2rows_full_logits")
+    assert all(t.abs().max().item() > 1e-4 for t in full.values())
+    assert _max_rel_diff(gradients(normalization, "2ranks_x_2rows"), full) < 1e-5
 
 
 def test_per_example_weighting_differs_from_per_token(gradients):

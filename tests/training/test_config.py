@@ -111,3 +111,18 @@ def test_early_stopping_ends_on_the_best_checkpoint_and_needs_an_evaluation_set(
     args = build_training_arguments(cfg)
     assert (args.load_best_model_at_end, args.metric_for_best_model, args.eval_strategy, args.eval_steps) == (
         True, "loss", "steps", 3)
+
+
+def test_lm_head_positions_default_to_supervised_and_a_chunk_size_needs_them(cfg_file):
+    cfg = load_config(cfg_file())
+    assert cfg.model.lm_head_positions == "supervised" and cfg.model.lm_head_chunk_tokens is None
+    assert load_config(cfg_file(), ["model.lm_head_positions=all"]).model.lm_head_positions == "all"
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file(**{"model.lm_head_positions": "trained"}), ["model.lm_head_chunk_tokens=0"])
+    assert err.value.problems == [
+        "model.lm_head_positions: 'trained' is not one of ['supervised', 'all']",
+        "model.lm_head_chunk_tokens: must be an integer >= 1 (tokens) or null, got 0 (set on the command line)",
+    ]
+    with pytest.raises(ConfigError, match="model.lm_head_chunk_tokens: only used with model.lm_head_positions: "
+                                          "supervised"):
+        load_config(cfg_file(**{"model.lm_head_positions": "all", "model.lm_head_chunk_tokens": 64}))
