@@ -15,8 +15,9 @@ Variants (``training/lm_head.py``):
                          code's default), each recomputed in the backward
 
 Each run is a fresh process (one thread, like a training rank under OMP_NUM_THREADS=1), so its peak
-resident memory is its own: ``peak`` = the process's ``ru_maxrss`` after the timed iterations minus
-``ru_maxrss`` before the first one (weight, hidden states and labels already allocated). Every
+resident memory is its own: after the setup (weight, hidden states and labels allocated) the
+process resets its resident high-water mark (``/proc/self/clear_refs``, Linux) and notes its
+resident size; ``peak`` = the high-water mark after the iterations (``VmHWM``) minus that size. Every
 variant runs ``--rounds`` times in alternating order; ratios are taken per round and reported as the
 median with min-max. Each run also prints its loss and the checksum of the hidden-state gradient;
 the script checks that every variant's loss is within 1e-6 and its gradient within 1e-5
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,19 +103,26 @@ def worker(variant: str, labels_path: str, chunk: int | None, iters: int) -> dic
         loss.backward()
         return loss
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size (Linux >= 4.0)
+    base = _status_kib("VmRSS")
     step()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     g = hidden.grad.double()
     return {"variant": variant, "seconds": statistics.median(times), "peak_mb": (peak - base) / 1024,
             "loss": float(loss), "grad_abs_sum": float(g.abs().sum()), "grad_max": float(g.abs().max()),
             "grad_checksum": float((g * torch.linspace(-1, 1, g.numel()).view_as(g).double()).sum()),
             "chunk": chunk, "supervised": n}
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: resident now; ``VmHWM``: its high-water mark)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def run(variant: str, labels_path: Path, chunk: int | None, iters: int) -> dict:
@@ -194,7 +201,8 @@ def main() -> None:
         return
     cmd = "benchmarks/.venv/bin/python benchmarks/lm_head_bench.py" + (
         f" --rows {' '.join(map(str, ns.rows))}" if ns.rows != [1024, 4096] else "") + (
-        f" --rounds {ns.rounds}" if ns.rounds != 5 else "") + (f" --chunk {ns.chunk}" if ns.chunk else "")
+        f" --rounds {ns.rounds}" if ns.rounds != 5 else "") + (f" --iters {ns.iters}" if ns.iters != 5 else "") + (
+        f" --chunk {ns.chunk}" if ns.chunk else "")
     body = ("## LM head + cross-entropy alone: full logits vs supervised positions, chunked\n\n"
             f"`{cmd}` — {started}, {minutes:.0f} min, {os.cpu_count()} CPU cores shared with other work (load "
             f"average {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at the start, {load1[0]:.1f} / {load1[1]:.1f} / "

@@ -17,14 +17,16 @@ Qwen2's 151,936 ids), then throws 80% of them away in the loss. With
 2. The model calls its head module once, as always: ZeRO-3 gathers the head's weight once for the
    whole call (and again before its backward), a PEFT LoRA on ``lm_head`` runs, tied input/output
    embeddings are the same ``Parameter``. Only for that one call, the module's ``forward`` is
-   replaced by ``chunked_token_ce``: the original ``forward`` projects ``C`` kept positions at a
-   time, each chunk's cross-entropy is taken in float32, and the chunk runs under
-   ``torch.utils.checkpoint`` (non-reentrant), so its ``[C, V]`` logits are recomputed in the
-   backward instead of kept. The call returns the per-position cross-entropy ``[N]`` (float32),
-   which the model hands back as ``outputs.logits``.
+   replaced (``head_returns_token_ce``): the original ``forward`` projects ``C`` kept positions at a
+   time and each chunk's cross-entropy is taken in float32 (``chunked_token_ce``). The call returns
+   the per-position cross-entropy ``[N]`` (float32), which the model hands back as ``outputs.logits``.
+3. No chunk's logits outlive it. A frozen head (the LoRA default) needs only each position's
+   ``d ce / d hidden`` (``[N, H]``) for the backward, taken by autograd chunk by chunk in the forward
+   (``_FrozenHeadTokenCE``); a head that trains runs each chunk under ``torch.utils.checkpoint`` and
+   recomputes its logits in the backward.
 
 So the head + loss hold ``O(C x V)`` memory, whatever the row length, and do the head's matmuls
-for ``N`` positions instead of ``B x L`` (plus one recomputed forward per chunk in the backward).
+for ``N`` positions instead of ``B x L`` (a head that trains recomputes each chunk's forward once).
 
 Each position's logits are the same row of the same matmul, and its cross-entropy is the one
 ``transformers.loss.loss_utils.ForCausalLMLoss`` takes (float32, ``ignore_index`` -100): only the
@@ -34,12 +36,13 @@ to 1e-5 relative, against ``lm_head_positions: all``).
 Method: projecting only the positions whose next-token label is not -100 is what TRL's
 ``add_fused_lm_head`` does (``trl/trainer/utils.py``, TRL 1.16; it reads ``lm_head.weight`` directly
 and tiles the vocabulary). Splitting the positions into chunks, each ``lm_head`` + loss on its own,
-is torchtitan's ``ChunkedLossWrapper`` (``torchtitan/components/loss.py``). Never materialising the
-logits is the aim of Cut Cross-Entropy (Wijmans et al., arXiv 2411.09009), which tiles the
-vocabulary inside a kernel. packlora chunks positions and recomputes each chunk in the backward
-(autograd, no hand-written gradient) because the head must run as its module: a LoRA on
-``lm_head`` or another wrapper is then part of the computation, and nothing reads the weight
-behind ZeRO-3's back.
+is torchtitan's ``ChunkedLossWrapper`` (``torchtitan/components/loss.py``). Taking the gradient in
+the forward, chunk by chunk, and scaling it in the backward is Liger Kernel's fused linear
+cross-entropy (Hsu et al., arXiv 2410.10989). Never materialising the logits is the aim of Cut
+Cross-Entropy (Wijmans et al., arXiv 2411.09009), which tiles the vocabulary inside a kernel.
+packlora chunks positions and lets autograd differentiate the head's own ``forward`` (no
+hand-written gradient) because the head must run as its module: a LoRA on ``lm_head`` or another
+wrapper is then part of the computation, and nothing reads the weight behind ZeRO-3's back.
 """
 from __future__ import annotations
 
