@@ -246,6 +246,7 @@ def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tok
     trainable = any(p.requires_grad for p in head.parameters())
     original = head.forward
     own = "forward" in head.__dict__  # an instance-level forward (e.g. an accelerate hook) to put back
+    returned: list[torch.Tensor] = []  # what the head returned, for supervised_token_ce's check
 
     def forward(hidden, *args, **kwargs):
         if hidden.dim() != 2 or hidden.shape[0] != target.shape[0]:
@@ -254,11 +255,13 @@ def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tok
                 f"expected [{target.shape[0]}, hidden]; this model's forward does not select positions with a 2-D "
                 "boolean logits_to_keep (transformers' slice_logits_to_keep). Set model.lm_head_positions: all"
             )
-        return chunked_token_ce(lambda x: original(x, *args, **kwargs), hidden, target, chunk_tokens, trainable)
+        returned.append(chunked_token_ce(lambda x: original(x, *args, **kwargs), hidden, target, chunk_tokens,
+                                         trainable))
+        return returned[-1]
 
     head.forward = forward
     try:
-        yield
+        yield returned
     finally:
         if own:
             head.forward = original
@@ -282,6 +285,17 @@ def supervised_token_ce(model, inputs: dict, labels: torch.Tensor, chunk_tokens:
         output, whose ``logits`` is ``ce``.
     """
     keep, target = supervised_positions(labels)
-    with head_returns_token_ce(output_head(model), target, chunk_tokens):
+    with head_returns_token_ce(output_head(model), target, chunk_tokens) as returned:
         outputs = model(**inputs, logits_to_keep=keep)
-    return outputs.logits, keep, outputs
+    ce = outputs.logits
+    # The model must hand back what its head returned (ZeRO-3's hooks may wrap it in a view of the
+    # same storage): a model that rescales logits after its head (Gemma-2's final_logit_softcapping,
+    # Cohere's logit_scale, Granite's logits_scaling) would otherwise rescale the cross-entropy.
+    if len(returned) != 1 or ce.shape != returned[0].shape or ce.data_ptr() != returned[0].data_ptr():
+        raise RuntimeError(
+            f"lm_head_positions: supervised: {type(output_head(model)).__name__} was called {len(returned)} time(s) "
+            "and the model changed what it returned (it post-processes its logits, e.g. final_logit_softcapping, "
+            "logit_scale or logits_scaling); packlora cannot score such a head in chunks. Set "
+            "model.lm_head_positions: all"
+        )
+    return ce, keep, outputs

@@ -230,6 +230,26 @@ def test_a_model_that_ignores_a_boolean_logits_to_keep_is_refused_with_the_fix()
         supervised_token_ce(OldStyleLM(), {"input_ids": torch.tensor([[1, 2, 3, 4]])}, labels)
 
 
+def test_a_model_that_rescales_its_logits_after_the_head_is_refused_with_the_fix():
+    """Gemma-2 softcaps, Cohere and Granite scale the head's output before returning it; applied to
+    the per-position cross-entropy that would silently change the loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=30.0))
+    batch = _batch("per_token")
+    labels = batch.pop("labels")
+    with pytest.raises(RuntimeError, match="post-processes its logits.*model.lm_head_positions: all"):
+        supervised_token_ce(model, batch, labels)
+    model.config.final_logit_softcapping = None  # the same model without it is scored, exactly
+    ce, keep, _ = supervised_token_ce(model, dict(batch), labels, chunk_tokens=4)
+    logits = model(**batch).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum")
+    assert ce.sum().item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_under_zero3_only_a_head_with_submodules_becomes_a_deepspeed_leaf_module():
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
