@@ -21,9 +21,10 @@ Qwen2's 151,936 ids), then throws 80% of them away in the loss. With
    time and each chunk's cross-entropy is taken in float32 (``chunked_token_ce``). The call returns
    the per-position cross-entropy ``[N]`` (float32), which the model hands back as ``outputs.logits``.
 3. No chunk's logits outlive it. A frozen head (the LoRA default) needs only each position's
-   ``d ce / d hidden`` (``[N, H]``) for the backward, taken by autograd chunk by chunk in the forward
-   (``_FrozenHeadTokenCE``); a head that trains runs each chunk under ``torch.utils.checkpoint`` and
-   recomputes its logits in the backward.
+   ``d ce / d hidden`` (``[N, H]``) for the backward, computed chunk by chunk in the forward
+   (``_FrozenHeadTokenCE``: ``softmax - onehot`` by hand, taken back through the head's
+   ``forward`` by autograd); a head that trains runs each chunk under ``torch.utils.checkpoint``
+   and recomputes its logits in the backward.
 
 So the head + loss hold ``O(C x V)`` memory, whatever the row length, and do the head's matmuls
 for ``N`` positions instead of ``B x L`` (a head that trains recomputes each chunk's forward once).
@@ -111,15 +112,42 @@ def _spans(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)] or [(0, 0)]
 
 
+def _ce_and_logit_grad(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of ``logits`` ``[n, V]`` (taken in float32) and its gradient with
+    respect to the logits, ``softmax(logits) - onehot(target)`` (0 where the target is -100), in
+    one exponential pass: ``m = max``, ``p = exp(logits - m)``, ``s = sum p``, ``ce = m + log s -
+    logits[target]``, ``p / s - onehot``. The same quantities as ``F.cross_entropy`` and its
+    backward (``log_softmax`` then ``nll_loss``), without their extra passes over ``[n, V]``.
+    ``logits`` is not modified.
+
+    Returns:
+        ``ce`` ``[n]`` float32 and the gradient ``[n, V]`` in ``logits``' dtype.
+    """
+    x = logits.float()
+    valid = target != IGNORE_INDEX
+    rows = torch.arange(x.shape[0], device=x.device)
+    safe = target.clamp(min=0)
+    m = x.amax(dim=-1, keepdim=True)
+    p = (x - m).exp_()
+    s = p.sum(dim=-1, keepdim=True)
+    ce = (m + s.log()).squeeze(-1) - x[rows, safe]
+    p.div_(s)
+    p[rows, safe] -= 1.0
+    p.mul_(valid[:, None])
+    return torch.where(valid, ce, torch.zeros_like(ce)), p.to(logits.dtype)
+
+
 class _FrozenHeadTokenCE(torch.autograd.Function):
     """Per-row cross-entropy of a head without trainable parameters; each chunk's gradient with
     respect to its hidden states is taken in the forward, so the backward recomputes nothing.
 
     Row ``t``'s loss depends on ``hidden[t]`` alone, so ``d ce_t / d hidden[t]`` (``[N, H]``, small)
-    is all the backward needs: it returns ``grad_ce[t] * d ce_t / d hidden[t]``. This is how Liger
-    Kernel's fused linear cross-entropy avoids keeping logits (gradients computed chunk by chunk in
-    the forward, scaled by the upstream gradient in the backward; Hsu et al., arXiv 2410.10989),
-    here with autograd through the head's own ``forward`` instead of a hand-written kernel.
+    is all the backward needs: it returns ``grad_ce[t] * d ce_t / d hidden[t]``. Per chunk, the
+    gradient with respect to the logits is written by hand (``_ce_and_logit_grad``) and taken back
+    through the head's own ``forward`` by autograd (``torch.autograd.grad`` with it as
+    ``grad_outputs``). This is how Liger Kernel's fused linear cross-entropy avoids keeping logits
+    (gradients computed chunk by chunk in the forward, scaled by the upstream gradient in the
+    backward; Hsu et al., arXiv 2410.10989), here through the module instead of a kernel.
     """
 
     @staticmethod
@@ -128,10 +156,12 @@ class _FrozenHeadTokenCE(torch.autograd.Function):
         for s, e in _spans(hidden.shape[0], chunk_tokens):
             with torch.enable_grad():
                 h = hidden[s:e].detach().requires_grad_()
-                ce = _token_ce(forward, h, target[s:e])
-                (g,) = torch.autograd.grad(ce.sum(), h)
-            ces.append(ce.detach())
+                logits = forward(h)
+            ce, grad_logits = _ce_and_logit_grad(logits.detach(), target[s:e])
+            (g,) = torch.autograd.grad(logits, h, grad_outputs=grad_logits)
+            ces.append(ce)
             grads.append(g)
+            del logits, grad_logits
         ctx.save_for_backward(grads[0] if len(grads) == 1 else torch.cat(grads))
         return ces[0] if len(ces) == 1 else torch.cat(ces)
 
@@ -149,8 +179,8 @@ def chunked_token_ce(forward, hidden: torch.Tensor, target: torch.Tensor, chunk_
     The gradient, when one is needed (grad mode on and ``hidden`` requires grad, or the head trains):
 
     * a frozen head (``trainable_head`` False: the LoRA default, the head or the tied embedding
-      frozen): ``_FrozenHeadTokenCE``, each chunk's gradient with respect to its hidden states taken
-      in the forward and scaled in the backward (no recomputation);
+      frozen): ``_FrozenHeadTokenCE``, each chunk's gradient with respect to its hidden states
+      computed in the forward and scaled in the backward (no recomputation);
     * a head with trainable parameters (a LoRA on ``lm_head``, full fine-tuning): each chunk under
       ``torch.utils.checkpoint(use_reentrant=False)``, its logits freed after its loss and
       recomputed in the backward, where autograd reaches the head's parameters (the RNG state is

@@ -197,6 +197,18 @@ def test_chunks_cover_every_row_once_and_give_the_unchunked_loss_and_gradients(t
         assert torch.allclose(head.weight.grad, ref_weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_hand_written_logit_gradient_is_softmax_minus_onehot_and_zero_for_ignored_rows():
+    from packlora.training.lm_head import _ce_and_logit_grad
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0], [5.0, 1.0, 1.0, 1.0]])
+    ce, grad = _ce_and_logit_grad(logits, torch.tensor([2, 3, -100]))
+    p1 = torch.tensor([1.0, 2.0, 3.0, 4.0]).exp() / torch.tensor([1.0, 2.0, 3.0, 4.0]).exp().sum()
+    assert torch.allclose(ce, torch.stack([torch.tensor(4.0).log(), -p1[3].log(), torch.tensor(0.0)]), atol=1e-6)
+    assert torch.allclose(grad, torch.stack([torch.tensor([0.25, 0.25, -0.75, 0.25]), p1 - torch.tensor([0, 0, 0, 1.0]),
+                                             torch.zeros(4)]), atol=1e-6)
+    assert logits[1].tolist() == [1.0, 2.0, 3.0, 4.0]  # the logits themselves are left alone
+
+
 def test_without_gradients_chunks_run_once_and_equal_the_reference():
     head, forward, seen = _spied_head(False)
     with torch.no_grad():
