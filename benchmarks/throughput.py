@@ -40,10 +40,12 @@ TRL's own overhead, not a difference in setup.
 Suites (``--suite``), each writing its own table; a run costs ~1.5 minutes of start-up (two
 processes importing torch, transformers and DeepSpeed, loading the data) before its steps:
 
-    toy               toy shape: packlora_sdpa, packlora_full_logits, trl_like_for_like; 12 steps (2 warm-up)
+    toy               toy shape: packlora_sdpa, packlora_full_logits, trl_like_for_like; 12 steps (2 warm-up);
+                      18 min on 2 shared cores (2026-12-04, load average 3-4)
     toy-trl-defaults  toy shape: packlora_sdpa, trl_defaults, packlora_packed_sdpa
     toy-baselines     toy shape: packlora_sdpa, padded_unpacked, packlora_no_isolation; ~15 min
-    layers-trl        layers shape: packlora_sdpa, packlora_full_logits, trl_like_for_like; 3 steps (1 warm-up)
+    layers-trl        layers shape: packlora_sdpa, packlora_full_logits, trl_like_for_like; 3 steps (1 warm-up);
+                      18 min (2026-12-04, load average 4)
     layers-attention  layers shape: packlora_sdpa vs packlora_packed_sdpa; 9 min
 
 Every variant runs ``--rounds`` times in alternating order (AB..., ...BA, AB...); each ratio is taken
