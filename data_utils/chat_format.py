@@ -76,6 +76,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from packlora.core.errors import InputError
 from packlora.data_utils.types import IGNORE_INDEX, Segment
 
 FormatName = Literal["auto", "chatml", "qwen3", "llama3", "generic"]
@@ -112,7 +113,7 @@ SPECS: dict[str, FormatSpec] = {
 }
 
 
-class LabelError(ValueError):
+class LabelError(InputError):
     """A chat that cannot be labelled exactly. ``reason`` is the data report's slug for it
     (``template_mismatch``, ``no_end_of_turn``, ``reasoning_with_thinking_off``)."""
 
@@ -121,7 +122,7 @@ class LabelError(ValueError):
         super().__init__(message)
 
 
-class StopTokenError(ValueError):
+class StopTokenError(InputError):
     """A stop token string that is not exactly one token of the tokenizer."""
 
 
@@ -183,7 +184,7 @@ class ChatFormat:
     def __init__(self, tokenizer: Any, name: str = "auto", *, enable_thinking: bool | None = None,
                  train_reasoning: bool = True):
         if name not in FORMAT_NAMES:
-            raise ValueError(f"data.chat_format: {name!r} is not one of {list(FORMAT_NAMES)}")
+            raise InputError(f"data.chat_format: {name!r} is not one of {list(FORMAT_NAMES)}")
         template = _template(tokenizer)
         self.tokenizer = tokenizer
         self.name = detect_format(tokenizer) if name == "auto" else name
@@ -193,14 +194,14 @@ class ChatFormat:
         vocab = tokenizer.get_vocab()
         missing = [t for t in (self.spec.end_of_turn, self.spec.header_start, self.spec.header_end) if t and t not in vocab]
         if missing:
-            raise ValueError(f"data.chat_format: {self.name} needs the tokens {missing}, which this tokenizer lacks; "
+            raise InputError(f"data.chat_format: {self.name} needs the tokens {missing}, which this tokenizer lacks; "
                              "use chat_format: auto (detected: " + detect_format(tokenizer) + ")")
         if self.spec.end_of_turn is not None:
             self.end_of_turn_id = vocab[self.spec.end_of_turn]
         elif tokenizer.eos_token_id is not None:
             self.end_of_turn_id = tokenizer.eos_token_id
         else:
-            raise ValueError("the tokenizer has no eos token and its chat format is unknown, so no token ends a turn; "
+            raise InputError("the tokenizer has no eos token and its chat format is unknown, so no token ends a turn; "
                              "set the tokenizer's eos_token to the token its template closes a turn with")
         self.control_tokens = _control_tokens(tokenizer, template)
         self.control_ids = frozenset(vocab[t] for t in self.control_tokens)
@@ -250,7 +251,7 @@ class ChatFormat:
 
         def add(token_id: Any, where: str) -> None:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"{where} must be a non-negative int token id, got {token_id!r}")
+                raise InputError(f"{where} must be a non-negative int token id, got {token_id!r}")
             if token_id not in ids:
                 ids.append(token_id)
 
@@ -293,7 +294,7 @@ class ChatFormat:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *stop_ids):
             if candidate is not None:
                 return candidate
-        raise ValueError("no pad id: the tokenizer has neither a pad nor an eos token, and no stop id was given")
+        raise InputError("no pad id: the tokenizer has neither a pad nor an eos token, and no stop id was given")
 
     def format_ids(self, ids: Iterable[int]) -> str:
         """``"id 'text', ..."`` for logs, each id decoded with special tokens kept."""
@@ -604,7 +605,7 @@ def _template(tokenizer: Any) -> str:
     if isinstance(template, dict):  # several named templates: the default one renders chats
         template = template.get("default")
     if not template:
-        raise ValueError("the tokenizer has no chat template; packlora renders chats with the model's own template "
+        raise InputError("the tokenizer has no chat template; packlora renders chats with the model's own template "
                          "(set model.tokenizer to a tokenizer that has one)")
     return template
 

@@ -12,11 +12,11 @@ Whether the files exist is checked separately (``missing_files``), right before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from packlora.data_utils.chat_format import FormatName as ChatFormatName
-from packlora.data_utils.configtools import Section
-from packlora.data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
-from packlora.data_utils.sources import parse_source
 
+from packlora.core.config import Section
+from packlora.data_utils.chat_format import FormatName as ChatFormatName
+from packlora.data_utils.sources import parse_source
+from packlora.data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from packlora.core.errors import InputError
 from packlora.data_utils.audit import audit_rows
 from packlora.data_utils.chat_format import ChatFormat, EncodedChat, LabelError
 from packlora.data_utils.config import DataConfig
@@ -42,11 +43,11 @@ PIPELINE_VERSION = "2"  # bump when tokenisation or packing output changes, to i
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packlora" / "datasets"
 
 
-class OverflowError_(ValueError):
+class OverflowError_(InputError):
     """An example is longer than ``max_seq_length`` under ``overflow: error``."""
 
 
-class NoExampleError(ValueError):
+class NoExampleError(InputError):
     """Every example was dropped or skipped; ``report`` holds the counts (a dict) for data_report.json."""
 
     def __init__(self, message: str, report: dict):
@@ -296,7 +297,7 @@ def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
     for r in records:
         if wrong is not None and isinstance(r, wrong):
             kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
-            raise ValueError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
+            raise InputError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
                              "records, stage 2 (sft) on chats. Fix data.train or set data.stage: auto")
         if preset is not None and isinstance(r, ChatRecord):
             messages, action = apply_preset(r.as_dicts(), preset, override)
@@ -441,7 +442,7 @@ def _draw_eval(candidates: list[int], split, seed: int) -> list[int]:
         return []
     n = round(split * len(candidates)) if isinstance(split, float) else split
     if not 1 <= n < len(candidates):
-        raise ValueError(f"data.eval_split={split} draws {n} of {len(candidates)} records; leave at least one to "
+        raise InputError(f"data.eval_split={split} draws {n} of {len(candidates)} records; leave at least one to "
                          "train on and draw at least one")
     return sorted(random.Random(seed + 1).sample(candidates, n))
 
@@ -451,7 +452,7 @@ def _draw_heldout(records, n: int, seed: int) -> list[int]:
         return []
     chats = [i for i, r in enumerate(records) if isinstance(r, ChatRecord)]
     if n >= len(chats):
-        raise ValueError(f"data.eval_holdout={n} but there are only {len(chats)} chat records; lower it")
+        raise InputError(f"data.eval_holdout={n} but there are only {len(chats)} chat records; lower it")
     return sorted(random.Random(seed).sample(chats, n))
 
 
@@ -496,7 +497,7 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
             continue
         policy = "drop" if cfg.overflow == "auto" else cfg.overflow
         if policy == "split":
-            raise ValueError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
+            raise InputError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
         msgs = json.loads(messages)
         try:
             if cfg.labels == "legacy_full_sequence":

@@ -37,8 +37,8 @@ import json
 from pathlib import Path
 from typing import Iterator, get_args
 
-from packlora.data_utils.types import OnError, RecordFormat
-from packlora.data_utils.types import ROLES, ChatRecord, Message, Source, TextRecord
+from packlora.core.errors import InputError, MissingPathError
+from packlora.data_utils.types import ROLES, ChatRecord, Message, OnError, RecordFormat, Source, TextRecord
 
 FORMATS = get_args(RecordFormat)
 _BOM = b"\xef\xbb\xbf"
@@ -54,7 +54,7 @@ REASONS = (
 ON_ERROR = get_args(OnError)
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A malformed input line. ``str(err)`` starts with ``path:line:``.
 
     Attributes:
@@ -104,7 +104,7 @@ def iter_records(
         raise ValueError(f"unknown on_error {on_error!r}; choose one of {', '.join(ON_ERROR)}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path} (check data.train / data.eval in your config)")
+        raise MissingPathError(f"data file not found: {path} (check data.train / data.eval in your config)")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(_BOM):  # written by some Windows editors; not part of the JSON

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packlora.data_utils.configtools import did_you_mean
+from packlora.core.config import did_you_mean
+from packlora.core.errors import InputError
 from packlora.data_utils.records import RecordError, iter_records, parse_record
 from packlora.data_utils.types import ChatRecord, Source, TextRecord
 
@@ -128,7 +129,7 @@ class SourceSpec:
             if isinstance(ds, datasets.DatasetDict):
                 split = self.split or "train"
                 if split not in ds:
-                    raise ValueError(f"{self.path}: no split {split!r}; it has {sorted(ds)} (set split:)")
+                    raise InputError(f"{self.path}: no split {split!r}; it has {sorted(ds)} (set split:)")
                 ds = ds[split]
             return ds
         if kind == "name":
@@ -176,7 +177,7 @@ def _iter_dataset(spec: SourceSpec, fmt: str, on_error: str, skipped) -> Iterato
     wanted = {f: spec.columns.get(f, f) for f in FIELDS}
     missing = [c for f, c in spec.columns.items() if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{spec.name}: columns {missing} (from columns:) are not in the dataset; it has "
+        raise InputError(f"{spec.name}: columns {missing} (from columns:) are not in the dataset; it has "
                          f"{ds.column_names}")
     for i, row in enumerate(ds):
         src = Source(spec.name, i + 1)

@@ -32,7 +32,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import cli_entry
+from packlora.core.errors import InputError, MissingPathError
 from packlora.data_utils.records import read_records
 from packlora.data_utils.types import ChatRecord
 
@@ -143,16 +144,16 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         problems.append(f"--bins must be an integer >= 1, got {bins!r}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise InputError("; ".join(problems))
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+        raise MissingPathError(f"--input {input_path} does not exist")
     if output_path.resolve() == input_path.resolve():
-        raise ValueError(f"--output {output_path} is the input file; write the subset somewhere else")
+        raise InputError(f"--output {output_path} is the input file; write the subset somewhere else")
     tokenizer = None
     if tokenizer_dir is not None:
         if not Path(tokenizer_dir).is_dir():
-            raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is not a directory")
+            raise MissingPathError(f"--tokenizer {tokenizer_dir} is not a directory")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -160,9 +161,9 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
     lines = raw.splitlines(keepends=True)
     records = read_records(input_path)
     if len(records) != len(lines):
-        raise ValueError(f"{input_path}: {len(lines)} lines but {len(records)} records; remove stray line breaks")
+        raise InputError(f"{input_path}: {len(lines)} lines but {len(records)} records; remove stray line breaks")
     if round(ratio * len(records)) < 1:
-        raise ValueError(
+        raise InputError(
             f"--ratio {ratio} of {len(records)} records rounds to 0; raise the ratio to at least {0.5 / len(records):.4g}"
         )
     lengths = record_lengths(records, tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import cli_entry
 from packlora.decoding.decode import decode_file, read_prompts  # noqa: F401  (read_prompts: the library API)
 
 logger = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from packlora.core.errors import InputError, MissingPathError
 from packlora.data_utils.chat_format import ChatFormat
 from packlora.data_utils.records import RecordError, parse_record
 from packlora.data_utils.types import Source, TextRecord
@@ -110,19 +111,19 @@ def decode_file(
     from packlora.decoding.generate import LoadedCheckpoint, check_decoding_settings, generate_replies, load_checkpoint
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int, got {limit!r}")
+        raise InputError(f"limit must be a positive int, got {limit!r}")
     check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
                             top_k=top_k, repetition_penalty=repetition_penalty)
     prompts = read_prompts(input_path, limit)
     if not prompts:
-        raise ValueError(f"{input_path} holds no prompts; give a JSONL file with at least one chat to reply to")
+        raise InputError(f"{input_path} holds no prompts; give a JSONL file with at least one chat to reply to")
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, dtype, device)
     if preset is not None:
         prompts, ckpt = _apply_preset(prompts, ckpt, preset)
     if no_stop_ids:
         ckpt = _without_stop_ids(ckpt)
     if stream and batch_size != 1:
-        raise ValueError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
+        raise InputError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
     max_new_tokens = ckpt.max_new_tokens if max_new_tokens is None else max_new_tokens
     mode = (f"sampling (temperature {temperature}, top_p {top_p}, top_k {top_k}, seed {seed})" if do_sample
             else "greedy") + (f", repetition_penalty {repetition_penalty}" if repetition_penalty != 1.0 else "")
@@ -168,7 +169,7 @@ def decode_file(
 
 def _iter_prompts(path: Path) -> Iterator[Prompt]:
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path} (check --input)")
+        raise MissingPathError(f"prompt file not found: {path} (check --input)")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             src = Source(str(path), lineno)
@@ -232,7 +233,7 @@ def _apply_preset(prompts: list[Prompt], ckpt, preset: str):
     try:
         stop_ids = tuple(dict.fromkeys([*ckpt.stop_ids, *ckpt.fmt.stop_ids(p.stop_tokens)]))
     except ValueError as e:
-        raise ValueError(f"--preset {p.name}: {e}") from None
+        raise InputError(f"--preset {p.name}: {e}") from None
     actions: Counter = Counter()
     out = []
     for q in prompts:

@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import cli_entry
 from packlora.decoding.cli import _positive_int, add_sampling_flags, sampling_settings
 
 logger = logging.getLogger(__name__)

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from packlora.decoding import checkpoint as ckpt_format
+from packlora.core import checkpoint as ckpt_format
+from packlora.core.errors import InputError
 from packlora.decoding.stop_strings import StopStringMatcher
 from packlora.decoding.stopping import cut_at_first_stop
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_NEW_TOKENS = ckpt_format.DEFAULT_MAX_NEW_TOKENS
 STOP_REASONS = ("stop_id", "stop_string", "max_new_tokens")
 
 
@@ -63,7 +64,7 @@ class LoadedCheckpoint:
         model: the causal LM in eval mode (a ``peft.PeftModel`` for an adapter checkpoint); its
             ``generation_config`` has ``eos_token_id = list(stop_ids)``.
         fmt: the chat format over the checkpoint's tokenizer (``fmt.tokenizer``).
-        stop_ids: ``decoding.checkpoint.stop_ids``: generation_config.json, the end of turn, eos,
+        stop_ids: ``core.checkpoint.CheckpointInfo.stop_ids``: generation_config.json, the end of turn, eos,
             and ``decoding.stop_tokens`` of ``packlora_config.yaml``.
         max_new_tokens: ``decoding.max_new_tokens`` of ``packlora_config.yaml``, else
             ``max_new_tokens`` of ``generation_config.json``, else 512.
@@ -98,10 +99,12 @@ def load_checkpoint(
         device: default ``"cuda"`` when available, else ``"cpu"``.
 
     Raises:
-        FileNotFoundError: ``path`` is not a checkpoint, or an adapter's base model is missing.
-        ValueError: bad stop tokens or ``max_new_tokens`` in the checkpoint's configs.
+        MissingPathError: ``path`` is not a checkpoint, or an adapter's base model is missing.
+        InputError: bad stop tokens or ``max_new_tokens`` in the checkpoint's configs, or an unknown dtype.
     """
     from transformers import AutoTokenizer
+
+    from packlora.data_utils.chat_format import ChatFormat
 
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,12 +112,13 @@ def load_checkpoint(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
-    model, inner, base_model_path = ckpt_format.load_model(path, dtype, device)
-    fmt = ckpt_format.chat_format(path, AutoTokenizer.from_pretrained(path))
-    stop_ids = ckpt_format.stop_ids(path, fmt)
-    max_new_tokens = ckpt_format.max_new_tokens(path, DEFAULT_MAX_NEW_TOKENS)
+    info = ckpt_format.CheckpointInfo.read(path)
+    model, inner, base_model_path = ckpt_format.load_model(info, dtype, device)
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(path), **info.format_options)
+    stop_ids = info.stop_ids(fmt)
+    max_new_tokens = info.max_new_tokens(DEFAULT_MAX_NEW_TOKENS)
     ckpt_format.set_stop_ids(inner, stop_ids, fmt.pad_id(stop_ids))  # plain `model.generate()` stops here too
     logger.info(
         "loaded %s%s on %s (%s); chat format %s; stop ids: %s; max_new_tokens %d",
@@ -186,16 +190,16 @@ def generate_replies(
     tokenizer = fmt.tokenizer
     matcher = StopStringMatcher(stop_strings)
     if streamer is not None and batch_size != 1:
-        raise ValueError(f"streaming needs batch_size=1, got {batch_size}")
+        raise InputError(f"streaming needs batch_size=1, got {batch_size}")
     check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
                             top_k=top_k, repetition_penalty=repetition_penalty)
     if max_new_tokens is None:
-        raise ValueError("max_new_tokens must be a positive int, got None")
+        raise InputError("max_new_tokens must be a positive int, got None")
     for i, conv in enumerate(conversations):
         if not conv:
-            raise ValueError(f"conversations[{i}] is empty; give at least one user message")
+            raise InputError(f"conversations[{i}] is empty; give at least one user message")
         if conv[-1].get("role") == "assistant":
-            raise ValueError(
+            raise InputError(
                 f"conversations[{i}] ends with an assistant message, so there is nothing to reply to; "
                 "strip the reference answer (the last assistant turn) before decoding"
             )
@@ -321,4 +325,4 @@ def check_decoding_settings(
             if value != default:
                 problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
     if problems:
-        raise ValueError("bad decoding settings: " + "; ".join(problems))
+        raise InputError("bad decoding settings: " + "; ".join(problems))

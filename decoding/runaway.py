@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from packlora.core.errors import InputError
 from packlora.decoding.generate import Reply, generate_replies
 
 ROLE_LINE = re.compile(r"(?:^|\n)(?:system|user|assistant)\n")
@@ -108,7 +109,7 @@ def naive_stop_ids(fmt: Any) -> list[int]:
     """
     eos = fmt.tokenizer.eos_token_id
     if eos is None or eos == fmt.end_of_turn_id:
-        raise ValueError(
+        raise InputError(
             f"--no-stop-ids decodes with the tokenizer's eos token only, but it is {fmt.tokenizer.eos_token!r}, the "
             "end of turn itself; this experiment needs a tokenizer whose eos is not (e.g. a Qwen2 base tokenizer)"
         )
@@ -208,7 +209,7 @@ def summarize(results: Sequence[PromptResult], stop_ids: Sequence[int], max_new_
         ValueError: no results.
     """
     if not results:
-        raise ValueError("no prompts to evaluate; give at least one held-out chat")
+        raise InputError("no prompts to evaluate; give at least one held-out chat")
     n = len(results)
 
     def rate(name: str) -> float:

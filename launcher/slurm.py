@@ -18,6 +18,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from packlora.core.errors import InputError
 from packlora.launcher.commands import TRAIN_MODULE, build_argv
 from packlora.launcher.spec import LaunchSpec, config_problems
 
@@ -90,7 +91,7 @@ class SlurmSpec:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         problems = self._problems()
         if problems:
-            raise ValueError("invalid Slurm settings:\n  - " + "\n  - ".join(problems))
+            raise InputError("invalid Slurm settings:\n  - " + "\n  - ".join(problems))
 
     @property
     def procs_per_node(self) -> int:

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import cli_entry
 from packlora.training import distributed
 
 logger = logging.getLogger("packlora.train")

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, rotation and resume. What a checkpoint holds is ``decoding/checkpoint.py``'s.
+"""Atomic checkpoints, rotation and resume. What a checkpoint holds is ``core/checkpoint.py``'s.
 
 Checkpoints are atomic. ``PackloraTrainer`` writes everything of step N (adapter, DeepSpeed's
 ``global_stepN/`` shards from every rank, optimizer/scheduler/RNG state, trainer state, the extras
@@ -19,8 +19,10 @@ import re
 import shutil
 from pathlib import Path
 
+from packlora.core.checkpoint import COMPLETE_MARKER, TRAINER_STATE
+from packlora.core.errors import InputError, MissingPathError
+
 logger = logging.getLogger(__name__)
-COMPLETE_MARKER = "packlora_complete.json"
 TMP_PREFIX = "tmp-checkpoint"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -88,9 +90,9 @@ def resolve_resume(value, output_dir: str | Path) -> str | None:
         return str(found)
     path = Path(value)
     if not path.is_dir():
-        raise FileNotFoundError(f"training.resume_from_checkpoint: {value!r} does not exist")
-    if not (path / "trainer_state.json").is_file() or (_CHECKPOINT_RE.match(path.name) and not is_complete(path)):
-        raise ValueError(
+        raise MissingPathError(f"training.resume_from_checkpoint: {value!r} does not exist")
+    if not (path / TRAINER_STATE).is_file() or (_CHECKPOINT_RE.match(path.name) and not is_complete(path)):
+        raise InputError(
             f"training.resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json or "
             f"no {COMPLETE_MARKER}: its save was cut short); use an older checkpoint or resume_from_checkpoint=auto"
         )

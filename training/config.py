@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from packlora.core.checkpoint import DecodingConfig
+from packlora.core.config import ConfigError, Section, build_config, load_yaml_config, parse_overrides
 from packlora.data_utils.config import DataConfig
-from packlora.decoding.checkpoint import DecodingConfig
-from packlora.data_utils.configtools import ConfigError, Section, build_config, load_yaml_config, parse_overrides
 
 AttnImplementation = Literal["sdpa", "packed_sdpa", "varlen", "eager", "flash_attention_2", "flex_attention"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]

@@ -29,6 +29,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from packlora.core.errors import StateError
+
 logger = logging.getLogger(__name__)
 _PATCHED = False
 
@@ -104,7 +106,7 @@ EXPECTED_WORLD_SIZE_ENV = "PACKLORA_WORLD_SIZE"
 """Set by ``packlora slurm`` to nodes x processes per node: the world size the launch spec asked for."""
 
 
-class LaunchEnvError(RuntimeError):
+class LaunchEnvError(StateError):
     """The variables a launcher or srun set do not describe a consistent set of processes."""
 
 

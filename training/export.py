@@ -23,9 +23,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core import checkpoint as ckpt_format
+from packlora.core.cli import cli_entry
+from packlora.core.errors import MissingPathError, PathError
 
 logger = logging.getLogger(__name__)
+
+
+class OutputExistsError(PathError, FileExistsError):
+    """The output directory already holds something and ``--overwrite`` was not given."""
 
 
 def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -40,34 +46,34 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
         ``out_dir`` as a ``Path``.
 
     Raises:
-        FileNotFoundError: ``checkpoint`` is not a LoRA checkpoint, or its base is missing.
-        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
-        ValueError: bad stop tokens in the checkpoint (``ChatFormat.stop_ids``).
+        MissingPathError: ``checkpoint`` is not a LoRA checkpoint, or its base is missing.
+        OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+        InputError: bad stop tokens in the checkpoint (``ChatFormat.stop_ids``).
     """
     from transformers import AutoTokenizer
 
-    from packlora.decoding import checkpoint as ckpt_format
+    from packlora.data_utils.chat_format import ChatFormat
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not ckpt_format.is_adapter(checkpoint):
-        hint = " (it is already a full model: load it directly)" if (checkpoint / "config.json").is_file() else ""
-        raise FileNotFoundError(f"{checkpoint} has no adapter_config.json, so there is no adapter to merge{hint}")
+        hint = " (it is already a full model: load it directly)" if ckpt_format.is_model(checkpoint) else ""
+        raise MissingPathError(f"{checkpoint} has no {ckpt_format.ADAPTER_CONFIG}, so there is no adapter to merge{hint}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
-    base = ckpt_format.resolve_base_model(checkpoint)
+        raise OutputExistsError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
+    info = ckpt_format.CheckpointInfo.read(checkpoint)
+    base = info.base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    fmt = ckpt_format.chat_format(checkpoint, tokenizer)
-    stop_ids = ckpt_format.stop_ids(checkpoint, fmt)
+    fmt = ChatFormat(tokenizer, **info.format_options)
+    stop_ids = info.stop_ids(fmt)
     model, dtype = ckpt_format.merge_adapter(checkpoint, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(dtype)
-    model.generation_config = ckpt_format.generation_config(stop_ids, fmt.pad_id(stop_ids),
-                                                            ckpt_format.max_new_tokens(checkpoint))
+    model.generation_config = ckpt_format.generation_config(stop_ids, fmt.pad_id(stop_ids), info.max_new_tokens())
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if (checkpoint / ckpt_format.CONFIG_NAME).is_file():
-        shutil.copyfile(checkpoint / ckpt_format.CONFIG_NAME, out_dir / ckpt_format.CONFIG_NAME)
-    (out_dir / "packlora_export.json").write_text(json.dumps(
+    if (checkpoint / ckpt_format.RUN_CONFIG).is_file():
+        shutil.copyfile(checkpoint / ckpt_format.RUN_CONFIG, out_dir / ckpt_format.RUN_CONFIG)
+    (out_dir / ckpt_format.EXPORT_MARKER).write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "base_model": str(base.resolve()),
          "adapter_sha256": ckpt_format.adapter_sha256(checkpoint), "dtype": str(dtype).removeprefix("torch."),
          "stop_ids": list(stop_ids)}, indent=1))

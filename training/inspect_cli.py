@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import cli_entry
 
 JSON_KEYS = (
     "records", "heldout", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",

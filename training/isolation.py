@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from packlora.core.errors import InputError
 
-class PackedInputError(ValueError):
+
+class PackedInputError(InputError):
     """Inputs that would let packed examples attend across their boundaries."""
 
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 
-from packlora.training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
-from packlora.training import varlen_attention  # (registers attn_implementation varlen)
-from packlora.decoding.checkpoint import BASE_MODEL_DIR, set_stop_ids
+from packlora.core.checkpoint import BASE_MARKER, BASE_MODEL_DIR, set_stop_ids
+from packlora.core.errors import InputError
+from packlora.training import (
+    packed_attention,  # noqa: F401  (registers attn_implementation packed_sdpa)
+    varlen_attention,  # (registers attn_implementation varlen)
+)
 from packlora.training.config import LoraConfig, ModelConfig, RunConfig
 from packlora.training.distributed import without_zero3_init
 from packlora.training.isolation import install_isolation_guard
@@ -37,7 +40,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        raise ValueError(f"model.tokenizer: {path} has no chat template; packlora renders chats with it")
+        raise InputError(f"model.tokenizer: {path} has no chat template; packlora renders chats with it")
     return tok
 
 
@@ -62,15 +65,15 @@ def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int], pad_i
     spec = dict(cfg.model.config)
     spec.setdefault("vocab_size", len(tokenizer))
     if spec["vocab_size"] < len(tokenizer):
-        raise ValueError(
+        raise InputError(
             f"model.config.vocab_size={spec['vocab_size']} is smaller than the tokenizer ({len(tokenizer)} ids); "
             "remove it to default to the tokenizer's length"
         )
     recipe = {"config": spec, "seed": cfg.seed}
-    marker = out / "packlora_base.json"
+    marker = out / BASE_MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) != recipe:
-            raise ValueError(
+            raise InputError(
                 f"{out} was built from a different model.config or seed; use a new output_dir or delete it"
             )
         return str(out)
@@ -99,16 +102,16 @@ def check_attention_backend(attn_implementation: str, cuda: bool) -> None:
     if attn_implementation == varlen_attention.NAME:
         reason = varlen_attention.unavailable_reason(cuda)
         if reason:
-            raise ValueError(reason)
+            raise InputError(reason)
     if cuda:
         return
     if attn_implementation == "flex_attention":
-        raise ValueError(
+        raise InputError(
             "model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention backward "
             "there); use packed_sdpa, sdpa or eager on CPU, flex_attention on GPU"
         )
     if attn_implementation.startswith("flash_attention"):
-        raise ValueError(f"model.attn_implementation: {attn_implementation} needs a CUDA GPU; use packed_sdpa or sdpa on CPU")
+        raise InputError(f"model.attn_implementation: {attn_implementation} needs a CUDA GPU; use packed_sdpa or sdpa on CPU")
 
 
 def check_dtype(dtype: str, cuda: bool) -> None:
@@ -119,7 +122,7 @@ def check_dtype(dtype: str, cuda: bool) -> None:
             ``Type fp16 is not supported on your device``, after every process has started).
     """
     if dtype == "float16" and not cuda:
-        raise ValueError("model.dtype: float16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); use bfloat16 or "
+        raise InputError("model.dtype: float16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); use bfloat16 or "
                          "float32 on CPU")
 
 

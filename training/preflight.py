@@ -11,7 +11,9 @@ import dataclasses
 import importlib.resources
 from pathlib import Path
 
-from packlora.data_utils.configtools import ConfigError, unknown_key
+from packlora.core.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, is_adapter, is_model
+from packlora.core.config import ConfigError, unknown_key
+from packlora.core.errors import MissingPathError
 from packlora.training.config import OWNED_TRAINING_KEYS, RunConfig, load_config
 
 
@@ -55,10 +57,10 @@ def _check_init_from(cfg: RunConfig) -> list[str]:
     if cfg.init_from is None:
         return []
     ckpt = Path(cfg.init_from)
-    if not ((ckpt / "adapter_config.json").is_file() or (ckpt / "config.json").is_file()):
-        return [f"init_from: {cfg.init_from!r} is not a checkpoint directory (no adapter_config.json or config.json); "
+    if not (is_adapter(ckpt) or is_model(ckpt)):
+        return [f"init_from: {cfg.init_from!r} is not a checkpoint directory (no {ADAPTER_CONFIG} or {MODEL_CONFIG}); "
                 f"point it at the stage-1 output_dir (paths are relative to {Path.cwd()})"]
-    if cfg.init_mode == "continue" and not (ckpt / "adapter_config.json").is_file():
+    if cfg.init_mode == "continue" and not is_adapter(ckpt):
         return [f"init_mode: continue needs a LoRA checkpoint, but {cfg.init_from!r} is a full model; use merge"]
     return []
 
@@ -95,7 +97,7 @@ def resolve_deepspeed_config(name: str) -> str:
     if packaged.is_file():
         return str(packaged)
     available = sorted(p.name for p in importlib.resources.files("packlora.ds_configs").iterdir() if p.name.endswith(".json"))
-    raise FileNotFoundError(f"deepspeed: {name!r} is neither a file nor one of ds_configs/ {available}")
+    raise MissingPathError(f"deepspeed: {name!r} is neither a file nor one of ds_configs/ {available}")
 
 
 def deepspeed_path(cfg: RunConfig) -> str | None:

@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
-from packlora.decoding.checkpoint import verify_adapter, write_extras
+from packlora.core.checkpoint import TRAINER_STATE, verify_adapter, write_extras
 from packlora.training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
 from packlora.training.loss import LossNormalizationMixin, row_loss_stats
 from packlora.training.model import lora_shapes
@@ -129,7 +129,7 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
             self.state.best_model_checkpoint = str(final)
         if self.args.should_save:
             if best_moved:  # the saved state names the checkpoint's final place too (a resume reads it)
-                self.state.save_to_json(str(written / "trainer_state.json"))
+                self.state.save_to_json(str(written / TRAINER_STATE))
             extras = next((c for c in self.callback_handler.callbacks if isinstance(c, CheckpointExtrasCallback)), None)
             if extras is not None:
                 extras.finish(written)  # raises IncompleteAdapterError before anything becomes visible

@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from packlora.core.errors import InputError, StateError
 from packlora.training.packed_attention import packed_sdpa_mask, segment_bounds
 
 NAME = "varlen"
@@ -86,7 +87,7 @@ def call_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, c
     elif "is_causal" in params:
         kwargs["is_causal"] = causal
     elif causal:
-        raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(fn)} takes neither window_size "
+        raise StateError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(fn)} takes neither window_size "
                            "nor is_causal, so causal attention cannot be asked for; use packed_sdpa")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
@@ -121,13 +122,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if dropout > 0:
-        raise ValueError(f"{NAME}: attention dropout {dropout} is not supported by torch's varlen kernel; set the "
+        raise InputError(f"{NAME}: attention dropout {dropout} is not supported by torch's varlen kernel; set the "
                          "model's attention_dropout to 0 or use packed_sdpa")
     if sliding_window is not None:
-        raise ValueError(f"{NAME}: sliding-window attention (sliding_window={sliding_window}) is not supported; "
+        raise InputError(f"{NAME}: sliding-window attention (sliding_window={sliding_window}) is not supported; "
                          "use flash_attention_2 or sdpa for this model")
     if query.is_cuda and query.dtype not in HALF_DTYPES:
-        raise ValueError(f"{NAME}: Flash Attention takes bfloat16 or float16, got {query.dtype}; set model.dtype: "
+        raise InputError(f"{NAME}: Flash Attention takes bfloat16 or float16, got {query.dtype}; set model.dtype: "
                          "bfloat16 (or auto on CUDA)")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if cu_q is not None:
@@ -139,7 +140,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              f"the batch has {B} rows; use PackedCollator(flash_attn_varlen=True)")
     else:
         if position_ids is None and L > 1:
-            raise ValueError(f"{NAME}: the attention layer {type(module).__name__} received neither cu_seq_lens_q nor "
+            raise InputError(f"{NAME}: the attention layer {type(module).__name__} received neither cu_seq_lens_q nor "
                              "position_ids, so packed segments cannot be found; use sdpa for this architecture")
         positions = position_ids if position_ids is not None else torch.zeros(1, 1, dtype=torch.long)
         lens = [e - s for bounds in segment_bounds(positions.expand(B, -1)) for s, e in bounds]

@@ -206,7 +206,7 @@ def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path
 
 
 def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckpt, tmp_path, chatml_tokenizer):
-    from packlora.decoding.checkpoint import write_extras
+    from packlora.core.checkpoint import write_extras
 
     fmt = ChatFormat(chatml_tokenizer)
     ckpt_dir = tmp_path / "ckpt"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
-from packlora.decoding.checkpoint import IncompleteAdapterError
+from packlora.core.checkpoint import IncompleteAdapterError
 from packlora.training.checkpoint import (
     COMPLETE_MARKER,
     commit_checkpoint,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
-from packlora.decoding.checkpoint import write_extras
+from packlora.core.checkpoint import write_extras
 from packlora.training.export import main
 
 RANK, ALPHA = 4, 8

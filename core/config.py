@@ -28,11 +28,13 @@ import types
 import typing
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
+from packlora.core.errors import InputError, MissingPathError
+
 OVERRIDE_RE = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*=.*", re.DOTALL)
 """``key.sub=value``: what ``parse_overrides`` accepts."""
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """One or more config problems; ``problems`` lists them, each starting with its key, and
     ``source`` says where they came from (a file, or the command line)."""
 
@@ -143,7 +145,7 @@ def load_yaml_config(path, overrides, build):
     the command line is not blamed on the file.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingPathError: ``path`` does not exist.
         ConfigError: the YAML is not a mapping, an override is malformed, or ``build`` raised.
     """
     from pathlib import Path
@@ -152,7 +154,7 @@ def load_yaml_config(path, overrides, build):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingPathError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -309,44 +311,3 @@ def _describe(tp, meta=None) -> str:
     if origin is dict or tp is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-"""What a command reports in one line: bad configs, records, paths and settings (``ConfigError``,
-``RecordError``, ``LabelError``, ``PresetError``... are ``ValueError``s)."""
-
-
-def cli_entry(prog: str):
-    """Decorate a subcommand's ``main(argv) -> int``: a user error prints ``PROG: error: MESSAGE`` (its
-    fix included) on stderr and returns 1, with no traceback; ``--debug`` anywhere in ``argv`` (or
-    ``PACKLORA_DEBUG=1``) lets the traceback through instead.
-
-    >>> @cli_entry("packlora demo")
-    ... def main(argv):
-    ...     raise ValueError("data.train: give at least one data source")
-    >>> import contextlib, io
-    >>> err = io.StringIO()
-    >>> with contextlib.redirect_stderr(err):
-    ...     code = main(["x"])
-    >>> code, err.getvalue().splitlines()[0]
-    (1, 'packlora demo: error: data.train: give at least one data source')
-    """
-    import functools
-    import os
-    import sys
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def main(argv=None):
-            argv = list(sys.argv[1:] if argv is None else argv)
-            debug = "--debug" in argv or os.environ.get("PACKLORA_DEBUG") == "1"
-            try:
-                return fn([a for a in argv if a != "--debug"])
-            except USER_ERRORS as e:
-                if debug:
-                    raise
-                print(f"{prog}: error: {e}", file=sys.stderr)
-                print(f"{prog}: (add --debug to see where it was raised)", file=sys.stderr)
-                return 1
-        return main
-    return wrap
