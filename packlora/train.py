@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from packlora.training.preemption import STOP_FILE_ENV, StopRequest
     from packlora.training.preflight import load_and_check
     from packlora.training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
-    from packlora.training.varlen_attention import FLATTENED_BACKENDS
+    from packlora.training.backends import backend
 
     cfg = load_and_check(ns.config, ns.overrides)
     check_runs_here(cfg.model)  # before the process group exists: a clear error, not a rank traceback
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
     collator = PackedCollator(
-        pad_token_id=pad_id, flash_attn_varlen=cfg.model.attn_implementation in FLATTENED_BACKENDS,
+        pad_token_id=pad_id, flash_attn_varlen=backend(cfg.model.attn_implementation).flattened_batch,
         loss_normalization=cfg.loss_normalization, isolate_segments=not legacy,
     )
     extras = CheckpointExtrasCallback(tokenizer, cfg.to_dict(), stop_ids, pad_id, cfg.decoding.max_new_tokens, model)

@@ -9,10 +9,9 @@ import torch
 
 from packlora.core.checkpoint import BASE_MARKER, BASE_MODEL_DIR, set_stop_ids
 from packlora.core.errors import InputError
-from packlora.training import (
-    packed_attention,  # noqa: F401  (registers attn_implementation packed_sdpa)
-    varlen_attention,  # (registers attn_implementation varlen)
-)
+from packlora.training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
+from packlora.training import varlen_attention  # noqa: F401  (registers attn_implementation varlen)
+from packlora.training.backends import cannot_train_here
 from packlora.training.config import LoraConfig, ModelConfig, RunConfig
 from packlora.training.distributed import without_zero3_init
 from packlora.training.isolation import install_isolation_guard
@@ -92,26 +91,17 @@ def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int], pad_i
 
 
 def check_attention_backend(attn_implementation: str, cuda: bool) -> None:
-    """Refuse, before any work, backends that cannot train on this machine.
+    """Refuse, before any work, a backend that cannot train on this machine (``training/backends.py``:
+    CUDA only, no CPU backward, or a kernel this torch lacks).
 
     Raises:
-        ValueError: ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU),
+        InputError: e.g. ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU),
             ``flash_attention_2`` without CUDA, or ``varlen`` without CUDA or without
             ``torch.nn.attention.varlen`` (each message names the fix).
     """
-    if attn_implementation == varlen_attention.NAME:
-        reason = varlen_attention.unavailable_reason(cuda)
-        if reason:
-            raise InputError(reason)
-    if cuda:
-        return
-    if attn_implementation == "flex_attention":
-        raise InputError(
-            "model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention backward "
-            "there); use packed_sdpa, sdpa or eager on CPU, flex_attention on GPU"
-        )
-    if attn_implementation.startswith("flash_attention"):
-        raise InputError(f"model.attn_implementation: {attn_implementation} needs a CUDA GPU; use packed_sdpa or sdpa on CPU")
+    reason = cannot_train_here(attn_implementation, cuda)
+    if reason:
+        raise InputError(reason)
 
 
 def check_dtype(dtype: str, cuda: bool) -> None:

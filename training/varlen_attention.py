@@ -21,8 +21,8 @@ is ``is_causal=True`` (2.9, 2.10) or ``window_size=(-1, 0)`` (later); grouped-qu
 ``enable_gqa`` where it exists and repeats the key/value heads otherwise; a ``scale`` other than
 ``head_dim ** -0.5`` is folded into the query where the kernel takes none.
 
-Flash Attention takes bfloat16 or float16 tensors on CUDA. ``check_available`` refuses this backend
-up front without CUDA or without the kernel, naming the fix (``packed_sdpa`` or ``sdpa``).
+Flash Attention takes bfloat16 or float16 tensors on CUDA. ``training/backends.py`` refuses this
+backend up front without CUDA or without the kernel, naming the fix (``packed_sdpa`` or ``sdpa``).
 
 Registered with ``transformers.AttentionInterface`` / ``AttentionMaskInterface`` on import.
 """
@@ -41,8 +41,6 @@ from packlora.core.errors import InputError, StateError
 from packlora.training.packed_attention import packed_sdpa_mask, segment_bounds
 
 NAME = "varlen"
-FLATTENED_BACKENDS = ("flash_attention_2", NAME)
-"""Backends that take the flattened ``[1, T]`` batch with ``cu_seq_lens`` (``PackedCollator(flash_attn_varlen=True)``)."""
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -57,18 +55,23 @@ def kernel():
     return varlen.varlen_attn
 
 
-def unavailable_reason(cuda: bool) -> str | None:
-    """Why ``attn_implementation: varlen`` cannot run on this machine, with the fix; None if it can."""
+def missing_kernel_reason() -> str | None:
+    """Why this torch cannot run ``attn_implementation: varlen`` (it has no varlen kernel), with the fix;
+    None when it has one. Whether the machine has CUDA is the backend table's (``training/backends.py``)."""
     try:
         kernel()
     except (ImportError, AttributeError):
         return (f"model.attn_implementation: varlen needs torch.nn.attention.varlen.varlen_attn (torch >= 2.9), "
                 f"and torch {torch.__version__} has none; upgrade torch, or use packed_sdpa (exact, any device) "
                 "or flash_attention_2")
-    if not cuda:
-        return ("model.attn_implementation: varlen runs Flash Attention, which needs a CUDA GPU, and this machine "
-                "has none; use packed_sdpa (exact and fast on CPU) or sdpa on CPU")
     return None
+
+
+def unavailable_reason(cuda: bool) -> str | None:
+    """Why ``attn_implementation: varlen`` cannot run on this machine, with the fix; None if it can."""
+    from packlora.training.backends import cannot_train_here
+
+    return cannot_train_here(NAME, cuda)
 
 
 @functools.lru_cache(maxsize=8)
