@@ -512,7 +512,7 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
     from packlora.training.data import prepare_run_data
     from packlora.training.model import build_model
     from packlora.training.trainer import PackloraTrainer
-    from packlora.train import build_training_arguments
+    from packlora.training.recipe import build_training_arguments
 
     cuda = torch.cuda.is_available()
     spec = TINY if tiny else QWEN25_05B

@@ -29,13 +29,14 @@ CPU_NPROC_PER_NODE = 2
 """Processes per node when no GPU is visible: CPU processes talking over gloo."""
 
 
-def _validate_config(args, parser) -> None:
+def _validate_config(args, parser):
     """Load and check the config with its overrides here, once, so a bad key fails in a second
     instead of in every rank after start-up, and parse every record of the data (a bad line is an
     error naming ``file:line`` before any process starts). ``--dry-run`` skips the records and the
     check of ``training:`` keys against ``TrainingArguments``. When the
     training processes will run on this machine (not Slurm, no hostfile), also refuse what this
-    machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``)."""
+    machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``).
+    Returns the loaded ``RunConfig``."""
     from packlora.training.config import ConfigError
     from packlora.training.preflight import load_and_check
 
@@ -57,6 +58,7 @@ def _validate_config(args, parser) -> None:
             check_runs_here(cfg.model, _cuda_device_count() > 0)
         except ValueError as err:
             parser.error(str(err))
+    return cfg
 
 
 def main(argv: list[str]) -> int:
@@ -73,9 +75,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config!r} (relative to {os.getcwd()})")
-    _validate_config(args, parser)
+    cfg = _validate_config(args, parser)
     if args.launcher == "slurm":
-        return _slurm(args, parser)
+        return _slurm(args, parser, cfg)
     if args.gpus_per_node is not None:
         parser.error(
             f"--gpus-per-node is only read by --launcher slurm, got it with {args.launcher}; here "
@@ -233,8 +235,9 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``--launcher slurm``: the same job through ``packlora slurm``, one launcher task per node."""
+def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser, cfg) -> int:
+    """``--launcher slurm``: the same job through ``packlora slurm``, one launcher task per node, built
+    from the config already loaded (``cfg``)."""
     from packlora.launcher import slurm_cli
 
     if args.hostfile is not None or args.no_ssh or args.node_rank != 0 or args.master_addr is not None:
@@ -249,4 +252,4 @@ def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.master_port is not None:
         argv += ["--master-port", str(args.master_port)]
     argv += ["--dry-run"] if args.dry_run else ["--submit", "--wait"]
-    return slurm_cli.main(argv)
+    return slurm_cli.main(argv, cfg=cfg)

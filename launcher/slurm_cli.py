@@ -31,8 +31,9 @@ from packlora.launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S,
 SCRIPT_NAME = "packlora.sbatch"
 
 
-def main(argv: list[str]) -> int:
-    """Run ``packlora slurm ARGV``.
+def main(argv: list[str], cfg=None) -> int:
+    """Run ``packlora slurm ARGV``; ``cfg`` is the config already loaded with its overrides (by
+    ``packlora launch --launcher slurm``), else it is loaded here.
 
     Returns:
         0 after writing (and, with ``--submit``, queueing) the job; with ``--wait``, the job's
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.wait and not args.submit:
         parser.error("--wait needs --submit")
-    spec = build_spec(args, parser)
+    spec = build_spec(args, parser, cfg)
     script = sbatch_script(spec)
     path = Path(spec.output) / SCRIPT_NAME
     sbatch = ["sbatch", "--parsable", *(["--wait"] if args.wait else []), str(path)]
@@ -81,15 +82,16 @@ def _paths(spec: SlurmSpec) -> str:
     return f"checkpoints in {spec.output_dir}, TensorBoard logs in {spec.output_dir}/runs"
 
 
-def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SlurmSpec:
-    """The ``SlurmSpec`` for parsed flags: loads the config for its ``output_dir``; exits via
-    ``parser.error`` on a bad config or bad flags."""
+def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser, cfg=None) -> SlurmSpec:
+    """The ``SlurmSpec`` for parsed flags and the config (``cfg``, else loaded here for its
+    ``output_dir``); exits via ``parser.error`` on a bad config or bad flags."""
     from packlora.training.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (FileNotFoundError, ConfigError) as err:
-        parser.error(str(err))
+    if cfg is None:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except (FileNotFoundError, ConfigError) as err:
+            parser.error(str(err))
     output_dir = str(Path(cfg.output_dir).resolve())
     output = str(Path(args.output).resolve()) if args.output else f"{output_dir}/slurm"
     gpus = _gpus_per_node(args, cfg, parser)

@@ -7,8 +7,9 @@ Tokenises and packs exactly as training would (same cache), then reports what is
      "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...}
 
 Without ``--json`` it prints the first packed rows with trained tokens in green (``--rows N``),
-followed by the same counts. Exit status 1 if any role-marker or control token other than the end
-of turn carries a label, or if some assistant turn's end-of-turn token is not trained.
+followed by the same counts. Exit status 1 when the label audit fails, by the rule training applies
+(``data_utils.audit.judge_labels``): a role-marker or control token other than the end of turn
+carries a label, or some assistant turn's end-of-turn token is not trained.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets.utils.logging import disable_progress_bar
 
-    from packlora.data_utils.audit import render_row
+    from packlora.data_utils.audit import judge_labels, render_row
     from packlora.training.data import load_run_preset, prepare_run_data
     from packlora.training.model import load_tokenizer
     from packlora.training.preflight import load_and_check
@@ -62,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         width = max(map(len, summary))
         for k, v in summary.items():
             print(f"{k:<{width}}  {v}")
-    ok = (summary["role_markers_in_labels"] == 0 and summary["control_tokens_in_labels"] == 0
-          and summary["turns_with_end_of_turn_trained"] == summary["assistant_turns"])
-    return 0 if ok else 1
+    verdict = judge_labels(data.report, legacy=cfg.data.labels == "legacy_full_sequence")
+    for problem in verdict.problems:
+        print(f"label audit failed: {problem}", file=sys.stderr)
+    return 0 if verdict.passed else 1
 
 
 if __name__ == "__main__":

@@ -468,3 +468,16 @@ def test_gpus_per_node_config_key_is_validated(value, error, tmp_path, monkeypat
         with pytest.raises(ConfigError) as excinfo:
             config_from_dict(raw)
         assert excinfo.value.problems == [error]
+
+
+def test_launch_with_the_slurm_launcher_reads_the_config_once(config_file, capsys, monkeypatch):
+    from packlora.launcher import cli
+    from packlora.training import config as run_config
+
+    reads = []
+    real = run_config.load_yaml_config
+    monkeypatch.setattr(run_config, "load_yaml_config", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    code = cli.main(["configs/x.yaml", "--launcher", "slurm", "--gpus-per-node", "0", "--master-port", "29511",
+                     "--dry-run", "training.max_steps=5"])
+    assert code == 0 and "-m packlora.train configs/x.yaml training.max_steps=5" in capsys.readouterr().out
+    assert reads == ["configs/x.yaml"]

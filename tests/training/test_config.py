@@ -103,7 +103,7 @@ def test_warmup_at_least_as_long_as_the_run_is_flagged_not_refused(cfg_file):
 
 
 def test_early_stopping_ends_on_the_best_checkpoint_and_needs_an_evaluation_set(cfg_file):
-    from packlora.train import build_training_arguments
+    from packlora.training.recipe import build_training_arguments
 
     with pytest.raises(ConfigError, match="early_stopping_patience: needs an evaluation set"):
         load_config(cfg_file(early_stopping_patience=2))
