@@ -8,7 +8,7 @@
 
     $ packlora inspect configs/shishuo_tiny.yaml training.max_steps=5 data.max_seq_length=512
 
-Each section validates itself when built (``data_utils.configtools.Section``: types, choices,
+Each section validates itself when built (``core.config.Section``: types, choices,
 bounds, cross-field rules); ``load_config`` reports every problem at once, each naming its key.
 It has no side effects: files, the preset and ``training:`` keys are checked by
 ``training/preflight.py``, an explicit second step taken before any work.

@@ -8,7 +8,7 @@ the adapter reloads with plain PEFT to the same logits as a hand-merged model, t
 is the seeded build and is never rewritten, and the checkpoint file set, data report, decoded
 replies and TensorBoard events are all there.
 
-    python -m pytest tests/distributed -q -x
+    python -m pytest -m distributed tests/distributed -q -x
 """
 from __future__ import annotations
 
