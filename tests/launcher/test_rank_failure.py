@@ -9,7 +9,7 @@ The test hook ``PACKLORA_TEST_FAULT=RANK:STEP:exit|hang`` (``training.distribute
   (``training.ddp_timeout``, here 20 s, passed by accelerate to ``deepspeed.init_distributed``)
   raises, rank 0 exits non-zero, and the launcher kills the hung rank 1.
 
-    python -m pytest tests/launcher/test_rank_failure.py -q
+    python -m pytest -m distributed tests/launcher/test_rank_failure.py -q
 """
 from __future__ import annotations
 
