@@ -50,6 +50,23 @@ def test_unknown_keys_get_a_did_you_mean_and_override_typos_are_blamed_on_the_co
     ]
 
 
+def test_did_you_mean_weighs_known_synonyms_before_spelling(cfg_file):
+    """``enable_reasoning`` is spelt as near ``train_reasoning`` as ``enable_thinking`` (difflib ratio
+    0.71 each, and difflib offered ``train_reasoning``), but means the Qwen3 template's switch
+    ``enable_thinking``; ``lr`` is ``learning_rate`` in any trainer."""
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file(**{"data.enable_reasoning": False, "data.train_thinking": False}))
+    assert err.value.problems == [
+        "data.enable_reasoning: unknown key (did you mean 'enable_thinking'?)",
+        "data.train_thinking: unknown key (did you mean 'train_reasoning'?)",
+    ]
+    from packlora.training.preflight import load_and_check
+
+    with pytest.raises(ConfigError) as err:
+        load_and_check(cfg_file(**{"training.lr": 1e-4}))
+    assert err.value.problems == ["training.lr: not a transformers.TrainingArguments field (did you mean 'learning_rate'?)"]
+
+
 def test_missing_data_file_deepspeed_config_and_training_field_are_named_by_the_preflight(cfg_file, tmp_path):
     from packlora.training.preflight import load_and_check
 
