@@ -86,7 +86,9 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
     its part (adapter, ``global_stepN/`` DeepSpeed shards, RNG state...) through the stock
     ``Trainer._save_checkpoint`` into ``tmp-checkpoint-N/checkpoint-N``; after a barrier rank 0
     writes the extras, verifies the adapter, marks it complete, renames it to
-    ``output_dir/checkpoint-N`` and rotates old checkpoints under ``save_total_limit``.
+    ``output_dir/checkpoint-N`` and rotates old checkpoints under ``save_total_limit`` (never the
+    newest, nor the best; transformers' own end-of-training cleanup, which may delete the newest, is
+    skipped: ``_finalize_training``).
 
     Evaluation (``data.eval`` / ``data.eval_split``) runs on packed, isolated rows like training, on
     every rank, and reports ``eval_loss`` normalised like the training loss over the whole set
@@ -137,6 +139,18 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
             staging.rmdir()
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(self.state.best_model_checkpoint,))
         self.accelerator.wait_for_everyone()
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """The stock end of training, less its extra cleanup: with ``save_total_limit: 1`` and a best
+        checkpoint (``load_best_model_at_end``) it deletes every checkpoint but the best, the newest
+        included, after early stopping (transformers #35070), so nothing is left to resume from.
+        Rotation here already kept the newest and the best at every save (``rotate_checkpoints``)."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the stock cleanup runs only when it is exactly 1
+        try:
+            return super()._finalize_training(trial, num_train_samples, start_time)
+        finally:
+            self.args.save_total_limit = limit
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: gather each row's loss numerator and denominator (``training.loss.row_loss_stats``)
