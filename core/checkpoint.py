@@ -8,6 +8,8 @@ A checkpoint directory (``output_dir/checkpoint-N`` and the final ``output_dir``
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     generation_config.json       eos_token_id = the stop ids, e.g. [151645, 151643]
     packlora_config.yaml         the resolved run config
+    packlora_data_order.json     what maps rows to steps (world size, micro-batch, accumulation,
+                                 max_seq_length, data cache key, seed); a resume checks it
     packlora_complete.json       written last, checkpoint-N only: {"global_step": N}
     trainer_state.json           transformers' Trainer state (checkpoint-N only; what a resume reads)
 
@@ -52,6 +54,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 COMPLETE_MARKER = "packlora_complete.json"
+DATA_ORDER = "packlora_data_order.json"
 TRAINER_STATE = "trainer_state.json"
 BASE_MARKER = "packlora_base.json"
 EXPORT_MARKER = "packlora_export.json"

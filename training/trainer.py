@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
-from packlora.core.checkpoint import TRAINER_STATE, verify_adapter, write_extras
+from packlora.core.checkpoint import DATA_ORDER, TRAINER_STATE, verify_adapter, write_extras
 from packlora.training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
 from packlora.training.loss import LossNormalizationMixin, row_loss_stats
 from packlora.training.model import lora_shapes
@@ -21,17 +21,21 @@ logger = logging.getLogger(__name__)
 
 
 class CheckpointExtrasCallback(TrainerCallback):
-    """Holds what ``finish`` writes next to every adapter: tokenizer, stop IDs and resolved config,
-    then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
+    """Holds what ``finish`` writes next to every adapter: tokenizer, stop IDs, resolved config and
+    (when given) the data order a resume checks, then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
     ``finish`` on rank 0 inside each atomic save, before the checkpoint becomes visible."""
 
-    def __init__(self, tokenizer, config: dict, stop_ids: list[int], pad_id: int, max_new_tokens: int, model):
+    def __init__(self, tokenizer, config: dict, stop_ids: list[int], pad_id: int, max_new_tokens: int, model,
+                 data_order: dict | None = None):
         self.tokenizer, self.config, self.stop_ids, self.pad_id = tokenizer, config, stop_ids, pad_id
         self.max_new_tokens = max_new_tokens
         self.expected = lora_shapes(model)
+        self.data_order = data_order  # training.checkpoint.data_order: what a resume checks
 
     def finish(self, ckpt_dir: Path) -> None:
         write_extras(ckpt_dir, self.tokenizer, self.config, self.stop_ids, self.pad_id, self.max_new_tokens)
+        if self.data_order is not None:
+            (Path(ckpt_dir) / DATA_ORDER).write_text(json.dumps(self.data_order, indent=1) + "\n")
         if not self.expected:  # full-parameter training (lora: null): no adapter to verify
             logger.info("checkpoint %s: full model, stop ids %s", ckpt_dir, self.stop_ids)
             return
