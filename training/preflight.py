@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 from pathlib import Path
 
 from packlora.core.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, is_adapter, is_model
@@ -82,11 +83,17 @@ def check_positions(cfg: RunConfig) -> list[str]:
     length = cfg.data.max_seq_length
     if limit is None or length <= limit:
         return []
+    rope = ""
+    if "rope_theta" in model_config or "rope_parameters" in model_config or "rope_scaling" in model_config:
+        scaling = model_config.get("rope_scaling") or model_config.get("rope_parameters") or {}
+        original = (scaling.get("original_max_position_embeddings") if isinstance(scaling, dict) else None) or (
+            model_config.get("original_max_position_embeddings") or model_config["max_position_embeddings"])
+        rope = (f", or give the model a rope scaling that reaches {length} tokens (e.g. rope_scaling: {{rope_type: "
+                f"yarn, factor: {float(math.ceil(length / original))}, original_max_position_embeddings: {original}}} "
+                "in its config)")
     return [f"data.max_seq_length: {length} tokens per row, but the model ({where}) has positions for {limit} "
             f"tokens ({how}); an example or packed row that long would run past the positions it was trained on. "
-            f"Set data.max_seq_length <= {limit}, or give the model a rope scaling that reaches {length} tokens "
-            f"(e.g. rope_scaling: {{rope_type: yarn, factor: {_factor_to_reach(length, model_config)}, "
-            f"original_max_position_embeddings: {model_config.get('max_position_embeddings')}}} in its config)"]
+            f"Set data.max_seq_length <= {limit}{rope}"]
 
 
 def position_limit(model_config: dict) -> tuple[int | None, str]:
@@ -105,10 +112,11 @@ def position_limit(model_config: dict) -> tuple[int | None, str]:
     ...                 "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
     (131072, 'max_position_embeddings 32768; rope scaling yarn: factor 4.0 x 32768 = 131072')
     """
-    max_pos = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    key = "max_position_embeddings" if "max_position_embeddings" in model_config else "n_positions"
+    max_pos = model_config.get(key)
     if not isinstance(max_pos, int) or isinstance(max_pos, bool):
         return None, "no max_position_embeddings"
-    how = f"max_position_embeddings {max_pos}"
+    how = f"{key} {max_pos}"
     rope = model_config.get("rope_scaling") or model_config.get("rope_parameters")
     rope = rope if isinstance(rope, dict) else {}
     kind = rope.get("rope_type") or rope.get("type") or "default"
@@ -120,12 +128,6 @@ def position_limit(model_config: dict) -> tuple[int | None, str]:
         how += f"; rope scaling {kind}: factor {factor} x {original} = {scaled}"
         return max(max_pos, scaled), how
     return max_pos, how
-
-
-def _factor_to_reach(length: int, model_config: dict) -> float:
-    import math
-
-    return float(math.ceil(length / model_config["max_position_embeddings"]))
 
 
 def _base_model_config(cfg: RunConfig) -> tuple[str, dict | None]:
