@@ -8,6 +8,8 @@ A checkpoint directory (``output_dir/checkpoint-N`` and the final ``output_dir``
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     generation_config.json       eos_token_id = the stop ids, e.g. [151645, 151643]
     packlora_config.yaml         the resolved run config
+    packlora_data_order.json     what maps rows to steps (world size, micro-batch, accumulation,
+                                 max_seq_length, data cache key, seed); a resume checks it
     packlora_complete.json       written last, checkpoint-N only: {"global_step": N}
     trainer_state.json           transformers' Trainer state (checkpoint-N only; what a resume reads)
 
@@ -25,13 +27,15 @@ which the chat format's settings, the stop ids, the length limit and the base pa
     base = info.base_model_path()               # also after the run was moved
 
 Training writes (``write_extras``, ``verify_adapter``), decoding and export load (``load_model``,
-``merge_adapter``).
+``merge_adapter`` then ``save_merged``: a merge is checked on a probe batch against its adapter, and
+the saved model against the one in memory, before it is kept).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 COMPLETE_MARKER = "packlora_complete.json"
+DATA_ORDER = "packlora_data_order.json"
 TRAINER_STATE = "trainer_state.json"
 BASE_MARKER = "packlora_base.json"
 EXPORT_MARKER = "packlora_export.json"
@@ -295,15 +300,35 @@ def stored_dtype(model_dir: str | Path):
     return stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"), torch.float32)
 
 
+MERGE_TOLERANCE = 1e-4
+"""How far (fp32 logits) a merged model may be from its adapter on the probe batch: ``|merged -
+adapter| <= MERGE_TOLERANCE * (1 + |adapter|)``. A correct merge of a tiny Qwen2 is 1e-6 off; a
+LoRA on a tied ``lm_head`` merged into the shared tensor was 4.4 off (issue 23)."""
+
+
+class MergeMismatchError(StateError):
+    """A merged model's logits on the probe batch differ from its adapter's (or a saved merged model's
+    from the one in memory) beyond ``MERGE_TOLERANCE``; the merged model is not kept."""
+
+
 def merge_adapter(ckpt: str | Path, base: str | Path | None = None):
-    """Load the base in float32, apply the adapter of ``ckpt`` and merge it (W + alpha/r * B @ A).
+    """Load the base in float32, apply the adapter of ``ckpt``, merge it (W + alpha/r * B @ A) and
+    prove it: the merged model's logits on a probe batch (``probe_ids``) equal the adapter's within
+    ``MERGE_TOLERANCE``.
+
+    Tied embeddings (``tie_word_embeddings``: Qwen2-0.5B/1.5B, Gemma): with a LoRA on ``lm_head``
+    (or ``embed_tokens``) the input and output embeddings are one tensor, and a plain merge writes
+    the delta into both, so the input embedding changes too. They are untied first
+    (``untie_adapted_embeddings``): the adapted side gets its own copy, and the merged model's
+    config says ``tie_word_embeddings: false``, so both tensors are saved.
 
     Returns:
-        ``(model, dtype)``: the merged ``AutoModelForCausalLM`` (float32, on CPU) and the dtype
-        the base was stored in (to cast back to before saving).
+        ``(model, dtype)``: the merged ``AutoModelForCausalLM`` (float32, on CPU, eval mode) and the
+        dtype the base was stored in (to cast back to before saving, with ``save_merged``).
 
     Raises:
         MissingPathError: the base cannot be found (``CheckpointInfo.base_model_path``).
+        MergeMismatchError: the merged model's probe logits differ from the adapter's.
     """
     import torch
     from peft import PeftModel
@@ -311,8 +336,104 @@ def merge_adapter(ckpt: str | Path, base: str | Path | None = None):
 
     base = Path(base) if base is not None else resolve_base_model(ckpt)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=False).merge_and_unload()
-    return model, stored_dtype(base)
+    with warnings.catch_warnings():  # PEFT's advice to untie tied embeddings by hand: done just below
+        warnings.filterwarnings("ignore", message="Model with `tie_word_embeddings=True`")
+        model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=False).eval()
+    if untie_adapted_embeddings(model.get_base_model()):
+        logger.info("%s adapts a tied embedding: untying input and output embeddings before the merge", ckpt)
+    ids = probe_ids(model.get_base_model())
+    want = _probe_logits(model, ids)
+    merged = model.merge_and_unload().eval()
+    _sync_tie_config(merged)
+    _check_probe(want, _probe_logits(merged, ids), f"the merge of {ckpt} into {base}",
+                 "its adapter (base + LoRA, unmerged)")
+    return merged, stored_dtype(base)
+
+
+def save_merged(model, dtype, out_dir: str | Path) -> None:
+    """Cast ``model`` to ``dtype`` in place, save it to ``out_dir``, load it back and check that the
+    saved model's probe logits equal the in-memory model's (in ``dtype``) within ``MERGE_TOLERANCE``:
+    what is on disk is what ``merge_adapter`` verified (a tied key dropped on save would show here).
+
+    Raises:
+        MergeMismatchError: the reloaded model differs; the caller removes ``out_dir``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model.to(dtype)
+    ids = probe_ids(model)
+    want = _probe_logits(model, ids)
+    model.save_pretrained(out_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, use_safetensors=True).eval()
+    try:
+        _check_probe(want, _probe_logits(reloaded, ids), f"the merged model saved to {out_dir}",
+                     "the merged model in memory")
+    finally:
+        del reloaded
+
+
+def untie_adapted_embeddings(model) -> bool:
+    """Give the output embedding its own copy of a weight it shares with the input embedding, when an
+    adapter layer (PEFT ``BaseTunerLayer``) wraps either of them; True when it did.
+
+    ``model`` is the transformers model (``PeftModel.get_base_model()``). Its logits do not change:
+    both embeddings keep their values, they only stop being one tensor.
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or not (isinstance(inp, BaseTunerLayer) or isinstance(out, BaseTunerLayer)):
+        return False
+    out_base = out.get_base_layer() if isinstance(out, BaseTunerLayer) else out
+    in_base = inp.get_base_layer() if isinstance(inp, BaseTunerLayer) else inp
+    if out_base.weight.data_ptr() != in_base.weight.data_ptr():
+        return False
+    out_base.weight = torch.nn.Parameter(out_base.weight.detach().clone(), requires_grad=False)
+    _sync_tie_config(model)
+    return True
+
+
+def _sync_tie_config(model) -> None:
+    """Make ``tie_word_embeddings`` (also of a nested text config) say whether the input and output
+    embeddings are one tensor, so that ``save_pretrained`` writes both when they are not."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return
+    tied = inp.weight.data_ptr() == out.weight.data_ptr()
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", None) and not tied:
+            config.tie_word_embeddings = False
+
+
+def probe_ids(model, rows: int = 2, length: int = 16):
+    """The probe batch: ``[rows, length]`` int64 token ids drawn (seed 0) from the whole vocabulary
+    of ``model``'s input embedding, so every merge is checked on the same ids."""
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+
+
+def _probe_logits(model, ids):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+
+def _check_probe(want, got, what: str, reference: str) -> None:
+    diff = (got - want).abs()
+    bound = MERGE_TOLERANCE * (1 + want.abs())
+    if not bool((diff <= bound).all()):
+        agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+        raise MergeMismatchError(
+            f"{what} is wrong: its logits on the probe batch differ from {reference} by up to "
+            f"{float(diff.max()):.4g} (tolerance {MERGE_TOLERANCE:g} x (1 + |logit|)); the top token agrees at "
+            f"{agree:.0%} of positions. Refusing to write it: this is a bug in the merge, please report it "
+            "with the adapter's adapter_config.json and the base's config.json")
+    logger.info("%s: probe logits within %.2g of %s", what, float(diff.max()), reference)
 
 
 def load_model(info: CheckpointInfo, dtype: Any, device: Any):

@@ -44,14 +44,46 @@ class ConfigError(InputError):
         super().__init__(f"{len(self.problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+SYNONYMS = {
+    # one word for another inside a key: a key spelt with the other word names the same setting
+    "words": (("reasoning", "thinking"), ("think", "thinking"), ("len", "length"), ("sequence", "seq")),
+    # whole keys that other trainers use for one of ours
+    "keys": {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+             "grad_accum": "gradient_accumulation_steps", "cutoff_len": "max_seq_length",
+             "max_length": "max_seq_length", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+             "lora_target": "target_modules"},
+}
+"""Known synonyms, weighed before spelling by ``did_you_mean``: ``enable_reasoning`` is
+``enable_thinking`` (the Qwen3 template's switch), not the nearer-spelt ``train_reasoning``."""
+
+
 def did_you_mean(key: str, valid) -> str:
-    """`` (did you mean 'x'?)`` for the closest valid key, or ``""``.
+    """`` (did you mean 'x'?)`` for the valid key ``key`` most likely means, or ``""``.
+
+    A key that becomes a valid one when a word is swapped for a known synonym (``SYNONYMS``) wins;
+    otherwise the closest spelling (``difflib``, cutoff 0.7).
 
     >>> did_you_mean("max_seq_lenght", ["max_seq_length", "train"])
     " (did you mean 'max_seq_length'?)"
+    >>> did_you_mean("enable_reasoning", ["enable_thinking", "train_reasoning"])
+    " (did you mean 'enable_thinking'?)"
     """
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.7)
+    valid = list(valid)
+    for candidate in _synonym_keys(key):
+        if candidate in valid:
+            return f" (did you mean {candidate!r}?)"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _synonym_keys(key: str) -> list[str]:
+    """``key`` with one known synonym swapped in (each word, either way round), and its whole-key synonym."""
+    out = [SYNONYMS["keys"][key]] if key in SYNONYMS["keys"] else []
+    words = key.split("_")
+    for a, b in SYNONYMS["words"]:
+        for src, dst in ((a, b), (b, a)):
+            out += ["_".join(dst if w == src else w for w in words)] if src in words else []
+    return out
 
 
 def unknown_key(key: str, valid) -> str:

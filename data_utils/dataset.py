@@ -113,6 +113,7 @@ class PreparedData:
     heldout: list[ChatRecord]
     report: DataReport
     eval_rows: Any = None  # the same, for the evaluation loss (data.eval / data.eval_split), or None
+    cache_key: str = ""  # CacheKey.digest() of the training rows: equal keys, equal rows in equal order
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=Non
     for reason, n in report.dropped.items():
         hint = "data.on_error" if reason in records.skipped else "data.overflow / data.max_seq_length"
         logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
-    return PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None)
+    return PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None,
+                        cache_key=key.digest())
 
 
 def read_stage(sources, format: str = "auto", on_error: str = "error") -> RecordSet:

@@ -95,7 +95,8 @@ def decode_file(
         preset: a style preset name or YAML path (``presets/``): applied to every prompt as in
             training (``presets.apply_preset``), and its stop tokens join the stop ids.
         stop_strings: multi-token stop strings (e.g. ``"\\nuser\\n"``); each reply is cut before
-            the first one (``decoding.stop_strings``).
+            the first one (``decoding.stop_strings``). Those of the model's generation config
+            (``generate.model_stop_strings``) are honoured as well.
         no_stop_ids: EXPERIMENTS ONLY: stop at the tokenizer's eos token alone, ignoring the
             checkpoint's stop ids (``decoding.runaway.naive_stop_ids``); replies run on.
         stream: write each reply to stdout as it is generated (needs ``batch_size`` 1), never
@@ -108,7 +109,14 @@ def decode_file(
         FileNotFoundError, RecordError, ValueError: see ``load_checkpoint``, ``read_prompts``
         and ``generate_replies``; also an input file with no prompt.
     """
-    from packlora.decoding.generate import LoadedCheckpoint, check_decoding_settings, generate_replies, load_checkpoint
+    from packlora.decoding.generate import (
+        LoadedCheckpoint,
+        check_decoding_settings,
+        generate_replies,
+        load_checkpoint,
+        model_stop_strings,
+    )
+    from packlora.decoding.stop_strings import StopStringMatcher
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive int, got {limit!r}")
@@ -125,6 +133,8 @@ def decode_file(
     if stream and batch_size != 1:
         raise InputError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
     max_new_tokens = ckpt.max_new_tokens if max_new_tokens is None else max_new_tokens
+    # every stop string generation honours, the model's own included: what the streamer must hold back
+    active_strings = [*StopStringMatcher(stop_strings).stop_strings, *model_stop_strings(ckpt.model)]
     mode = (f"sampling (temperature {temperature}, top_p {top_p}, top_k {top_k}, seed {seed})" if do_sample
             else "greedy") + (f", repetition_penalty {repetition_penalty}" if repetition_penalty != 1.0 else "")
     logger.info(
@@ -141,7 +151,7 @@ def decode_file(
     with open(output_path, "w", encoding="utf-8") as out:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            streamer = _streamer(ckpt, stop_strings, chunk[0]) if stream else None
+            streamer = _streamer(ckpt, active_strings, chunk[0]) if stream else None
             replies = generate_replies(
                 ckpt.model, ckpt.fmt, [list(p.messages) for p in chunk], ckpt.stop_ids,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
@@ -158,7 +168,7 @@ def decode_file(
                     "stop_reason": reply.stop_reason,
                     "num_new_tokens": reply.num_new_tokens,
                 }
-                if stop_strings:
+                if active_strings:
                     row["stop_string"] = reply.stop_string
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 rows.append(row)

@@ -120,10 +120,12 @@ def load_checkpoint(
     stop_ids = info.stop_ids(fmt)
     max_new_tokens = info.max_new_tokens(DEFAULT_MAX_NEW_TOKENS)
     ckpt_format.set_stop_ids(inner, stop_ids, fmt.pad_id(stop_ids))  # plain `model.generate()` stops here too
+    inherited = model_stop_strings(inner)
     logger.info(
-        "loaded %s%s on %s (%s); chat format %s; stop ids: %s; max_new_tokens %d",
+        "loaded %s%s on %s (%s); chat format %s; stop ids: %s; max_new_tokens %d%s",
         path, f" (base {base_model_path})" if base_model_path else "", device,
         str(dtype).removeprefix("torch."), fmt.name, fmt.format_ids(stop_ids), max_new_tokens,
+        f"; stop strings of its generation config: {list(inherited)}" if inherited else "",
     )
     return LoadedCheckpoint(model, fmt, tuple(stop_ids), max_new_tokens, path, base_model_path)
 
@@ -173,7 +175,8 @@ def generate_replies(
         seed: seeds sampling in a forked RNG (the global torch RNG is left untouched); only
             with ``do_sample``.
         stop_strings: multi-token stop strings (``decoding.stop_strings``), matched on the decoded
-            text of each row; the reply is cut before the match.
+            text of each row; the reply is cut before the match. The model's own
+            ``generation_config.stop_strings`` (``model_stop_strings``) are honoured too.
         streamer: a ``generate`` streamer (``StopAwareStreamer``); needs ``batch_size`` 1.
         synced_gpus: passed to ``generate``; None lets transformers decide (True under ZeRO-3
             with several processes: every rank must then call with the same conversations).
@@ -188,7 +191,8 @@ def generate_replies(
     if not stop_ids:
         raise ValueError("stop_ids is empty; pass fmt.stop_ids() or the checkpoint's stop ids")
     tokenizer = fmt.tokenizer
-    matcher = StopStringMatcher(stop_strings)
+    # the caller's stop strings, and the model's own (a base's generation_config.json may list some)
+    matcher = StopStringMatcher([*StopStringMatcher(stop_strings).stop_strings, *model_stop_strings(model)])
     if streamer is not None and batch_size != 1:
         raise InputError(f"streaming needs batch_size=1, got {batch_size}")
     check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
@@ -228,6 +232,8 @@ def generate_replies(
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0)
 
     if matcher:  # transformers' own criterion (one tensor check per step) stops the row...
+        # ...and needs the tokenizer whenever any stop string is active, the model's own included
+        # ("could not locate a tokenizer" otherwise: transformers #34571)
         gen_kwargs.update(stop_strings=list(matcher.stop_strings), tokenizer=tokenizer)
     cuda_devices = []
     if device.type == "cuda":
@@ -248,6 +254,19 @@ def generate_replies(
     finally:
         model.train(was_training)
     return replies
+
+
+def model_stop_strings(model: Any) -> tuple[str, ...]:
+    """The stop strings ``model.generation_config`` carries (``stop_strings``, a string or a list:
+    some published bases list them in ``generation_config.json``); ``()`` when none.
+
+    ``generate`` applies them whatever its arguments, so the decoder matches and cuts them like its
+    own (``generate_replies``).
+    """
+    value = getattr(getattr(model, "generation_config", None), "stop_strings", None)
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _to_reply(new_ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, tokenizer: Any,

@@ -12,13 +12,19 @@ TGI, llama.cpp's converter) expect, and nothing that needs PEFT or packlora::
     packlora_config.yaml                 the run's resolved config (when the checkpoint has one)
     packlora_export.json                 source checkpoint, its base and the adapter's sha256
 
-Merging is done in float32 on the CPU, then cast back to the base's dtype.
+Merging is done in float32 on the CPU, then cast back to the base's dtype. Before anything lands in
+``OUT_DIR`` the merge is proven (``core.checkpoint.merge_adapter``, ``save_merged``): the merged
+model's logits on a probe batch equal the adapter's within 1e-4 (fp32), and the saved model, loaded
+back, equals the one in memory; otherwise the export is refused (``MergeMismatchError``). A LoRA on
+a tied ``lm_head`` (Qwen2-0.5B/1.5B tie it to ``embed_tokens``) is merged into an untied copy: the
+export then holds both tensors and says ``tie_word_embeddings: false``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +34,7 @@ from packlora.core.cli import cli_entry
 from packlora.core.errors import MissingPathError, PathError
 
 logger = logging.getLogger(__name__)
+STAGING_PREFIX = ".packlora-export-"
 
 
 class OutputExistsError(PathError, FileExistsError):
@@ -49,6 +56,8 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
         MissingPathError: ``checkpoint`` is not a LoRA checkpoint, or its base is missing.
         OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
         InputError: bad stop tokens in the checkpoint (``ChatFormat.stop_ids``).
+        MergeMismatchError: the merged model's logits on the probe batch differ from the adapter's
+            (or the saved model's from the merged one); nothing is written to ``out_dir``.
     """
     from transformers import AutoTokenizer
 
@@ -65,18 +74,27 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     fmt = ChatFormat(tokenizer, **info.format_options)
     stop_ids = info.stop_ids(fmt)
-    model, dtype = ckpt_format.merge_adapter(checkpoint, base)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.to(dtype)
+    model, dtype = ckpt_format.merge_adapter(checkpoint, base)  # raises MergeMismatchError before any write
     model.generation_config = ckpt_format.generation_config(stop_ids, fmt.pad_id(stop_ids), info.max_new_tokens())
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if (checkpoint / ckpt_format.RUN_CONFIG).is_file():
-        shutil.copyfile(checkpoint / ckpt_format.RUN_CONFIG, out_dir / ckpt_format.RUN_CONFIG)
-    (out_dir / ckpt_format.EXPORT_MARKER).write_text(json.dumps(
-        {"checkpoint": str(checkpoint.resolve()), "base_model": str(base.resolve()),
-         "adapter_sha256": ckpt_format.adapter_sha256(checkpoint), "dtype": str(dtype).removeprefix("torch."),
-         "stop_ids": list(stop_ids)}, indent=1))
+    # Written beside out_dir first and moved in once the saved model is proven, so a refused merge
+    # leaves nothing that loads.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f"{STAGING_PREFIX}{out_dir.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        ckpt_format.save_merged(model, dtype, staging)
+        tokenizer.save_pretrained(staging)
+        if (checkpoint / ckpt_format.RUN_CONFIG).is_file():
+            shutil.copyfile(checkpoint / ckpt_format.RUN_CONFIG, staging / ckpt_format.RUN_CONFIG)
+        (staging / ckpt_format.EXPORT_MARKER).write_text(json.dumps(
+            {"checkpoint": str(checkpoint.resolve()), "base_model": str(base.resolve()),
+             "adapter_sha256": ckpt_format.adapter_sha256(checkpoint), "dtype": str(dtype).removeprefix("torch."),
+             "stop_ids": list(stop_ids), "tie_word_embeddings": bool(model.config.tie_word_embeddings)}, indent=1))
+        out_dir.mkdir(exist_ok=True)
+        for f in staging.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("merged %s (base %s) -> %s; stop ids %s", checkpoint, base, out_dir, fmt.format_ids(stop_ids))
     return out_dir
 

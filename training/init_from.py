@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from packlora.core.checkpoint import (
@@ -31,10 +32,12 @@ from packlora.core.checkpoint import (
     BASE_MARKER,
     BASE_MODEL_DIR,
     MODEL_CONFIG,
+    MergeMismatchError,
     adapter_sha256,
     is_adapter,
     merge_adapter,
     resolve_base_model,
+    save_merged,
     set_stop_ids,
 )
 from packlora.core.errors import InputError
@@ -81,14 +84,17 @@ def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int], pad_id: int
     ``args.main_process_first(local=False)``.
 
     ``continue`` (or a full-model stage 1): the stage-1 base itself. ``merge``: rank 0 loads the
-    stage-1 base in float32 without ``zero.Init``, merges the adapter (W + alpha/r * B @ A), casts
-    back to the base's dtype and saves it with the tokenizer and the run's ``stop_ids`` (as
-    ``generation_config.eos_token_id``) to ``output_dir/base_model``, with a ``packlora_base.json``
-    that records where it came from (a resumed run reuses it).
+    stage-1 base in float32 without ``zero.Init``, merges the adapter (W + alpha/r * B @ A; a tied
+    embedding the adapter touches is untied first), checks the merge on a probe batch against the
+    adapter (``core.checkpoint.merge_adapter``), casts back to the base's dtype and saves it with
+    the tokenizer and the run's ``stop_ids`` (as ``generation_config.eos_token_id``) to
+    ``output_dir/base_model``, with a ``packlora_base.json`` that records where it came from (a
+    resumed run reuses it).
 
     Raises:
         ValueError: ``output_dir/base_model`` was made from another checkpoint or adapter, or
             ``model.name_or_path`` names a base other than the stage-1 one.
+        MergeMismatchError: the merged base's logits differ from the stage-1 adapter's (nothing is kept).
         FileNotFoundError: the stage-1 base is missing.
     """
     ckpt = Path(cfg.init_from).resolve()
@@ -115,9 +121,13 @@ def materialize_init_base(cfg, tokenizer, args, stop_ids: list[int], pad_id: int
     recipe.update(init_from=str(ckpt), stage1_base_path=str(base))  # where they were, for the record
     if args.process_index == 0:
         with without_zero3_init(args):
-            merged, dtype = merge_adapter(ckpt, base)
-        set_stop_ids(merged, stop_ids, pad_id)
-        merged.to(dtype).save_pretrained(out)
+            merged, dtype = merge_adapter(ckpt, base)  # proven on a probe batch against the adapter
+            set_stop_ids(merged, stop_ids, pad_id)
+            try:
+                save_merged(merged, dtype, out)
+            except MergeMismatchError:
+                shutil.rmtree(out, ignore_errors=True)  # no half-proven base for a later run to reuse
+                raise
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps(recipe, indent=1))
         logger.info("merged stage-1 adapter %s into %s -> %s (%s)", ckpt, base, out, str(dtype).removeprefix("torch."))

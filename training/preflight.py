@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 from pathlib import Path
 
 from packlora.core.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, is_adapter, is_model
@@ -20,8 +21,9 @@ from packlora.training.config import OWNED_TRAINING_KEYS, RunConfig, load_config
 def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
     """What the config needs from this machine, as problems naming their keys (empty: all there):
     model, tokenizer, data and ``init_from`` paths, the DeepSpeed config, the preset, the resume
-    checkpoint, and (``training_arguments``, which imports transformers) that every ``training:``
-    key is a ``TrainingArguments`` field."""
+    checkpoint, rows that fit the model's positions (``check_positions``), and
+    (``training_arguments``, which imports transformers) that every ``training:`` key is a
+    ``TrainingArguments`` field."""
     m, p = cfg.model, []
     for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if value is not None and not Path(value).exists():
@@ -40,6 +42,7 @@ def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
         except PresetError as e:
             p.append(f"preset: {e}")
     p += _check_init_from(cfg)
+    p += check_positions(cfg)
     resume = cfg.training.get("resume_from_checkpoint")
     if resume not in (None, "auto", True, False) and (not isinstance(resume, str) or not Path(resume).is_dir()):
         p.append(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint directory; give an existing "
@@ -63,6 +66,105 @@ def _check_init_from(cfg: RunConfig) -> list[str]:
     if cfg.init_mode == "continue" and not is_adapter(ckpt):
         return [f"init_mode: continue needs a LoRA checkpoint, but {cfg.init_from!r} is a full model; use merge"]
     return []
+
+
+def check_positions(cfg: RunConfig) -> list[str]:
+    """``data.max_seq_length`` against the positions the base model has (``position_limit``): a packed
+    row, and an example as long as one, must not run past them. Empty when it fits, or when the
+    model's config cannot be read here (a missing path is reported by ``check_run`` itself).
+
+    Packed segments are never longer than a row and their positions restart at 0, so the row length
+    bounds every position the model sees.
+    """
+    where, model_config = _base_model_config(cfg)
+    if model_config is None:
+        return []
+    limit, how = position_limit(model_config)
+    length = cfg.data.max_seq_length
+    if limit is None or length <= limit:
+        return []
+    rope = ""
+    if "rope_theta" in model_config or "rope_parameters" in model_config or "rope_scaling" in model_config:
+        scaling = model_config.get("rope_scaling") or model_config.get("rope_parameters") or {}
+        original = (scaling.get("original_max_position_embeddings") if isinstance(scaling, dict) else None) or (
+            model_config.get("original_max_position_embeddings") or model_config["max_position_embeddings"])
+        rope = (f", or give the model a rope scaling that reaches {length} tokens (e.g. rope_scaling: {{rope_type: "
+                f"yarn, factor: {float(math.ceil(length / original))}, original_max_position_embeddings: {original}}} "
+                "in its config)")
+    return [f"data.max_seq_length: {length} tokens per row, but the model ({where}) has positions for {limit} "
+            f"tokens ({how}); an example or packed row that long would run past the positions it was trained on. "
+            f"Set data.max_seq_length <= {limit}{rope}"]
+
+
+def position_limit(model_config: dict) -> tuple[int | None, str]:
+    """``(tokens, how)``: how many positions a model config provides, and how that was read.
+
+    ``max_position_embeddings``, or with a rope scaling (``rope_scaling``, or transformers 5's
+    ``rope_parameters``, of a type other than ``default``) ``factor x original_max_position_embeddings``
+    (the original from the scaling, else the config, else ``max_position_embeddings``) when that is
+    larger: Qwen2.5's YaRN ``{factor: 4, original_max_position_embeddings: 32768}`` with
+    ``max_position_embeddings: 32768`` reaches 131072; Llama-3.1's ``llama3`` scaling (factor 8 x 8192)
+    keeps its ``max_position_embeddings: 131072``. (None, reason) when the config gives no limit.
+
+    >>> position_limit({"max_position_embeddings": 2048})
+    (2048, 'max_position_embeddings 2048')
+    >>> position_limit({"max_position_embeddings": 32768,
+    ...                 "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+    (131072, 'max_position_embeddings 32768; rope scaling yarn: factor 4.0 x 32768 = 131072')
+    """
+    key = "max_position_embeddings" if "max_position_embeddings" in model_config else "n_positions"
+    max_pos = model_config.get(key)
+    if not isinstance(max_pos, int) or isinstance(max_pos, bool):
+        return None, "no max_position_embeddings"
+    how = f"{key} {max_pos}"
+    rope = model_config.get("rope_scaling") or model_config.get("rope_parameters")
+    rope = rope if isinstance(rope, dict) else {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    factor = rope.get("factor") if kind != "default" else None
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1:
+        original = (rope.get("original_max_position_embeddings") or model_config.get("original_max_position_embeddings")
+                    or max_pos)
+        scaled = int(factor * original)
+        how += f"; rope scaling {kind}: factor {factor} x {original} = {scaled}"
+        return max(max_pos, scaled), how
+    return max_pos, how
+
+
+def _base_model_config(cfg: RunConfig) -> tuple[str, dict | None]:
+    """``(where, config dict)`` of the base model the run trains: ``model.name_or_path``'s (or the
+    stage-1 base of ``init_from``'s) ``config.json`` read as JSON (no model code runs), or
+    ``model.config`` over its ``model_type``'s defaults. ``(where, None)`` when it cannot be read."""
+    import json
+
+    m = cfg.model
+    if m.config is not None:
+        spec = dict(m.config)
+        if "max_position_embeddings" in spec or "n_positions" in spec:
+            return "model.config", spec
+        try:
+            from transformers import AutoConfig
+
+            defaults = AutoConfig.for_model(spec["model_type"]).to_dict()
+        except (KeyError, ValueError):  # an unknown model_type: the build reports it
+            return "model.config", None
+        return f"model.config (model_type {spec['model_type']}'s default)", {**defaults, **spec}
+    where, path = "model.name_or_path", m.name_or_path
+    if path is None and cfg.init_from is not None:
+        from packlora.training.init_from import stage1_base
+
+        try:
+            where, path = "the stage-1 base of init_from", stage1_base(cfg.init_from)
+        except MissingPathError:
+            return where, None
+    if path is None or not (Path(path) / MODEL_CONFIG).is_file():
+        return where, None
+    try:
+        raw = json.loads((Path(path) / MODEL_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return where, None
+    if "max_position_embeddings" not in raw and isinstance(raw.get("text_config"), dict):
+        raw = raw["text_config"]  # a multimodal config: the language model's positions
+    return f"{where} {path}", raw
 
 
 def load_and_check(path: str | Path, overrides=(), training_arguments: bool = True) -> RunConfig:

@@ -82,8 +82,10 @@ class TrainingRecipe:
             self._log_start()
 
     def prepare_data(self) -> None:
-        """Tokenizer, chat format, stop ids; tokenise and pack (node-local rank first); build or merge
-        the base (global rank first); audit the labels; log the batch arithmetic."""
+        """Tokenizer, chat format, stop ids; tokenise and pack (node-local rank first); refuse a resume
+        whose settings map rows to steps differently (``check_resume_settings``); build or merge the
+        base (global rank first); audit the labels; log the batch arithmetic."""
+        from packlora.training.checkpoint import check_resume_settings, data_order
         from packlora.training.data import load_run_preset, prepare_run_data, run_stop_ids
         from packlora.training.init_from import materialize_init_base
         from packlora.training.model import load_tokenizer, materialize_base
@@ -96,6 +98,9 @@ class TrainingRecipe:
         self.pad_id = self.fmt.pad_id(self.stop_ids)
         with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"), self._report_if_no_data():
             self.data = prepare_run_data(cfg, self.fmt, preset)
+        self.data_order = data_order(args, cfg.data.max_seq_length, self.data.cache_key, cfg.seed)
+        if self.resume:  # before any base is built or merged: a resume that would re-train rows is refused
+            check_resume_settings(self.resume, self.data_order)
         with args.main_process_first(local=False, desc="build the base model (shared output_dir)"):
             materialize = materialize_init_base if cfg.init_from else materialize_base
             self.base_path = materialize(cfg, self.tokenizer, args, self.stop_ids, self.pad_id)
@@ -118,7 +123,7 @@ class TrainingRecipe:
             loss_normalization=cfg.loss_normalization, isolate_segments=not self.legacy,
         )
         self.extras = CheckpointExtrasCallback(self.tokenizer, cfg.to_dict(), self.stop_ids, self.pad_id,
-                                               cfg.decoding.max_new_tokens, model)
+                                               cfg.decoding.max_new_tokens, model, data_order=self.data_order)
         self.stop = StopOnRequestCallback(StopRequest(os.environ.get(STOP_FILE_ENV) or None, args.process_index))
         callbacks = [self.extras, *self._fault_injection(), self.stop]
         if cfg.early_stopping_patience:
