@@ -15,7 +15,7 @@ TGI, llama.cpp's converter) expect, and nothing that needs PEFT or packlora::
 Merging is done in float32 on the CPU, then cast back to the base's dtype. Before anything lands in
 ``OUT_DIR`` the merge is proven (``core.checkpoint.merge_adapter``, ``save_merged``): the merged
 model's logits on a probe batch equal the adapter's within 1e-4 (fp32), and the saved model, loaded
-back, equals the one in memory; otherwise the export is refused (``MergeMismatchError``). A LoRA on
+back, holds the same tensors bit for bit; otherwise the export is refused (``MergeMismatchError``). A LoRA on
 a tied ``lm_head`` (Qwen2-0.5B/1.5B tie it to ``embed_tokens``) is merged into an untied copy: the
 export then holds both tensors and says ``tie_word_embeddings: false``.
 """

@@ -159,7 +159,7 @@ def test_export_refuses_a_merge_whose_probe_logits_differ_from_the_adapter(tied_
 
 def test_export_refuses_a_saved_model_that_loads_back_different(tied_checkpoint, tmp_path, monkeypatch, capsys):
     """A save that loses the untied ``lm_head.weight`` (as a writer that trusts the base's
-    ``tie_word_embeddings`` would): the model loads back with a fresh head, the second probe (saved vs
+    ``tie_word_embeddings`` would): the model loads back with a fresh head, the tensor check (saved vs
     in memory) refuses it, and nothing is left."""
     from safetensors.torch import load_file, save_file
     from transformers import PreTrainedModel
