@@ -121,6 +121,9 @@ class LabelError(InputError):
         self.reason = reason
         super().__init__(message)
 
+    def __reduce__(self):  # rebuilt from its fields when a tokenising worker sends it back
+        return type(self), (str(self), self.reason)
+
 
 class StopTokenError(InputError):
     """A stop token string that is not exactly one token of the tokenizer."""

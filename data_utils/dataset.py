@@ -31,7 +31,7 @@ from packlora.data_utils.audit import audit_rows
 from packlora.data_utils.chat_format import ChatFormat, EncodedChat, LabelError
 from packlora.data_utils.config import DataConfig
 from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
-from packlora.data_utils.records import RecordError
+from packlora.data_utils.records import RecordError, SkipLog
 from packlora.data_utils.sources import iter_source, mix, parse_source
 from packlora.data_utils.tokenize_text import split_segment, tokenize_text
 from packlora.data_utils.types import ChatRecord, Message, Segment, TextRecord
@@ -53,6 +53,9 @@ class NoExampleError(InputError):
     def __init__(self, message: str, report: dict):
         self.report = report
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.report)
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,16 @@ class RecordSet:
     """``read_stage``: the valid, unique records of the sources, and how many lines were left out.
 
     ``source_of[i]`` is the index (in ``data.train``) of the source ``records[i]`` came from;
-    ``per_source`` maps each source's name to its ``lines_read`` and unique ``records``."""
+    ``per_source`` maps each source's name to its ``lines_read``, unique ``records`` and ``skipped``
+    lines by reason (``lines_read == records + sum(skipped.values())``); ``first_skipped`` holds the
+    first few skipped lines' errors, in reading order."""
 
     records: tuple[ChatRecord | TextRecord, ...]
     lines_read: int
     skipped: dict[str, int]
     source_of: tuple[int, ...] = ()
-    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    per_source: dict[str, dict] = field(default_factory=dict)
+    first_skipped: tuple[RecordError, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -236,14 +242,14 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
         NoExampleError: every line was skipped.
     """
     specs = [parse_source(s) for s in sources]
-    skipped: list[RecordError] = []
+    skipped = SkipLog()
     first: dict[str, ChatRecord | TextRecord] = {}
     unique, source_of = [], []
     per_source = {s.name: {"lines_read": 0, "records": 0} for s in specs}
+    yielded = Counter()
     for k, spec in enumerate(specs):
-        before = len(skipped)
         for r in iter_source(spec, format, on_error, skipped):
-            per_source[spec.name]["lines_read"] += 1
+            yielded[spec.name] += 1
             key = record_key(r)
             if key in first:
                 err = RecordError(r.source, f"duplicate record: same content as {first[key].source} (after normalising "
@@ -257,10 +263,12 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
             unique.append(r)
             source_of.append(k)
             per_source[spec.name]["records"] += 1
-        per_source[spec.name]["lines_read"] += sum(e.reason != "duplicate" for e in skipped[before:])
-    for e in skipped[:5]:
+    for name, counts in per_source.items():  # every line read is a record, a duplicate or a bad line
+        counts["skipped"] = skipped.for_source(name)
+        counts["lines_read"] = yielded[name] + sum(n for reason, n in counts["skipped"].items() if reason != "duplicate")
+    for e in skipped.first:
         logger.warning("skipped (data.on_error=skip): %s", e)
-    drops = dict(sorted(Counter(e.reason for e in skipped).items()))
+    drops = skipped.by_reason()
     lines = len(unique) + len(skipped)
     names = [s.name for s in specs]
     if not unique:
@@ -268,7 +276,7 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
             f"no example left to train on: {drops} dropped of {lines} lines in {names}. Every line was skipped; "
             "set data.on_error=error to stop at the first bad line and see why",
             {"lines_read": lines, "records": 0, "examples": 0, "dropped": drops})
-    return RecordSet(tuple(unique), lines, drops, tuple(source_of), per_source)
+    return RecordSet(tuple(unique), lines, drops, tuple(source_of), per_source, tuple(skipped.first))
 
 
 def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, override: bool = False) -> Split:
