@@ -33,7 +33,7 @@ from packlora.data_utils.config import DataConfig
 from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
 from packlora.data_utils.records import RecordError, SkipLog
 from packlora.data_utils.sources import iter_source, mix, parse_source
-from packlora.data_utils.tokenize_text import split_segment, tokenize_text
+from packlora.data_utils.tokenize_text import split_segment
 from packlora.data_utils.types import ChatRecord, Message, Segment, TextRecord
 from packlora.presets import GUARDED_ACTIONS, apply_preset
 
@@ -324,7 +324,7 @@ def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
 
 def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Path, records: RecordSet | None,
                    part: str = "training") -> Tokenized:
-    """Label every record (``ChatFormat.encode_chat`` for chats, ``tokenize_text`` for text) and
+    """Label every record (``ChatFormat.encode_chat`` for chats, ``ChatFormat.encode_text`` for text) and
     apply the overflow policy, with ``datasets.map`` over ``data.num_proc`` processes; the result is
     cached in ``cache/tokenized-KEY`` (``save_to_disk``), whatever ``num_proc`` was.
 
@@ -438,12 +438,38 @@ def record_key(record: ChatRecord | TextRecord) -> str:
     >>> record_key(a) == record_key(b), record_key(a) == record_key(TextRecord("Hi there Yes.", Source("a", 3)))
     (True, False)
     """
-    norm = lambda t: " ".join(t.split())  # noqa: E731
     if isinstance(record, ChatRecord):
-        payload = [[m.role, norm(m.content), norm(m.reasoning or "")] for m in record.messages]
+        payload = [[m.role, _normalized_digest(m.content), _normalized_digest(m.reasoning or "")]
+                   for m in record.messages]
     else:
-        payload = norm(record.text)
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+        payload = ["text", _normalized_digest(record.text)]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+_CHUNK = 1 << 20  # characters: a 50 MB message is normalised and hashed a chunk at a time
+
+
+def _normalized_digest(text: str) -> str:
+    """sha256 of ``" ".join(text.split())`` (UTF-8), without building it: chunk by chunk, a word cut
+    by a chunk boundary joined again, so memory stays at one chunk.
+
+    >>> import hashlib
+    >>> t = " a  b\\n c" + "d" * (_CHUNK - 2) + "e f " * 3
+    >>> _normalized_digest(t) == hashlib.sha256(" ".join(t.split()).encode()).hexdigest()
+    True
+    """
+    h = hashlib.sha256()
+    started = in_word = False
+    for i in range(0, len(text), _CHUNK):
+        chunk = text[i: i + _CHUNK]
+        words = chunk.split()
+        if words:
+            if started and not (in_word and not chunk[0].isspace()):
+                h.update(b" ")
+            h.update(" ".join(words).encode("utf-8", "surrogatepass"))
+            started = True
+        in_word = bool(chunk) and not chunk[-1].isspace() if words else False
+    return h.hexdigest()
 
 
 def _draw_eval(candidates: list[int], split, seed: int) -> list[int]:
@@ -514,7 +540,7 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
                 ids = tuple(fmt.encode_full(msgs))
                 chat = EncodedChat((Segment(ids, ids),), turns_per_example=(_turns(msgs),))
             else:
-                chat = fmt.encode_chat(msgs, example=source)
+                chat = fmt.encode_chat(msgs, example=source, max_length=cfg.max_seq_length)
         except LabelError as e:
             if cfg.on_error == "error":
                 raise
@@ -525,11 +551,11 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
             head = dict(per_turn=int(chat.per_turn), render_mismatch=chat.render_mismatch,
                         control_text=chat.control_text_messages) if first else {}
             first = False
-            if len(seg) > cfg.max_seq_length:
+            if seg is None or len(seg) > cfg.max_seq_length:  # None: certainly too long, so never tokenised
                 if policy == "error":
-                    raise OverflowError_(f"{source}: example has {len(seg)} tokens > data.max_seq_length="
-                                         f"{cfg.max_seq_length}; raise max_seq_length, or set data.overflow=drop "
-                                         "(counted)")
+                    raise OverflowError_(f"{source}: example has {'more than' if seg is None else len(seg)} tokens > "
+                                         f"data.max_seq_length={cfg.max_seq_length}; raise max_seq_length, or set "
+                                         "data.overflow=drop (counted)")
                 emit(None, source, "too_long", **head)
             elif seg.num_trained == 0:
                 emit(None, source, "no_trained_tokens", **head)
@@ -542,18 +568,26 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
 
 
 def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -> None:
-    tok = fmt.tokenizer
-    seg = tokenize_text(text, tok, tok.eos_token_id)
+    """A ``{"text"}`` record: every token trained, EOS at the end (``fmt.encode_text``: control-token
+    strings in the text stay text), under the overflow policy; a document certainly over
+    ``max_seq_length`` (``fmt.min_tokens``) is dropped or refused without being tokenised."""
+    eos = fmt.tokenizer.eos_token_id
     policy = "split" if cfg.overflow == "auto" else cfg.overflow
-    if len(seg) <= cfg.max_seq_length:
+    if policy != "split" and fmt.min_tokens(text) + 1 > cfg.max_seq_length:
+        seg = None
+    else:
+        ids = (*fmt.encode_text(text), eos)
+        seg = Segment(ids, ids)
+    if seg is not None and len(seg) <= cfg.max_seq_length:
         emit(seg, source)
     elif policy == "error":
-        raise OverflowError_(f"{source}: example has {len(seg)} tokens > data.max_seq_length={cfg.max_seq_length}; "
-                             "raise max_seq_length, or set data.overflow=drop (counted) or split (text only)")
+        raise OverflowError_(f"{source}: example has {'more than' if seg is None else len(seg)} tokens > "
+                             f"data.max_seq_length={cfg.max_seq_length}; raise max_seq_length, or set "
+                             "data.overflow=drop (counted) or split (text only)")
     elif policy == "drop":
         emit(None, source, "too_long")
     else:
-        for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, tok.eos_token_id if cfg.text_eos == "chunk" else None)):
+        for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, eos if cfg.text_eos == "chunk" else None)):
             emit(piece, source, chunks=1 if k else 0)
 
 
