@@ -115,9 +115,13 @@ SPECS: dict[str, FormatSpec] = {
 }
 
 
+LABEL_REASONS = ("template_mismatch", "no_end_of_turn", "reasoning_with_thinking_off", "template_error")
+"""Slugs of ``LabelError.reason``: why a chat cannot be labelled (an error, or a counted skip)."""
+
+
 class LabelError(InputError):
-    """A chat that cannot be labelled exactly. ``reason`` is the data report's slug for it
-    (``template_mismatch``, ``no_end_of_turn``, ``reasoning_with_thinking_off``)."""
+    """A chat that cannot be labelled exactly. ``reason`` is the data report's slug for it, one of
+    ``LABEL_REASONS``."""
 
     def __init__(self, message: str, reason: str):
         self.reason = reason

@@ -28,10 +28,10 @@ from typing import Any
 
 from packlora.core.errors import InputError
 from packlora.data_utils.audit import audit_rows
-from packlora.data_utils.chat_format import ChatFormat, EncodedChat, LabelError
+from packlora.data_utils.chat_format import LABEL_REASONS, ChatFormat, EncodedChat, LabelError
 from packlora.data_utils.config import DataConfig
 from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
-from packlora.data_utils.records import RecordError, SkipLog
+from packlora.data_utils.records import REASONS, RecordError, SkipLog
 from packlora.data_utils.sources import iter_source, mix, parse_source
 from packlora.data_utils.tokenize_text import split_segment
 from packlora.data_utils.types import ChatRecord, Message, Segment, TextRecord
@@ -39,6 +39,10 @@ from packlora.presets import GUARDED_ACTIONS, apply_preset
 
 logger = logging.getLogger(__name__)
 
+DROP_REASONS = (*REASONS, "duplicate", *LABEL_REASONS, "too_long", "no_trained_tokens")
+"""Every reason the data report counts a line or example under (``DataReport.dropped``): a bad line
+(``records.REASONS``), a duplicate record, a chat that cannot be labelled (``chat_format.LABEL_REASONS``),
+an example over ``max_seq_length`` under ``overflow: drop``, an example with nothing to train."""
 PIPELINE_VERSION = "2"  # bump when tokenisation or packing output changes, to invalidate caches
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packlora" / "datasets"
 

@@ -55,11 +55,13 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
             ``records.REASONS`` or ``records.PROMPT_REASONS``), e.g. a ``{"text"}`` line or a chat
             whose only message is the assistant's.
     """
-    prompts = []
+    prompts: list[Prompt] = []
+    if limit is not None and limit < 1:
+        return prompts
     for prompt in _iter_prompts(Path(path)):
-        if limit is not None and len(prompts) >= limit:
-            break
         prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break  # the lines after the limit are not read (a bad one there is no error)
     return prompts
 
 
