@@ -71,6 +71,7 @@ Example (the real Qwen2 tokenizer)::
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -466,21 +467,11 @@ class ChatFormat:
         follows the loop without it, and the whole rendering equals ``tokenizer.apply_chat_template``'s;
         so every piece is the one ``_split_by_prefixes`` finds.
         """
-        template = self._linear_template()
-        if template is None:
+        rendered = self._linear_render(marked)
+        if rendered is None:
             return None
-        full, tape = self._render_tape(template, marked, False)
-        if not tape.ok or tape.end != len(full) or min(tape.offsets[1:], default=0) < 0:
-            return None
-        with_prompt, tape_g = self._render_tape(template, marked, True)
-        if (not tape_g.ok or tape_g.offsets != tape.offsets or tape_g.end != len(full)
-                or not with_prompt.startswith(full)):
-            return None
-        gen = with_prompt[len(full):]
-        del with_prompt
-        if full != self._render(marked, False):  # the context is transformers' own (special tokens, kwargs)
-            return None
-        at = tape.offsets + [len(full)]  # at[k]: length of the rendering of marked[:k]
+        full, offsets, gen = rendered
+        at = offsets + [len(full)]  # at[k]: length of the rendering of marked[:k]
 
         def prompt_end(i: int) -> int:  # the rendering of marked[:i] + generation prompt is full[:prompt_end(i)]
             return 0 if i == 0 else at[i] + len(gen)
@@ -519,9 +510,34 @@ class ChatFormat:
 
         return _compile_jinja_template(_template(self.tokenizer))
 
-    def _render_tape(self, template, messages: list[dict], add_generation_prompt: bool):
-        """``(rendering, tape)``: ``messages`` rendered with ``template`` as ``apply_chat_template``
-        renders them, read through a ``_Tape``."""
+    def _linear_render(self, marked: list[dict], full: str | None = None) -> tuple[str, list[int], str] | None:
+        """``(rendering of marked, offsets, generation prompt)`` for ``_split_linear``: ``offsets[k]``
+        is the length of the rendering of ``marked[:k]``, and that rendering plus the generation
+        prompt is the one with ``add_generation_prompt``; None when the template does not allow it.
+
+        ``apply_chat_template`` renders the chat first (or ``full`` is that rendering, or its
+        ``_digest``); the two ``_Tape`` renderings are compared with it piece by piece as the template
+        writes them, never joined, so a 50 MB message costs one rendering's memory, not three.
+        """
+        template = self._linear_template()
+        if template is None:
+            return None
+        full = self._render(marked, False) if full is None else full
+        n = len(full) if isinstance(full, str) else full[0]
+        tape, tail = self._render_tape(template, marked, False, full)  # all of it, nothing after the loop
+        if tape is None or tail or tape.written != n or tape.end != n or min(tape.offsets[1:], default=0) < 0:
+            return None
+        tape_g, gen = self._render_tape(template, marked, True, full)  # the same, then the generation prompt
+        if tape_g is None or tape_g.offsets != tape.offsets or tape_g.end != n:
+            return None
+        return full, tape.offsets, gen
+
+    def _render_tape(self, template, messages: list[dict], add_generation_prompt: bool, expected):
+        """``(tape, tail)``: ``messages`` rendered with ``template`` as ``apply_chat_template`` renders
+        them, read through a ``_Tape``, the text compared with ``expected`` as it is written (a
+        string, or the ``(length, sha256)`` ``_digest`` of one); ``tail`` is what is written after
+        it. ``(None, "")`` when the text departs from ``expected`` or the tape saw the template read
+        the messages in a way that rules the linear split out."""
         try:
             from transformers.utils.chat_template_utils import _alias_reasoning_fields
         except ImportError:
@@ -530,12 +546,48 @@ class ChatFormat:
         if self.enable_thinking is not None:
             kwargs["enable_thinking"] = self.enable_thinking
         tape = _Tape(_alias_reasoning_fields([dict(m) for m in messages]))
-        parts: list[str] = []
+        text = expected if isinstance(expected, str) else None
+        n = len(text) if text is not None else expected[0]
+        hasher = None if text is not None else hashlib.sha256()
+        tail: list[str] = []
         for chunk in template.generate(messages=tape, tools=None, documents=None,
                                        add_generation_prompt=add_generation_prompt, **kwargs):
-            parts.append(chunk)
+            at = tape.written
+            if at < n:
+                head = chunk[: n - at]
+                if hasher is not None:
+                    hasher.update(head.encode("utf-8", "surrogatepass"))
+                elif not text.startswith(head, at):
+                    return None, ""
+                if len(chunk) > len(head):
+                    tail.append(chunk[len(head):])
+            else:
+                tail.append(chunk)
             tape.written += len(chunk)
-        return "".join(parts), tape
+        if tape.written < n or (hasher is not None and hasher.hexdigest() != expected[1]):
+            return None, ""  # shorter than expected, or different
+        return (tape if tape.ok else None), "".join(tail)
+
+    def certainly_longer(self, messages: Sequence[Mapping], max_length: int) -> bool:
+        """True when the one example of this chat is certainly longer than ``max_length`` tokens
+        (``min_tokens`` of its rendering), found without tokenising and without splitting it into
+        pieces; False when it may fit, or when only ``encode_chat`` can tell (a template that needs
+        every prefix rendered, or a chat it refuses). Holds one rendering of the chat at a time."""
+        try:
+            plain = self._prepare(messages, "check")
+            marked = self._mark(plain)
+            turns = [i for i, m in enumerate(plain) if m["role"] == "assistant"]
+            if not turns:
+                return False
+            marked = marked[: turns[-1] + 1]
+            full = self._render(marked, False)
+            if self.min_tokens(full) <= max_length:
+                return False
+            digest = _digest(full)
+            del full  # the tape renderings are checked against its digest
+            return self._linear_render(marked, digest) is not None  # one example: the rendering checked above
+        except (LabelError, *_template_errors()):
+            return False
 
     def min_tokens(self, rendered: str) -> int:
         """A lower bound on the tokens of ``rendered`` (a rendering, control-token text in messages
@@ -744,6 +796,14 @@ class ChatFormat:
                 d["reasoning_content"] = reasoning
             out.append(d)
         return out
+
+
+def _digest(text: str) -> tuple[int, str]:
+    """``(length, sha256 of the UTF-8 text)``, hashed a megabyte at a time (no copy of a long text)."""
+    h = hashlib.sha256()
+    for i in range(0, len(text), 1 << 20):
+        h.update(text[i: i + (1 << 20)].encode("utf-8", "surrogatepass"))
+    return len(text), h.hexdigest()
 
 
 def _template_mismatch(example: str, i: int) -> LabelError:

@@ -342,10 +342,13 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
     if (tok_dir / "state.json").is_file():
         out = datasets.load_from_disk(str(tok_dir))
     else:
+        cut = [_certainly_too_long(r, fmt, cfg) for r in train]  # huge records: never copied into Arrow
         raw = datasets.Dataset.from_dict({
-            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train],
-            "text": [r.text if isinstance(r, TextRecord) else "" for r in train],
+            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) and c is None else ""
+                         for r, c in zip(train, cut)],
+            "text": [r.text if isinstance(r, TextRecord) and c is None else "" for r, c in zip(train, cut)],
             "source": [str(r.source) for r in train],
+            "too_long": [-1 if c is None else c for c in cut],
         })
         num_proc = cfg.resolved_num_proc(len(raw))
         shared = num_proc > 1 and _workers_fork()
@@ -531,7 +534,10 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
         for k in _COUNT_COLUMNS:
             out[k].append(counts.get(k, 0))
 
-    for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+    for messages, text, source, too_long in zip(batch["messages"], batch["text"], batch["source"], batch["too_long"]):
+        if too_long >= 0:  # found certainly too long before tokenising (``_certainly_too_long``, overflow: drop)
+            emit(None, source, "too_long", control_text=too_long)
+            continue
         if not messages:
             _emit_text(emit, text, source, fmt, cfg)
             continue
@@ -593,6 +599,30 @@ def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -
     else:
         for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, eos if cfg.text_eos == "chunk" else None)):
             emit(piece, source, chunks=1 if k else 0)
+
+
+_CHECK_CHARS = 1_000_000  # a record with more characters is checked for length before it is tokenised
+
+
+def _certainly_too_long(record, fmt: ChatFormat, cfg: DataConfig) -> int | None:
+    """For a record of more than ``_CHECK_CHARS`` characters under ``overflow: drop`` (or ``auto``
+    for chats), the number of its messages that spell control tokens when it is certainly over
+    ``max_seq_length`` (``ChatFormat.certainly_longer`` / ``min_tokens``, no tokenising), else
+    None. Such a record is counted as ``too_long`` without its text ever being copied into the Arrow
+    table or a tokenising worker: a 50 MB line costs one rendering of memory."""
+    if cfg.labels != "assistant_only" or cfg.overflow not in ("auto", "drop"):
+        return None
+    if isinstance(record, TextRecord):
+        if cfg.overflow == "auto" or len(record.text) <= _CHECK_CHARS:
+            return None
+        return 0 if fmt.min_tokens(record.text) + 1 > cfg.max_seq_length else None
+    if sum(len(m.content) + len(m.reasoning or "") for m in record.messages) <= _CHECK_CHARS:
+        return None
+    msgs = record.as_dicts()
+    if not fmt.certainly_longer(msgs, cfg.max_seq_length):
+        return None
+    return sum(fmt.spells_control_token(m["content"]) or fmt.spells_control_token(m.get("reasoning_content") or "")
+               for m in msgs)
 
 
 def _turns(msgs) -> int:

@@ -33,9 +33,13 @@ Example::
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
+import re
 import stat
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, get_args
@@ -59,10 +63,12 @@ PROMPT_REASONS = ("text_record", "lone_assistant_turn")
 FILE_REASONS = ("not_found", "is_directory", "not_a_regular_file", "unreadable", "compressed", "changed_while_read")
 """Slugs of ``DataFileError.reason``: a whole file that cannot be read as JSONL (never skipped)."""
 ON_ERROR = get_args(OnError)
-# the first bytes of compressed files (gzip, bzip2, xz, zstd, zip), which some tools name .jsonl
-_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"BZh", "bzip2", "bunzip2 -k"),
-               (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
-               (b"PK\x03\x04", "zip", "unzip"))
+# the first bytes of compressed files (gzip, bzip2, xz, zstd, zip) that some tools name .jsonl: whole
+# headers (a JSONL line that merely starts with "BZh" is a bad line, not a bzip2 file)
+_COMPRESSED = ((re.compile(rb"\x1f\x8b\x08"), "gzip", "gunzip -k"),
+               (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), "bzip2", "bunzip2 -k"),
+               (re.compile(rb"\xfd7zXZ\x00[\x00\x01\x04\x0a]"), "xz", "unxz -k"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd", "unzstd"),
+               (re.compile(rb"PK\x03\x04"), "zip", "unzip"))
 
 
 class RecordError(InputError):
@@ -135,12 +141,12 @@ def data_file_error(path: str | Path, what: str = "data file") -> DataFileError 
                              "not_a_regular_file")
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(16)
     except OSError as e:
         return DataFileError(path, f"cannot be read ({e.strerror}); check its permissions", "unreadable")
     for magic, name, command in _COMPRESSED:
-        if head.startswith(magic):
-            return DataFileError(path, f"is a {name}-compressed file, not JSONL text; decompress it first "
+        if magic.match(head):
+            return DataFileError(path, f"is {name}-compressed, not JSONL text; decompress it first "
                                  f"({command} {path}) and give the .jsonl it writes", "compressed")
     return None
 
@@ -230,8 +236,10 @@ def iter_records(
         if on_error == "skip" and isinstance(skipped, SkipLog) and skipped.full and not raw.strip():
             skipped.counts[(src.path, "blank_line")] += 1  # a million blank lines: counted, no error objects
             continue
+        box = [raw]
+        del raw
         try:
-            yield parse_line(raw, src, format)
+            yield parse_line(box, src, format)
         except RecordError as err:
             if on_error == "error":
                 lines.throw(err)  # raises err, or a DataFileError when the file was cut while being read
@@ -255,14 +263,18 @@ def iter_lines(path: str | Path, what: str = "data file") -> Iterator[tuple[int,
     with open(path, "rb") as f:
         before = os.fstat(f.fileno())
         try:
-            for lineno, raw in enumerate(f, start=1):
-                if lineno == 1 and raw.startswith(_BOM):  # written by some Windows editors; not part of the JSON
-                    raw = raw[len(_BOM):]
-                yield lineno, raw, Source(name, lineno)
+            # yield from: no local of this frame holds a line while the caller parses it (see parse_line)
+            yield from map(functools.partial(_line_item, name), itertools.count(1), f)
         except RecordError:  # thrown in by the reader (``iter_records``): a bad line may be one cut short
             _check_unchanged(f, before, name, at_end=False)
             raise
         _check_unchanged(f, before, name, at_end=True)
+
+
+def _line_item(name: str, lineno: int, raw: bytes) -> tuple[int, bytes, Source]:
+    if lineno == 1 and raw.startswith(_BOM):  # written by some Windows editors; not part of the JSON
+        raw = raw[len(_BOM):]
+    return lineno, raw, Source(name, lineno)
 
 
 def _check_unchanged(f, before: os.stat_result, name: str, at_end: bool) -> None:
@@ -274,8 +286,12 @@ def _check_unchanged(f, before: os.stat_result, name: str, at_end: bool) -> None
                             "version; let the writer finish (or copy the file) and run again", "changed_while_read")
 
 
-def parse_line(raw: bytes, src: Source, format: str = "auto", prompt: bool = False) -> ChatRecord | TextRecord:
+def parse_line(raw: bytes | list[bytes], src: Source, format: str = "auto", prompt: bool = False) -> ChatRecord | TextRecord:
     """Decode and validate one raw JSONL line (see ``read_records``; ``prompt``: see ``parse_record``).
+
+    ``raw`` may be a one-item list holding the bytes, which is emptied: the caller then holds no
+    reference, and a 50 MB line is freed as soon as it is decoded instead of living on beside the
+    decoded text and the parsed record.
 
     >>> parse_line(b'{"text": "abc"}', Source("a.jsonl", 3))
     TextRecord(text='abc', source=Source(path='a.jsonl', line=3))
@@ -284,6 +300,8 @@ def parse_line(raw: bytes, src: Source, format: str = "auto", prompt: bool = Fal
     ...
     packlora.data_utils.records.RecordError: a.jsonl:3: field 'text' must be a string, got int
     """
+    if isinstance(raw, list):
+        raw = raw.pop()
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -310,8 +328,10 @@ def parse_line(raw: bytes, src: Source, format: str = "auto", prompt: bool = Fal
     except RecursionError:
         raise RecordError(src, "JSON nested too deep for Python's reader (more than ~1,000 levels of [ or {); "
                           "fix or remove this line", "nested_too_deep") from None
-    except ValueError as e:  # e.g. an integer literal longer than sys.get_int_max_str_digits()
-        raise RecordError(src, f"invalid JSON ({str(e)[:200]}); fix or remove this line", "invalid_json") from None
+    except ValueError as e:  # an integer literal longer than sys.get_int_max_str_digits()
+        what = (f"an integer of more than {sys.get_int_max_str_digits():,} digits" if "digits" in str(e)
+                else str(e)[:200])
+        raise RecordError(src, f"invalid JSON ({what}); fix or remove this line", "invalid_json") from None
     if not isinstance(obj, dict):
         raise RecordError(src, f"expected a JSON object, got {type(obj).__name__}", "not_an_object")
     return parse_record(obj, src, format, prompt)
@@ -411,16 +431,19 @@ def _message(role, content, field: str, src: Source, reasoning=None) -> Message:
     return Message(role, _encodable(content, field, src), reasoning)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _encodable(text: str, field: str, src: Source) -> str:
     """``text`` if it is valid Unicode; a lone surrogate (from a JSON escape such as ``\\ud800``)
-    cannot be encoded as UTF-8, so no tokenizer can read it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
+    cannot be encoded as UTF-8, so no tokenizer can read it. Searched, not encoded: no copy of a
+    50 MB message."""
+    bad = None if text.isascii() else _SURROGATE.search(text)
+    if bad is not None:
         raise RecordError(
-            src, f"{field} holds malformed Unicode ({e.reason}: {text[e.start:e.end]!r} at character {e.start}, "
+            src, f"{field} holds malformed Unicode (surrogates not allowed: {bad.group()!r} at character {bad.start()}, "
             "usually a broken \\u escape in the JSON); fix or remove the text", "invalid_unicode",
-        ) from None
+        )
     return text
 
 

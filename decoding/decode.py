@@ -186,8 +186,10 @@ def decode_file(
 def _iter_prompts(path: Path) -> Iterator[Prompt]:
     lines = iter_lines(path, "prompt file (--input)")
     for _, raw, src in lines:
+        box = [raw]
+        del raw
         try:
-            record = parse_line(raw, src, prompt=True)
+            record = parse_line(box, src, prompt=True)
             if isinstance(record, TextRecord):
                 raise RecordError(
                     src, "a {'text'} line has no chat to reply to; --input needs 'messages', 'conversations' or "

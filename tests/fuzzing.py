@@ -89,6 +89,18 @@ def good_line_numbers(lines: list[Line]) -> set[int]:
     return out
 
 
+COMPRESSED_HEADERS = [rb"\x1f\x8b\x08", rb"BZh[1-9](1AY&SY|\x17rE8P\x90)", rb"\xfd7zXZ\x00[\x00\x01\x04\x0a]",
+                      rb"\x28\xb5\x2f\xfd", rb"PK\x03\x04"]
+"""Headers of gzip, bzip2, xz, zstd and zip files (as ``file(1)`` knows them): a file that starts with
+one is refused whole as compressed (``DataFileError``, reason ``compressed``), not read line by line."""
+
+
+def compressed(raw: bytes) -> bool:
+    import re
+
+    return any(re.match(h, raw) for h in COMPRESSED_HEADERS)
+
+
 def save_find(name: str, raw_files: list[bytes]) -> None:
     """Write the input of a failing example to ``$PACKLORA_FUZZ_FINDS`` (see the module docstring)."""
     out = os.environ.get("PACKLORA_FUZZ_FINDS")

@@ -16,9 +16,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzing import budget, file_bytes, good_line_numbers, keep_finds, lines, lines_read
+from fuzzing import budget, compressed, file_bytes, good_line_numbers, keep_finds, lines, lines_read
 from packlora.core.errors import PackloraError
-from packlora.data_utils.records import PROMPT_REASONS, REASONS, RecordError
+from packlora.data_utils.records import PROMPT_REASONS, REASONS, DataFileError, RecordError
 from packlora.decoding.decode import read_prompts
 
 
@@ -39,6 +39,9 @@ def test_prompt_file_gives_a_prompt_per_line_or_names_the_first_bad_one(generate
             assert e.source.line not in good, f"a valid prompt line was refused: {e}"
             before = read_prompts(path, limit=e.source.line - 1) if e.source.line > 1 else []
             assert [p.source.line for p in before] == list(range(1, e.source.line))
+            return
+        except DataFileError as e:  # the only whole-file refusal of a regular file
+            assert e.reason == "compressed" and compressed(raw), str(e)
             return
         except PackloraError as e:
             raise AssertionError(f"a line-level problem must be a RecordError, got {type(e).__name__}: {e}")
