@@ -79,9 +79,10 @@ class DataReport:
     ``render_mismatch`` the examples whose ids do not decode to the template's rendering (an
     audit); ``messages_with_control_text`` the messages whose text spells a control token (kept as
     text). The label audit's counts are in ``supervised_tokens`` ... ``turns_with_end_of_turn_trained``.
-    ``sources`` gives each source's ``lines_read``, unique ``records`` and ``in_mix`` (records in the
-    training mix after hold-outs and ``weight``); ``evaluation`` the evaluation-loss set's ``records``,
-    ``examples`` and ``rows``.
+    ``sources`` gives each source's ``lines_read``, unique ``records``, ``skipped`` lines by reason
+    (``lines_read == records + sum(skipped.values())``) and ``in_mix`` (records in the training mix
+    after hold-outs and ``weight``); ``evaluation`` the evaluation-loss set's ``records``,
+    ``examples`` and ``rows``. Every reason is one of ``DROP_REASONS``.
     """
 
     records: int

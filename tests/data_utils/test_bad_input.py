@@ -271,3 +271,19 @@ def test_training_run_with_every_example_dropped_stops_before_training_and_write
         "lines_read": 2, "records": 2, "examples": 0, "dropped": {"too_long": 2}
     }
     assert not (out / "base_model").exists(), "the model was built although there was nothing to train"
+
+
+def test_readme_table_lists_every_reason_and_nothing_else():
+    """README.md's table of reasons (between ``<!-- reasons -->`` markers) is the documented list the
+    property tests check skips and errors against: it names each reason the code can give, once."""
+    import re
+
+    from packlora.data_utils.dataset import DROP_REASONS
+    from packlora.data_utils.records import FILE_REASONS, PROMPT_REASONS
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("<!-- reasons -->")[1].split("<!-- /reasons -->")[0]
+    documented = [r for row in table.splitlines()[2:] if row.startswith("|")
+                  for r in re.findall(r"`([a-z0-9_]+)`", row.split("|")[1])]
+    assert sorted(documented) == sorted({*DROP_REASONS, *PROMPT_REASONS, *FILE_REASONS})
+    assert len(documented) == len(set(documented))
