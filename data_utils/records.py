@@ -233,7 +233,8 @@ def iter_records(
         raise ValueError(f"unknown on_error {on_error!r}; choose one of {', '.join(ON_ERROR)}")
     lines = iter_lines(path)
     for _, raw, src in lines:
-        if on_error == "skip" and isinstance(skipped, SkipLog) and skipped.full and not raw.strip():
+        if (on_error == "skip" and isinstance(skipped, SkipLog) and skipped.full and raw[:1].isspace()
+                and not raw.strip()):
             skipped.counts[(src.path, "blank_line")] += 1  # a million blank lines: counted, no error objects
             continue
         box = [raw]
