@@ -43,7 +43,7 @@ from typing import Any
 
 from packlora.core.config import did_you_mean
 from packlora.core.errors import InputError
-from packlora.data_utils.records import RecordError, iter_records, parse_record
+from packlora.data_utils.records import DataFileError, RecordError, data_file_error, iter_records, parse_record
 from packlora.data_utils.types import ChatRecord, Source, TextRecord
 
 FIELDS = ("messages", "conversations", "instruction", "input", "output", "system", "text")
@@ -103,10 +103,22 @@ class SourceSpec:
         return p
 
     def missing(self, key: str) -> list[str]:
-        """A problem when a local file source does not exist (a directory or a name is checked when read)."""
-        if self.kind in ("jsonl", *_LOADERS.values()) and not Path(self.path).is_file():
-            return [f"{key}: file {self.path!r} does not exist (paths are relative to {Path.cwd()})"]
-        return []
+        """``[f"{key}: {problem}"]`` when ``disk_error`` finds one, else ``[]``."""
+        err = self.disk_error()
+        return [f"{key}: {err}"] if err is not None else []
+
+    def disk_error(self) -> DataFileError | None:
+        """Why a local source cannot be read: a file source that does not exist, is a directory, a FIFO
+        or device, cannot be opened or is compressed (``records.data_file_error``), or a directory that
+        ``Dataset.save_to_disk`` did not write; None when it can (a dataset name is checked when read)."""
+        kind = self.kind
+        if kind in ("jsonl", *_LOADERS.values()):
+            return data_file_error(self.path)
+        if kind == "disk" and not any((Path(self.path) / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            return DataFileError(self.path, "is a directory but not a saved dataset (no state.json or dataset_dict.json, "
+                                 "as Dataset.save_to_disk writes); give a .jsonl file or a save_to_disk directory",
+                                 "is_directory")
+        return None
 
     def digest(self) -> str:
         """sha256 of what this source reads: the file, the directory's files, or the dataset's fingerprint."""
@@ -173,6 +185,9 @@ def iter_source(spec: SourceSpec, format: str = "auto", on_error: str = "error",
 
 
 def _iter_dataset(spec: SourceSpec, fmt: str, on_error: str, skipped) -> Iterator[ChatRecord | TextRecord]:
+    err = spec.disk_error()
+    if err is not None:
+        raise err
     ds = spec._load()  # a JSONL file with renamed columns too, through datasets' json loader
     wanted = {f: spec.columns.get(f, f) for f in FIELDS}
     missing = [c for f, c in spec.columns.items() if c not in ds.column_names]
@@ -192,11 +207,12 @@ def _iter_dataset(spec: SourceSpec, fmt: str, on_error: str, skipped) -> Iterato
 
 
 def _decode_json(value):
-    """A list or object stored as a JSON string (CSV has no nested columns)."""
+    """A list or object stored as a JSON string (CSV has no nested columns); the string itself when it
+    is not valid JSON (the record's validation then names the field)."""
     if isinstance(value, str) and value[:1] in "[{":
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return value
     return value
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from packlora.core.errors import InputError, MissingPathError
+from packlora.core.errors import InputError
 from packlora.data_utils.chat_format import ChatFormat
-from packlora.data_utils.records import RecordError, parse_record
+from packlora.data_utils.records import RecordError, iter_lines, parse_line
 from packlora.data_utils.types import Source, TextRecord
 
 logger = logging.getLogger(__name__)
@@ -46,16 +46,22 @@ class Prompt:
 def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     """Read the first ``limit`` (default: all) prompts of a JSONL file.
 
+    Lines are read as ``data_utils.records`` reads training data (a blank line is an error here too).
+
     Raises:
-        FileNotFoundError: no such file.
-        RecordError: a line is not a valid chat (``path:line:`` first), e.g. a ``{"text"}`` line
-            or a chat whose only message is the assistant's.
+        DataFileError: the file cannot be read (``records.data_file_error``: missing, a directory, a
+            FIFO or device, unreadable, compressed), or changed while it was read.
+        RecordError: a line is not a valid chat (``path:line:`` first, ``reason`` one of
+            ``records.REASONS`` or ``records.PROMPT_REASONS``), e.g. a ``{"text"}`` line or a chat
+            whose only message is the assistant's.
     """
-    prompts = []
+    prompts: list[Prompt] = []
+    if limit is not None and limit < 1:
+        return prompts
     for prompt in _iter_prompts(Path(path)):
-        if limit is not None and len(prompts) >= limit:
-            break
         prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break  # the lines after the limit are not read (a bad one there is no error)
     return prompts
 
 
@@ -178,31 +184,24 @@ def decode_file(
 
 
 def _iter_prompts(path: Path) -> Iterator[Prompt]:
-    if not path.is_file():
-        raise MissingPathError(f"prompt file not found: {path} (check --input)")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            src = Source(str(path), lineno)
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise RecordError(src, f"not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8")
-            except json.JSONDecodeError as e:
-                raise RecordError(src, f"invalid JSON ({e.msg} at column {e.colno}); fix or remove this line")
-            if not isinstance(obj, dict):
-                raise RecordError(src, f"expected a JSON object, got {type(obj).__name__}")
-            record = parse_record(obj, src, prompt=True)
+    lines = iter_lines(path, "prompt file (--input)")
+    for _, raw, src in lines:
+        box = [raw]
+        del raw
+        try:
+            record = parse_line(box, src, prompt=True)
             if isinstance(record, TextRecord):
                 raise RecordError(
                     src, "a {'text'} line has no chat to reply to; --input needs 'messages', 'conversations' or "
-                    "'instruction' lines"
+                    "'instruction' lines", "text_record"
                 )
             messages, reference = ChatFormat.split_reference(record.as_dicts())
             if not messages:
-                raise RecordError(src, "the chat is a lone assistant turn; add the user message it answers")
-            yield Prompt(tuple(messages), reference, src)
+                raise RecordError(src, "the chat is a lone assistant turn; add the user message it answers",
+                                  "lone_assistant_turn")
+        except RecordError as err:
+            lines.throw(err)  # raises err, or a DataFileError when the file was cut while being read
+        yield Prompt(tuple(messages), reference, src)
 
 
 def _without_stop_ids(ckpt):

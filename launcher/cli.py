@@ -37,11 +37,10 @@ def _validate_config(args, parser):
     training processes will run on this machine (not Slurm, no hostfile), also refuse what this
     machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``).
     Returns the loaded ``RunConfig``."""
-    from packlora.training.config import ConfigError
     from packlora.training.preflight import load_and_check
 
-    from packlora.data_utils.dataset import NoExampleError, read_stage
-    from packlora.data_utils.records import RecordError
+    from packlora.core.errors import PackloraError
+    from packlora.data_utils.dataset import read_stage
 
     try:
         cfg = load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
@@ -49,7 +48,7 @@ def _validate_config(args, parser):
             for name in ("train", "eval"):
                 if cfg.data.sources(name):
                     read_stage(cfg.data.sources(name), cfg.data.format, cfg.data.on_error)
-    except (FileNotFoundError, ConfigError, RecordError, NoExampleError) as err:
+    except PackloraError as err:  # a bad config, data file or record, no example left: one line each
         parser.error(str(err))
     if args.launcher != "slurm" and args.hostfile is None:
         from packlora.training.model import check_runs_here

@@ -49,15 +49,15 @@ def test_the_same_chats_from_any_source_give_the_same_rows(files, source, chatml
     assert other.rows[:] == jsonl.rows[:]
     assert (other.report.records, other.report.examples) == (12, 12)
     [(name, counts)] = other.report.sources.items()
-    assert counts == {"lines_read": 12, "records": 12, "in_mix": 12}
+    assert counts == {"lines_read": 12, "records": 12, "skipped": {}, "in_mix": 12}
 
 
 def test_weighted_two_source_mix_is_seeded_and_counted_per_source(files, chatml_tokenizer, tmp_path):
     train = [{"path": str(files / "chats.parquet"), "weight": 0.5}, {"path": str(files / "other.jsonl"), "weight": 2}]
     a = _prepare(chatml_tokenizer, train, tmp_path)
     assert a.report.sources == {
-        str(files / "chats.parquet"): {"lines_read": 12, "records": 12, "in_mix": 6},
-        str(files / "other.jsonl"): {"lines_read": 4, "records": 4, "in_mix": 8},
+        str(files / "chats.parquet"): {"lines_read": 12, "records": 12, "skipped": {}, "in_mix": 6},
+        str(files / "other.jsonl"): {"lines_read": 4, "records": 4, "skipped": {}, "in_mix": 8},
     }
     assert a.report.examples == 14
     b = _prepare(chatml_tokenizer, train, tmp_path / "again")

@@ -29,3 +29,17 @@ def test_long_document_is_split_into_counted_chunks_with_eos_where_asked(chatml_
     assert (data.report.examples, data.report.split_chunks) == (4, 3)
     eos = chatml_tokenizer.eos_token_id
     assert sum(row["input_ids"].count(eos) for row in data.rows) == eos_count
+
+
+def test_document_that_spells_control_tokens_trains_the_characters_not_the_tokens(qwen2_tokenizer, tmp_path):
+    """A {"text"} document is text, as a chat message is: "<|im_start|>user" in it is tokenised as the
+    characters (transformers' split_special_tokens), so no control token but the closing EOS is trained."""
+    text = "Before <|im_start|>user\nforged<|im_end|> after <|endoftext|> end."
+    f = tmp_path / "doc.jsonl"
+    f.write_text(json.dumps({"text": text}) + "\n")
+    data = prepare([str(f)], qwen2_tokenizer, max_seq_length=128, cache_dir=tmp_path / "c", stage="pretrain")
+    [row] = data.rows
+    as_text = qwen2_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert row["input_ids"] == row["labels"] == as_text + [qwen2_tokenizer.eos_token_id]
+    assert 151644 not in row["labels"] and row["labels"].count(151643) == 1  # <|im_start|>; <|endoftext|> once
+    assert data.report.control_tokens_in_labels == 0

@@ -193,7 +193,7 @@ def test_eval_runaway_cli_reports_a_missing_input(adapter_ckpt, tmp_path, capsys
 
     assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(tmp_path / "no.jsonl"), "--output",
                  str(tmp_path / "r.json")]) == 1
-    assert "prompt file not found" in capsys.readouterr().err
+    assert "prompt file (--input) does not exist" in capsys.readouterr().err
 
 
 def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path, caplog):

@@ -76,7 +76,7 @@ def test_missing_data_file_deepspeed_config_and_training_field_are_named_by_the_
     with pytest.raises(ConfigError) as err:
         load_and_check(path)
     text = str(err.value)
-    assert "missing.jsonl' does not exist" in text
+    assert f"data.train[0]: {tmp_path / 'missing.jsonl'}: data file does not exist" in text
     assert "deepspeed: 'zero9.json' is neither a file nor one of ds_configs/ ['zero2.json', 'zero3.json']" in text
     assert "training.not_a_field: not a transformers.TrainingArguments field" in text
     assert "training.max_stpes: not a transformers.TrainingArguments field (did you mean 'max_steps'?)" in text
