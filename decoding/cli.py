@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, args.input, args.output, args.limit,
         max_new_tokens=args.max_new_tokens, batch_size=1 if args.stream else args.batch_size,
         dtype=args.dtype, device=args.device, preset=args.preset,
-        stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream, **sampling,
+        stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream, sampling=sampling,
     )
     by_stop = sum(r["stop_reason"] == "stop_id" for r in rows)
     by_string = sum(r["stop_reason"] == "stop_string" for r in rows)
@@ -56,16 +56,21 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
 
 
-def sampling_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The ``generate_replies`` keywords the sampling flags ask for; a sampling-only flag without
-    ``--do-sample`` is a flag error (exit 2) naming it."""
+def sampling_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The ``Sampling`` the sampling flags ask for, built once; a sampling-only flag without
+    ``--do-sample``, or a bad value, is a flag error (exit 2) naming it."""
+    from packlora.decoding.generate import Sampling
+
     given = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
                                       ("--top-k", args.top_k), ("--seed", args.seed)) if value is not None]
     if given and not args.do_sample:
         parser.error(f"{', '.join(given)} only apply with --do-sample; add --do-sample or drop them")
-    return dict(do_sample=args.do_sample, temperature=1.0 if args.temperature is None else args.temperature,
-                top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        return Sampling(do_sample=args.do_sample, temperature=1.0 if args.temperature is None else args.temperature,
+                        top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _nonnegative_int(text: str) -> int:

@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     report = evaluate_runaway(
         ckpt.model, ckpt.fmt, [(p.messages, p.reference, str(p.source)) for p in prompts],
-        ckpt.stop_ids, max_new_tokens, no_stop_ids=args.no_stop_ids, batch_size=args.batch_size, **sampling,
+        ckpt.stop_ids, max_new_tokens, no_stop_ids=args.no_stop_ids, batch_size=args.batch_size, sampling=sampling,
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"checkpoint": str(args.checkpoint), "input": str(args.input), "decoding": sampling, **report.to_dict()}
+    data = {"checkpoint": str(args.checkpoint), "input": str(args.input), "decoding": sampling.to_dict(), **report.to_dict()}
     out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     ratio = "n/a" if report.mean_length_ratio is None else f"{report.mean_length_ratio:.2f}"
     print(
