@@ -24,10 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from packlora.core.errors import InputError
+from packlora.core.config import ConfigError
+from packlora.core.errors import InputError, PackloraError
 from packlora.training.config import RunConfig
 
 logger = logging.getLogger("packlora.train")
+DEFAULT_MICRO_BATCH = 1
+"""Rows per micro-batch (``per_device_train_batch_size`` and ``per_device_eval_batch_size``) when the
+config sets none: one packed row of ``data.max_seq_length`` tokens."""
 
 
 class LabelAuditError(InputError):
@@ -54,9 +58,15 @@ class TrainingRecipe:
         self.out = Path(cfg.output_dir)
 
     def run(self) -> int:
+        from packlora.training.run_dir import RunDirError
+
         self.setup()
         self.prepare_data()
-        self.train()
+        try:
+            self.train()
+        except RunDirError:  # every rank refuses the same resume together: leave the process group cleanly
+            shutdown_process_group()
+            raise
         if self.stop.stopped_at is not None:
             return self.exit_stopped()
         self.save()
@@ -109,6 +119,7 @@ class TrainingRecipe:
         from packlora.training.init_from import init_adapter
         from packlora.training.model import build_model
         from packlora.training.preemption import STOP_FILE_ENV, StopRequest
+        from packlora.training.run_dir import refuse_finished_resume
         from packlora.training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
 
         cfg, args = self.cfg, self.args
@@ -120,7 +131,7 @@ class TrainingRecipe:
         self.extras = CheckpointExtrasCallback(self.tokenizer, cfg.to_dict(), self.stop_ids, self.pad_id,
                                                cfg.decoding.max_new_tokens, model)
         self.stop = StopOnRequestCallback(StopRequest(os.environ.get(STOP_FILE_ENV) or None, args.process_index))
-        callbacks = [self.extras, *self._fault_injection(), self.stop]
+        callbacks = [self.extras, *refuse_finished_resume(self.resume), *self._fault_injection(), self.stop]
         if cfg.early_stopping_patience:
             from transformers import EarlyStoppingCallback
 
@@ -270,11 +281,17 @@ class TrainingRecipe:
 
 
 def build_training_arguments(cfg: RunConfig):
-    """``TrainingArguments`` from the config: packlora's defaults, then ``training:``, then the keys
-    packlora owns (output_dir, deepspeed, seed, precision, remove_unused_columns).
+    """``TrainingArguments`` from the config: packlora's defaults (one row per micro-batch, TensorBoard,
+    a log line per step, a checkpoint every 500 steps), then ``training:``, then the keys packlora owns
+    (output_dir, deepspeed, seed, precision, remove_unused_columns). Has no side effects (no process
+    group, no directory): ``packlora launch`` builds it once to check the values before any process starts.
 
     bf16 on CPU: ``model.dtype: bfloat16`` sets ``bf16=True`` (DeepSpeed's ``bf16`` section and its
-    bf16 ZeRO optimizer) also without CUDA, so CI runs the bf16 paths. See ``bf16_on_cpu``."""
+    bf16 ZeRO optimizer) also without CUDA, so CI runs the bf16 paths. See ``bf16_on_cpu``.
+
+    Raises:
+        ConfigError: transformers refuses a value (its message, on one line).
+    """
     import torch
     from transformers import TrainingArguments
 
@@ -282,10 +299,14 @@ def build_training_arguments(cfg: RunConfig):
     from packlora.training.preflight import deepspeed_path
 
     dtype = resolve_dtype(cfg.model.dtype)
-    kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500)
+    # One packed row per micro-batch unless the config says otherwise: a row already holds
+    # max_seq_length tokens, and transformers' default of 8 rows multiplies the logits' memory by 8
+    # (``training/memory.py``); raise gradient_accumulation_steps for a larger optimizer step.
+    kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500,
+                  per_device_train_batch_size=DEFAULT_MICRO_BATCH, per_device_eval_batch_size=DEFAULT_MICRO_BATCH)
     if cfg.data.eval or cfg.data.eval_split is not None:  # an evaluation set: evaluate as often as we save
         kwargs.update(eval_strategy="steps", eval_steps=cfg.training.get("save_steps", 500),
-                      per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8))
+                      per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", DEFAULT_MICRO_BATCH))
     if cfg.early_stopping_patience:
         kwargs.update(load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False)
     kwargs.update(cfg.training)
@@ -299,7 +320,14 @@ def build_training_arguments(cfg: RunConfig):
         remove_unused_columns=False,
     )
     with bf16_on_cpu(dtype == torch.bfloat16 and not torch.cuda.is_available()):
-        return TrainingArguments(**kwargs)
+        try:
+            return TrainingArguments(**kwargs)
+        except ValueError as e:  # transformers' own rules on the values (strategies, schedulers, precision)
+            if isinstance(e, PackloraError):
+                raise
+            reason = "; ".join(line.strip("- ").strip() for line in str(e).splitlines() if line.strip())
+            raise ConfigError([f"training: transformers.TrainingArguments refuses these settings: {reason}"],
+                              "the run config") from None
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from packlora.launcher import cli
 from tiny_assets import QWEN2_TOKENIZER
 from packlora.launcher.commands import build_argv, deepspeed_argv, format_command, torchrun_argv
 from packlora.launcher.spec import LaunchSpec
+from packlora.launcher.supervise import Outcome
 
 
 def _spec(**fields) -> LaunchSpec:
@@ -193,7 +194,7 @@ def config_file(tmp_path, monkeypatch):
 
 
 def test_a_bad_config_fails_before_anything_is_launched(config_file, capsys, monkeypatch):
-    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a bad config"))
+    monkeypatch.setattr(cli, "run_supervised", lambda *a, **k: pytest.fail("launched despite a bad config"))
     with pytest.raises(SystemExit) as excinfo:
         cli.main([config_file, "--dry-run", "training.warmup_ratio=0.1", "lora.r=0"])
     err = capsys.readouterr().err
@@ -313,6 +314,7 @@ def test_more_cpu_processes_than_cpu_cores_warns_on_a_machine_without_gpu(config
 def test_no_cpu_warning_with_gpus(config_file, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_usable_cpus", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_check_training_arguments", lambda cfg: None)  # bf16 on a faked GPU cannot be built
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
@@ -325,9 +327,9 @@ def test_launch_runs_the_printed_command_and_returns_its_exit_code(config_file, 
 
     def fake_run(argv, env):
         calls.append((argv, env))
-        return type("Done", (), {"returncode": 3})()
+        return Outcome(returncode=3)
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(cli, "run_supervised", fake_run)
     monkeypatch.setattr(cli.shutil, "which", lambda name: f"/venv/bin/{name}")
     monkeypatch.setenv("PACKLORA_TEST_MARKER", "kept")
 
@@ -344,6 +346,7 @@ def test_launch_runs_the_printed_command_and_returns_its_exit_code(config_file, 
 @pytest.mark.parametrize(("visible", "ok"), [("2,3", False), ("0,1", True), ("0,1,2,3", True)])
 def test_deepspeed_refuses_cuda_visible_devices_it_would_ignore(config_file, capsys, monkeypatch, visible, ok):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_check_training_arguments", lambda cfg: None)  # bf16 on a faked GPU cannot be built
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     argv = [config_file, "--nproc-per-node", "2", "--master-port", "29511", "--dry-run"]
@@ -359,6 +362,7 @@ def test_deepspeed_refuses_cuda_visible_devices_it_would_ignore(config_file, cap
 
 def test_gpu_default_is_one_process_per_visible_gpu(config_file, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_check_training_arguments", lambda cfg: None)  # bf16 on a faked GPU cannot be built
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
@@ -368,7 +372,7 @@ def test_gpu_default_is_one_process_per_visible_gpu(config_file, capsys, monkeyp
 
 
 def test_a_bad_record_fails_the_launch_before_any_process_starts(config_file, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a bad record"))
+    monkeypatch.setattr(cli, "run_supervised", lambda *a, **k: pytest.fail("launched despite a bad record"))
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"text": "fine"}\n{"prompt": "Hi", "completion": "Yes."}\n')
     with pytest.raises(SystemExit) as excinfo:
