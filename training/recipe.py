@@ -247,6 +247,20 @@ class TrainingRecipe:
                 "= %d rows = %d token slots per optimizer step; %d packed rows -> %d optimizer steps per epoch",
                 micro, L, procs, accum, per_step, per_step * L, rows, steps_per_epoch,
             )
+            logger.info("%s", self._memory_estimate(micro).describe())
+
+    def _memory_estimate(self, micro: int):
+        """The logits and activations one micro-batch needs on each rank (``training/memory.py``)."""
+        from transformers import AutoConfig
+
+        from packlora.training.memory import estimate_memory
+        from packlora.training.model import resolve_dtype
+
+        cfg = self.cfg
+        config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=cfg.model.trust_remote_code)
+        return estimate_memory(config, micro_batch=micro, max_seq_length=cfg.data.max_seq_length,
+                               dtype_bytes=resolve_dtype(cfg.model.dtype).itemsize,
+                               attn_implementation=cfg.model.attn_implementation, lora=cfg.lora)
 
     def _fault_injection(self) -> list:
         from packlora.training import distributed
