@@ -118,6 +118,19 @@ def iter_records(
                     skipped.append(err)
 
 
+def json_error(e: json.JSONDecodeError) -> str:
+    """A ``JSONDecodeError`` as ``what at column N``, without the doubled "at" of messages that end
+    with it ("Unterminated string starting at").
+
+    >>> try:
+    ...     json.loads('{"text": "abc')
+    ... except json.JSONDecodeError as e:
+    ...     json_error(e)
+    'Unterminated string starting at column 10'
+    """
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+
 def parse_line(raw: bytes, src: Source, format: str = "auto") -> ChatRecord | TextRecord:
     """Decode and validate one raw JSONL line (see ``read_records``).
 
@@ -140,7 +153,7 @@ def parse_line(raw: bytes, src: Source, format: str = "auto") -> ChatRecord | Te
         obj = json.loads(line.rstrip("\r\n"))  # a truncated line then reads "Unterminated string"
     except json.JSONDecodeError as e:
         raise RecordError(
-            src, f"invalid JSON ({e.msg} at column {e.colno}); fix or remove this line", "invalid_json"
+            src, f"invalid JSON ({json_error(e)}); fix or remove this line", "invalid_json"
         ) from None
     if not isinstance(obj, dict):
         raise RecordError(src, f"expected a JSON object, got {type(obj).__name__}", "not_an_object")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from packlora.core.cli import cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry
 from packlora.decoding.decode import decode_file, read_prompts  # noqa: F401  (read_prompts: the library API)
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,15 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="> 0; divides the logits of tokens already in the row (CTRL); 1.0 = off (default), "
                         "Qwen2.5-Instruct uses 1.05")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
+
+
+def add_stop_flags(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--stop-string``, shared by ``decode`` and ``eval-runaway``: the decode the
+    README prescribes can be measured as it is run."""
+    p.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
+                   help="multi-token stop string, repeatable (e.g. $'\\nuser\\n'); each reply is cut before it")
+    p.add_argument("--preset", default=None, help="style preset (zhang_henshui, shishuo, none, or a YAML path): "
+                   "system prompt + guard for prompts without a system message, plus its stop tokens")
 
 
 def sampling_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -100,17 +109,15 @@ def _parser() -> argparse.ArgumentParser:
                         "else generation_config.json's max_new_tokens, else 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
     add_sampling_flags(p)
+    add_debug_flag(p)
     p.add_argument("--limit", type=_positive_int, default=None, help="decode only the first N prompts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
-                   help="multi-token stop string, repeatable (e.g. $'\\nuser\\n'); each reply is cut before it")
     p.add_argument("--stream", action="store_true",
                    help="print each reply as it is generated (one prompt at a time; --batch-size is ignored)")
     p.add_argument("--no-stop-ids", action="store_true",
                    help="EXPERIMENTS ONLY: ignore the checkpoint's stop ids and stop at the tokenizer's eos "
                         "token alone, to see what the model does when nothing stops it at the end of turn")
-    p.add_argument("--preset", default=None, help="style preset (zhang_henshui, shishuo, none, or a YAML path): "
-                   "system prompt + guard for prompts without a system message, plus its stop tokens")
+    add_stop_flags(p)
     return p

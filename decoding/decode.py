@@ -21,7 +21,7 @@ from pathlib import Path
 
 from packlora.core.errors import InputError, MissingPathError
 from packlora.data_utils.chat_format import ChatFormat
-from packlora.data_utils.records import RecordError, parse_record
+from packlora.data_utils.records import RecordError, json_error, parse_record
 from packlora.data_utils.types import Source, TextRecord
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def _iter_prompts(path: Path) -> Iterator[Prompt]:
             except UnicodeDecodeError as e:
                 raise RecordError(src, f"not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8")
             except json.JSONDecodeError as e:
-                raise RecordError(src, f"invalid JSON ({e.msg} at column {e.colno}); fix or remove this line")
+                raise RecordError(src, f"invalid JSON ({json_error(e)}); fix or remove this line")
             if not isinstance(obj, dict):
                 raise RecordError(src, f"expected a JSON object, got {type(obj).__name__}")
             record = parse_record(obj, src, prompt=True)

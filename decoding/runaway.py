@@ -237,6 +237,7 @@ def evaluate_runaway(
     batch_size: int = 8,
     synced_gpus: bool | None = None,
     sampling: Sampling = GREEDY,
+    stop_strings: Sequence[str] = (),
 ) -> RunawayReport:
     """Decode every prompt (greedily unless ``sampling`` says otherwise) and measure the runaway metrics.
 
@@ -249,6 +250,7 @@ def evaluate_runaway(
         batch_size: prompts per ``generate`` call.
         synced_gpus: see ``generate_replies`` (ZeRO-3 with several ranks).
         sampling: a ``Sampling``, passed to ``generate_replies`` (default: greedy, no penalty).
+        stop_strings: multi-token stop strings (``decoding.stop_strings``), as ``decode --stop-string``.
 
     Returns:
         The ``RunawayReport``.
@@ -256,7 +258,7 @@ def evaluate_runaway(
     used = naive_stop_ids(fmt) if no_stop_ids else list(stop_ids)
     replies = generate_replies(
         model, fmt, [list(m) for m, _, _ in prompts], used, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, synced_gpus=synced_gpus, sampling=sampling,
+        batch_size=batch_size, synced_gpus=synced_gpus, sampling=sampling, stop_strings=stop_strings,
     )
     results = [score_reply(r, ref, fmt, src) for r, (_, ref, src) in zip(replies, prompts, strict=True)]
     return summarize(results, used, max_new_tokens, no_stop_ids)

@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from packlora.core.cli import add_debug_flag, cli_entry
 from packlora.launcher.commands import OOM_HINT, build_argv, format_command
 from packlora.launcher.hostfile import HostfileError, read_hostfile
 from packlora.launcher.ports import choose_port, explicit_port
@@ -77,6 +78,7 @@ def _check_training_arguments(cfg) -> None:
     build_training_arguments(cfg)
 
 
+@cli_entry("packlora launch")
 def main(argv: list[str]) -> int:
     """Run ``packlora launch ARGV``.
 
@@ -210,7 +212,7 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSp
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="packlora launch",
-        description="Start `python -m packlora.train CONFIG [key.sub=value ...]` on every process.",
+        description="Start 'python -m packlora.train CONFIG [key.sub=value ...]' on every process.",
     )
     p.add_argument("config", help="training YAML config; must exist")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, passed on in order")
@@ -218,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
         "--launcher",
         choices=(*LAUNCHERS, "slurm"),
         default="deepspeed",
-        help="slurm: submit a batch job and wait, as `packlora slurm ... --submit --wait` (default: %(default)s)",
+        help="slurm: submit a batch job and wait, as 'packlora slurm ... --submit --wait' (default: %(default)s)",
     )
     p.add_argument("--nnodes", type=int, help="number of machines (default: the hostfile's hosts, else 1)")
     p.add_argument(
@@ -263,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true",
                    help="check everything the launch checks, print the command and exit; starts nothing, deletes nothing")
+    add_debug_flag(p)
     return p
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packlora.core.cli import add_debug_flag, cli_entry
 from packlora.launcher import sinfo
 from packlora.launcher.ports import explicit_port
 from packlora.launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S, SLURM_LAUNCHERS, SlurmSpec, sbatch_script
@@ -31,6 +32,7 @@ from packlora.launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S,
 SCRIPT_NAME = "packlora.sbatch"
 
 
+@cli_entry("packlora slurm")
 def main(argv: list[str], cfg=None) -> int:
     """Run ``packlora slurm ARGV``; ``cfg`` is the config already loaded with its overrides (by
     ``packlora launch --launcher slurm``), else it is loaded here.
@@ -218,4 +220,5 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; write nothing")
     p.add_argument("--submit", action="store_true", help="submit the script with sbatch")
     p.add_argument("--wait", action="store_true", help="with --submit: wait for the job, return its exit code")
+    add_debug_flag(p)
     return p

@@ -13,17 +13,17 @@ import argparse
 import os
 import sys
 
-from packlora.core.cli import DEBUG_FLAG, DEBUG_HELP, cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry, description
 
 
 @cli_entry("packlora train")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="packlora train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="packlora train", description=description(__doc__))
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the run output_dir already holds first (rank 0, before the process group exists)")
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    add_debug_flag(parser)
     ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     from packlora.training.process import start_process

@@ -117,13 +117,16 @@ class TrainingRecipe:
         from packlora.data_utils.collator import PackedCollator
         from packlora.training.backends import backend
         from packlora.training.init_from import init_adapter
-        from packlora.training.model import build_model
+        from packlora.training.model import align_special_tokens, build_model
         from packlora.training.preemption import STOP_FILE_ENV, StopRequest
         from packlora.training.run_dir import refuse_finished_resume
         from packlora.training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
 
         cfg, args = self.cfg, self.args
         model = build_model(self.base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
+        in_force = align_special_tokens(model, self.tokenizer, self.stop_ids, self.pad_id)  # before the Trainer checks
+        if self.main_rank:
+            logger.info("%s", in_force)
         collator = PackedCollator(
             pad_token_id=self.pad_id, flash_attn_varlen=backend(cfg.model.attn_implementation).flattened_batch,
             loss_normalization=cfg.loss_normalization, isolate_segments=not self.legacy,
