@@ -156,7 +156,7 @@ class TrainingRecipe:
         trainer.save_model(str(self.out))
         if trainer.is_world_process_zero():
             self.extras.finish(self.out)
-            logger.info("training done: %s; checkpoint %s; TensorBoard logs %s",
+            logger.info("training done: %s; %s; checkpoint %s; TensorBoard logs %s", self._pace(),
                         json.dumps(self.result.metrics), self.out.resolve(), os.environ["TENSORBOARD_LOGGING_DIR"])
         trainer.accelerator.wait_for_everyone()
         shutdown_process_group()
@@ -198,6 +198,16 @@ class TrainingRecipe:
     @property
     def legacy(self) -> bool:
         return self.cfg.data.labels == "legacy_full_sequence"
+
+    def _pace(self) -> str:
+        """``N steps in T s (X s/step)``: the steps this process trained (after a resume, those since the
+        checkpoint) over the training loop's own wall time, start-up not counted. A step that takes
+        much longer than on an idle machine means a busy machine, not a hang."""
+        from packlora.training.run_dir import checkpoint_step
+
+        steps = self.result.global_step - ((checkpoint_step(self.resume) or 0) if self.resume else 0)
+        runtime = self.result.metrics.get("train_runtime", 0.0)
+        return f"{steps} steps in {runtime:.0f} s ({runtime / max(steps, 1):.2f} s/step)"
 
     def _log_start(self) -> None:
         from packlora.training.preflight import advice
