@@ -1,17 +1,22 @@
 """Run the launcher command as ``packlora launch``'s child and answer for its whole process tree.
 
-``run_supervised(argv, env)`` starts the launcher (``deepspeed`` or ``torchrun``) in a session of its
-own and then:
+``run_supervised(argv, env)`` starts the launcher (``deepspeed`` or ``torchrun``) as its child, in
+``packlora launch``'s own process group (so ``kill -9 -- -PGID`` still reaches every process), and then:
 
 * **Stops the tree on a signal.** SIGTERM (``kill``, ``timeout``, CI runners, supervisors), SIGINT
   (Ctrl-C) and SIGHUP (the terminal closed) sent to ``packlora launch`` are passed on as SIGTERM to
   every process of the tree: the launcher, its helpers and every rank, also those torchrun starts in
   sessions of their own. SIGTERM is the one signal each of them stops on without a traceback
   (deepspeed's ``launch.py`` and torchrun's agent then stop their children too; a training process
-  dies of it). The tree is snapshotted every ``POLL_S`` seconds while it runs, so a process whose
-  parent has already exited is still found. Whatever is left after ``GRACE_S`` seconds gets
-  SIGKILL. ``packlora launch`` then prints one line and exits ``128 + signal`` (143 for SIGTERM,
-  130 for SIGINT, 129 for SIGHUP), with no traceback. A second signal kills the tree at once.
+  dies of it). The tree starts with SIGINT ignored (an ignored signal stays ignored across
+  ``exec``, and Python then installs no ``KeyboardInterrupt`` handler), so the Ctrl-C a terminal
+  sends to the whole foreground group prints no traceback in deepspeed's runner or a rank; launchers
+  that set a SIGINT handler of their own keep it. The tree is snapshotted every ``POLL_S`` seconds
+  while it runs, so a process whose parent has already exited is still found. Whatever is left after
+  ``GRACE_S`` seconds gets SIGKILL. ``packlora launch`` then prints one line and exits
+  ``128 + signal`` (143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP), with no traceback. A second
+  signal kills the tree at once. SIGKILL to ``packlora launch`` alone cannot be passed on: send it
+  SIGTERM, or SIGKILL to its whole process group.
 * **Explains a rank killed by signal 9.** The launcher's output is passed through as it comes (in
   chunks, so progress bars still redraw) and scanned for the launchers' own reports of a child
   killed by SIGKILL (``KILLED_BY_SIGKILL``); the usual sender is the kernel's out-of-memory
@@ -60,12 +65,15 @@ def run_supervised(argv: list[str], env: dict[str, str]) -> Outcome:
     import psutil
 
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     seen: dict[int, float] = {}  # pid -> create_time of every process of the tree seen so far
     killed = threading.Event()
     signalled, deadline = 0, None
     try:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child: see the module docstring
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for s in STOP_SIGNALS:
+            signal.signal(s, lambda signum, frame: received.append(signum))
         pumps = [threading.Thread(target=_pump, args=(stream, out, killed), daemon=True)
                  for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
         for t in pumps:

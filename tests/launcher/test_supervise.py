@@ -65,3 +65,35 @@ def test_a_launchers_report_of_a_sigkill_is_noticed_and_its_output_passed_throug
     assert (outcome.returncode, outcome.killed_by_sigkill, outcome.stop_signal) == (247, True, None)
     out = capsys.readouterr()
     assert out.out == "step 1\n" and "exits with return code = -9" in out.err
+
+
+def test_a_terminals_ctrl_c_to_the_whole_group_prints_no_traceback_in_the_tree(tmp_path):
+    """A terminal sends SIGINT to every process of its foreground group: the launch stops the tree
+    (exit 130), and neither a Python launcher (as deepspeed's runner is) nor its Python "ranks" die of
+    a KeyboardInterrupt traceback."""
+    import os
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(textwrap.dedent("""\
+        import subprocess, sys
+        ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]) for _ in range(2)]
+        open(sys.argv[1] + "/pids", "w").write("".join(f"{p.pid}\\n" for p in ranks))
+        print("ready", flush=True)
+        for p in ranks:
+            p.wait()
+    """))
+    runner = RUNNER.replace('["bash", sys.argv[1], sys.argv[2]]', '[sys.executable, sys.argv[1], sys.argv[2]]')
+    with subprocess.Popen([sys.executable, "-c", runner, str(launcher), str(tmp_path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:  # fmt: skip
+        try:
+            assert proc.stdout.readline() == "ready\n"
+            ranks = [psutil.Process(int(pid)) for pid in (tmp_path / "pids").read_text().split()]
+            os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
+            _, err = proc.communicate(timeout=60)
+        except BaseException:
+            proc.kill()
+            raise
+    _, alive = psutil.wait_procs(ranks, timeout=5)
+
+    assert proc.returncode == 130, err
+    assert not alive and "Traceback" not in err and "KeyboardInterrupt" not in err, err
