@@ -20,7 +20,7 @@ def add_debug_flag(parser) -> None:
 def description(doc: str) -> str:
     """The first line of a module docstring as a ``--help`` description, without reST markup.
 
-    >>> description("``packlora export CKPT --merge OUT``: a :func:`merged` model, `plain`.\n\nMore.")
+    >>> description("``packlora export CKPT --merge OUT``: a :func:`merged` model, `plain`.\\n\\nMore.")
     'packlora export CKPT --merge OUT: a merged model, plain.'
     """
     line = doc.strip().splitlines()[0]

@@ -80,7 +80,7 @@ def logits_bytes(positions: int, vocab_size: int, dtype_bytes: int) -> int:
     """``positions x vocab_size x (dtype_bytes + 12)``: see the module docstring.
 
     >>> logits_bytes(8 * 1024, 151936, 4) / 1024**3   # 8 rows of 1,024 tokens, Qwen2's vocabulary, fp32
-    18.54736328125
+    18.546875
     """
     return positions * vocab_size * (dtype_bytes + LOGITS_EXTRA_BYTES)
 
