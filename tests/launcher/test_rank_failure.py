@@ -1,13 +1,18 @@
 """A rank that dies or hangs ends a real 2-process CPU run with a non-zero exit, in bounded time.
 
-The test hook ``PACKLORA_TEST_FAULT=RANK:STEP:exit|hang`` (``training.distributed``) makes rank 1
-``os._exit(17)`` or stop answering collectives after optimizer step 2 of 50. Measured behaviour:
+The test hook ``PACKLORA_TEST_FAULT=RANK:STEP:exit|kill|hang`` (``training.distributed``) makes rank 1
+``os._exit(17)``, die of SIGKILL or stop answering collectives after optimizer step 2 of 50. Measured behaviour:
 
 * ``exit``: the launcher (deepspeed's ``launch.py`` polls its children; torchrun's agent likewise)
   sees a child exit non-zero and kills its siblings at once;
 * ``hang``: rank 0 blocks in the next gloo collective until the collective timeout
   (``training.ddp_timeout``, here 20 s, passed by accelerate to ``deepspeed.init_distributed``)
-  raises, rank 0 exits non-zero, and the launcher kills the hung rank 1.
+  raises, rank 0 exits non-zero, and the launcher kills the hung rank 1;
+* ``kill``: rank 1 dies of SIGKILL (as the out-of-memory killer does it); ``packlora launch`` reads
+  the launcher's report and ends with the out-of-memory hint (``launcher.commands.OOM_HINT``).
+
+And ``kill`` (SIGTERM) on a running ``packlora launch`` stops its whole process tree: exit 143,
+one line, no traceback, no process of the run left (``launcher.supervise``).
 
     python -m pytest -m distributed tests/launcher/test_rank_failure.py -q
 """

@@ -327,6 +327,20 @@ def test_slurm_bad_config_is_reported_before_anything_is_queued(config_file, cap
     assert "training_max_steps: unknown key" in capsys.readouterr().err
 
 
+def test_slurm_refuses_an_output_dir_holding_a_run_and_overwrite_clears_it_before_writing_the_script(config_file, capsys):
+    old = config_file / "runs" / "x"
+    (old / "checkpoint-5").mkdir(parents=True)
+    (old / "packlora_config.yaml").write_text("output_dir: runs/x\n")
+    argv = ["configs/x.yaml", "--nodes", "1", "--gpus-per-node", "0"]
+    with pytest.raises(SystemExit):
+        slurm_cli.main([*argv, "--dry-run"])
+    assert "output_dir: runs/x already holds a run (checkpoint-5, packlora_config.yaml)" in capsys.readouterr().err
+
+    assert slurm_cli.main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in old.iterdir()) == ["slurm"]  # the old run gone, the new script written
+    assert "--overwrite: deleted the old run in" in capsys.readouterr().err
+
+
 def test_slurm_wait_without_submit_is_an_error(config_file, capsys):
     with pytest.raises(SystemExit):
         slurm_cli.main(["configs/x.yaml", "--nodes", "1", "--gpus-per-node", "0", "--wait"])
