@@ -44,6 +44,7 @@ import yaml
 
 from packlora.core.config import Section
 from packlora.core.errors import InputError, MissingPathError, StateError
+from packlora.core.quiet import peft_wrapping
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ def merge_adapter(ckpt: str | Path, base: str | Path | None = None):
 
     base = Path(base) if base is not None else resolve_base_model(ckpt)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    with warnings.catch_warnings():  # PEFT's advice to untie tied embeddings by hand: done just below
+    with warnings.catch_warnings(), peft_wrapping():  # PEFT's advice to untie by hand: done just below
         warnings.filterwarnings("ignore", message="Model with `tie_word_embeddings=True`")
         model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=False).eval()
     if untie_adapted_embeddings(model.get_base_model()):
@@ -464,7 +465,8 @@ def load_model(info: CheckpointInfo, dtype: Any, device: Any):
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, info.path, is_trainable=False)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base, info.path, is_trainable=False)
         inner = model.get_base_model()
     else:
         model = inner = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype, use_safetensors=True)

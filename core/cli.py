@@ -3,12 +3,29 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 from packlora.core.errors import PackloraError
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "show the traceback of an error instead of its one-line message (also PACKLORA_DEBUG=1)"
+
+
+def add_debug_flag(parser) -> None:
+    """List ``--debug`` in a subcommand's ``--help`` (``cli_entry`` reads it before the parser does)."""
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+
+
+def description(doc: str) -> str:
+    """The first line of a module docstring as a ``--help`` description, without reST markup.
+
+    >>> description("``packlora export CKPT --merge OUT``: a :func:`merged` model, `plain`.\\n\\nMore.")
+    'packlora export CKPT --merge OUT: a merged model, plain.'
+    """
+    line = doc.strip().splitlines()[0]
+    line = re.sub(r":[\w:]+:`([^`]*)`", r"\1", line)
+    return re.sub(r"``([^`]*)``|`([^`]*)`", lambda m: m.group(1) or m.group(2) or "", line)
 
 
 def cli_entry(prog: str):
@@ -38,11 +55,11 @@ def cli_entry(prog: str):
 
     def wrap(fn):
         @functools.wraps(fn)
-        def main(argv=None):
+        def main(argv=None, **kwargs):
             argv = list(sys.argv[1:] if argv is None else argv)
             debug = DEBUG_FLAG in argv or os.environ.get("PACKLORA_DEBUG") == "1"
             try:
-                return fn([a for a in argv if a != DEBUG_FLAG])
+                return fn([a for a in argv if a != DEBUG_FLAG], **kwargs)
             except PackloraError as e:
                 if debug:
                     raise

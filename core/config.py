@@ -194,16 +194,32 @@ def load_yaml_config(path, overrides, build):
     if not isinstance(raw, dict):
         raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], str(path))
     over = parse_overrides(list(overrides))
-    keys = [o.partition("=")[0] for o in overrides]
     try:
         return build(merge(raw, over), source=str(path))
     except ConfigError as e:
-        def from_cli(problem: str) -> bool:
-            head = problem.split(":", 1)[0]
-            return any(head == k or head.startswith(k + ".") or k.startswith(head + ".") for k in keys)
+        raise ConfigError(mark_command_line(e.problems, overrides), config_source(path, overrides)) from None
 
-        marked = [f"{p} (set on the command line)" if from_cli(p) else p for p in e.problems]
-        raise ConfigError(marked, str(path) + (" with the command-line overrides" if keys else "")) from None
+
+def config_source(path, overrides) -> str:
+    """Where a config's problems come from: ``path``, plus "with the command-line overrides" when any."""
+    return str(path) + (" with the command-line overrides" if overrides else "")
+
+
+def mark_command_line(problems, overrides) -> list[str]:
+    """``problems`` (each starting with its key, ``key: ...``) with "(set on the command line)" added
+    to each whose key an override set, so a typo on the command line is not blamed on the file.
+
+    >>> mark_command_line(["training.max_step: unknown key", "lora.r: must be >= 1"], ["training.max_step=8"])
+    ['training.max_step: unknown key (set on the command line)', 'lora.r: must be >= 1']
+    """
+    keys = [o.partition("=")[0] for o in overrides]
+
+    def from_cli(problem: str) -> bool:
+        head = problem.split(":", 1)[0]
+        return any(head == k or head.startswith(k + ".") or k.startswith(head + ".") for k in keys)
+
+    return [f"{p} (set on the command line)" if from_cli(p) and not p.endswith("(set on the command line)") else p
+            for p in problems]
 
 
 def build_config(cls, raw: dict, sections: dict, source: str, nullable=()):

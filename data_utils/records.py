@@ -287,6 +287,19 @@ def _check_unchanged(f, before: os.stat_result, name: str, at_end: bool) -> None
                             "version; let the writer finish (or copy the file) and run again", "changed_while_read")
 
 
+def json_error(e: json.JSONDecodeError) -> str:
+    """A ``JSONDecodeError`` as ``what at column N``, without the doubled "at" of messages that end
+    with it ("Unterminated string starting at").
+
+    >>> try:
+    ...     json.loads('{"text": "abc')
+    ... except json.JSONDecodeError as e:
+    ...     json_error(e)
+    'Unterminated string starting at column 10'
+    """
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+
 def parse_line(raw: bytes | list[bytes], src: Source, format: str = "auto", prompt: bool = False) -> ChatRecord | TextRecord:
     """Decode and validate one raw JSONL line (see ``read_records``; ``prompt``: see ``parse_record``).
 
@@ -324,7 +337,7 @@ def parse_line(raw: bytes | list[bytes], src: Source, format: str = "auto", prom
             except (RecursionError, ValueError):
                 pass
         raise RecordError(
-            src, f"invalid JSON ({e.msg} at column {e.colno}); fix or remove this line", "invalid_json"
+            src, f"invalid JSON ({json_error(e)}); fix or remove this line", "invalid_json"
         ) from None
     except RecursionError:
         raise RecordError(src, "JSON nested too deep for Python's reader (more than ~1,000 levels of [ or {); "

@@ -32,7 +32,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from packlora.core.cli import cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry, description
 from packlora.core.errors import InputError, MissingPathError, PathError
 from packlora.data_utils.records import RecordError, data_file_error, iter_lines, parse_line
 from packlora.data_utils.types import ChatRecord
@@ -239,7 +239,7 @@ def _by_turns(turns: list[int]) -> dict[str, int]:
 @cli_entry("packlora subset")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``packlora subset``: 0 ok, 1 bad input, 2 bad flags."""
-    p = argparse.ArgumentParser(prog="packlora subset", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="packlora subset", description=description(__doc__))
     p.add_argument("--input", required=True, help="JSONL records (chats or {\"text\"})")
     p.add_argument("--output", required=True, help="JSONL to write; the manifest goes beside it")
     p.add_argument("--ratio", type=float, required=True, help="fraction of records to keep, in (0, 1], e.g. 0.2")
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to measure length in tokens "
                    "(default: characters)")
     p.add_argument("--bins", type=int, default=10, help="length bins per turn count (default 10 = deciles)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     m = make_subset(args.input, args.output, args.ratio, args.seed, args.stratify, args.tokenizer, args.bins)
     q0, q1 = m["length_quantiles"]["source"], m["length_quantiles"]["subset"]

@@ -73,18 +73,13 @@ def decode_file(
     *,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    sampling=None,
     dtype=None,
     device=None,
     preset: str | None = None,
     stop_strings: tuple[str, ...] | list[str] = (),
     no_stop_ids: bool = False,
     stream: bool = False,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
 ) -> list[dict]:
     """Decode the prompts of ``input_path`` and write one JSON line per prompt to ``output_path``.
 
@@ -95,8 +90,9 @@ def decode_file(
             directory is created, the file overwritten, and each batch flushed as it is done.
         limit: decode only the first ``limit`` prompts.
         max_new_tokens: default: the checkpoint's (``LoadedCheckpoint.max_new_tokens``).
-        batch_size, do_sample, temperature, top_p, seed, top_k, repetition_penalty: as in
-            ``generate_replies``.
+        batch_size: as in ``generate_replies``.
+        sampling: a ``decoding.generate.Sampling`` (default: greedy). Batch k is decoded with its seed
+            moved by the index of its first prompt (``Sampling.for_offset``).
         dtype, device: as in ``load_checkpoint`` (ignored for a ``LoadedCheckpoint``).
         preset: a style preset name or YAML path (``presets/``): applied to every prompt as in
             training (``presets.apply_preset``), and its stop tokens join the stop ids.
@@ -116,6 +112,7 @@ def decode_file(
         and ``generate_replies``; also an input file with no prompt.
     """
     from packlora.decoding.generate import (
+        GREEDY,
         LoadedCheckpoint,
         check_decoding_settings,
         generate_replies,
@@ -124,10 +121,10 @@ def decode_file(
     )
     from packlora.decoding.stop_strings import StopStringMatcher
 
+    sampling = GREEDY if sampling is None else sampling
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive int, got {limit!r}")
-    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-                            top_k=top_k, repetition_penalty=repetition_penalty)
+    check_decoding_settings(max_new_tokens, batch_size, sampling)
     prompts = read_prompts(input_path, limit)
     if not prompts:
         raise InputError(f"{input_path} holds no prompts; give a JSONL file with at least one chat to reply to")
@@ -141,11 +138,9 @@ def decode_file(
     max_new_tokens = ckpt.max_new_tokens if max_new_tokens is None else max_new_tokens
     # every stop string generation honours, the model's own included: what the streamer must hold back
     active_strings = [*StopStringMatcher(stop_strings).stop_strings, *model_stop_strings(ckpt.model)]
-    mode = (f"sampling (temperature {temperature}, top_p {top_p}, top_k {top_k}, seed {seed})" if do_sample
-            else "greedy") + (f", repetition_penalty {repetition_penalty}" if repetition_penalty != 1.0 else "")
     logger.info(
         "decoding %d prompts from %s: %s, max_new_tokens %s, batch_size %s, stop ids %s",
-        len(prompts), input_path, mode, max_new_tokens, batch_size,
+        len(prompts), input_path, sampling.describe(), max_new_tokens, batch_size,
         ckpt.fmt.format_ids(ckpt.stop_ids),
     )
 
@@ -160,9 +155,7 @@ def decode_file(
             streamer = _streamer(ckpt, active_strings, chunk[0]) if stream else None
             replies = generate_replies(
                 ckpt.model, ckpt.fmt, [list(p.messages) for p in chunk], ckpt.stop_ids,
-                max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
-                temperature=temperature, top_p=top_p, seed=None if seed is None else seed + start,
-                top_k=top_k, repetition_penalty=repetition_penalty,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, sampling=sampling.for_offset(start),
                 stop_strings=stop_strings, streamer=streamer,
             )
             for prompt, reply in zip(chunk, replies, strict=True):

@@ -11,6 +11,7 @@ left-padded so that every row's next token is generated in the same column::
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,6 +86,102 @@ class LoadedCheckpoint:
         return self.fmt.tokenizer
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampling:
+    """How each next token is chosen: greedy (the default) or sampled, built once from the command
+    line (``decoding.cli.sampling_settings``) and passed through unchanged. Validates itself: one
+    ``InputError`` lists every bad field.
+
+    Qwen2.5-Instruct's ``generation_config.json`` samples with
+    ``Sampling(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)``.
+
+    Example:
+        >>> Sampling().describe()
+        'greedy'
+        >>> Sampling(do_sample=True, temperature=0.7, seed=3).for_offset(8).seed
+        11
+        >>> Sampling(temperature=0.7)
+        Traceback (most recent call last):
+        ...
+        packlora.core.errors.InputError: bad decoding settings: temperature=0.7 only applies when sampling; set do_sample=True or drop temperature
+    """
+
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; > 0, and 1.0 unless ``do_sample``."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]: sample among the most likely tokens whose probabilities add up to it."""
+    top_k: int = 0
+    """Sample among the ``top_k`` most likely tokens only; 0 = off, and 0 unless ``do_sample``."""
+    repetition_penalty: float = 1.0
+    """> 0; 1.0 = off; greedy or sampling. The logit of every token already in the row (prompt
+    included) is divided by it when positive, multiplied when negative (Keskar et al. 2019, "CTRL",
+    arXiv:1909.05858, eq. 3; ``transformers.RepetitionPenaltyLogitsProcessor``)."""
+    seed: int | None = None
+    """Seeds sampling in a forked RNG (the global torch RNG is left untouched); None unless ``do_sample``."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise InputError("bad decoding settings: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every bad field, each naming it and its value."""
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        problems = [f"{name} must be a number, got {getattr(self, name)!r}" for name in ("temperature", "top_p")
+                    if not number(getattr(self, name))]
+        if not isinstance(self.do_sample, bool):
+            problems.append(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            problems.append(f"seed must be an int or None, got {self.seed!r}")
+        if problems:
+            return problems
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        penalty = self.repetition_penalty
+        if not (number(penalty) and penalty > 0):
+            problems.append(f"repetition_penalty must be > 0 (1.0 = off), got {penalty!r}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                problems.append(
+                    f"temperature must be > 0 when sampling, got {self.temperature!r}; use do_sample=False for greedy"
+                )
+            if not 0 < self.top_p <= 1:
+                problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        else:
+            for name, default in (("temperature", 1.0), ("top_p", 1.0), ("seed", None), ("top_k", 0)):
+                value = getattr(self, name)
+                if value != default:
+                    problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
+        return problems
+
+    def for_offset(self, offset: int) -> "Sampling":
+        """The settings for a batch whose first prompt is number ``offset``: the seed moved by it."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + offset)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The ``model.generate`` keywords these settings fix (the seed is applied by the caller)."""
+        kwargs: dict[str, Any] = dict(do_sample=self.do_sample, repetition_penalty=self.repetition_penalty)
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=None, typical_p=1.0)
+        return kwargs
+
+    def describe(self) -> str:
+        """One phrase for logs: ``greedy`` or ``sampling (temperature …)``, plus the penalty when on."""
+        mode = (f"sampling (temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}, seed {self.seed})"
+                if self.do_sample else "greedy")
+        return mode + (f", repetition_penalty {self.repetition_penalty}" if self.repetition_penalty != 1.0 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what ``eval-runaway`` writes under ``"decoding"``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+GREEDY = Sampling()
+"""Greedy decoding, no repetition penalty: the default everywhere."""
+
+
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> LoadedCheckpoint:
@@ -137,26 +234,19 @@ def generate_replies(
     stop_ids: Sequence[int],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    sampling: Sampling = GREEDY,
     stop_strings: Sequence[str] = (),
     streamer: Any = None,
     synced_gpus: bool | None = None,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
 ) -> list[Reply]:
     """Generate the next assistant turn of each conversation.
 
     Each conversation is rendered with the chat template and ``add_generation_prompt=True`` and
     tokenised with its messages' text kept as text (``ChatFormat.encode_prompt``). Batches of
     ``batch_size`` are left-padded (see the module docstring); ``tokenizer`` is not modified.
-    Decoding is exactly what the arguments say: greedy, or sampling with ``temperature``,
-    ``top_p`` and ``top_k``; ``repetition_penalty`` for either; one beam, whatever
-    ``model.generation_config`` holds. Qwen2.5-Instruct's ``generation_config.json`` samples with
-    ``temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05``. The model is put in eval
-    mode for the call and restored afterwards. Greedy replies do
+    Decoding is exactly what ``sampling`` says (greedy by default), with one beam, whatever
+    ``model.generation_config`` holds. The model is put in eval mode for the call and restored
+    afterwards. Greedy replies do
     not depend on ``batch_size``; sampled ones do (the random stream is shared by the batch).
 
     Args:
@@ -166,14 +256,7 @@ def generate_replies(
         stop_ids: ids that end a row (``ChatFormat.stop_ids``); each row stops on its own.
         max_new_tokens: the most tokens generated per row, the stop token included.
         batch_size: conversations per ``generate`` call.
-        do_sample: sample instead of greedy decoding.
-        temperature, top_p: sampling settings; must stay at 1.0 unless ``do_sample``.
-        top_k: sample among the ``top_k`` most likely tokens only (0 = off); only with ``do_sample``.
-        repetition_penalty: > 0; 1.0 = off. The logit of every token already in the row (prompt
-            included) is divided by it when positive, multiplied when negative (Keskar et al. 2019,
-            "CTRL", arXiv:1909.05858, eq. 3; ``transformers.RepetitionPenaltyLogitsProcessor``).
-        seed: seeds sampling in a forked RNG (the global torch RNG is left untouched); only
-            with ``do_sample``.
+        sampling: greedy or sampled decoding, repetition penalty and seed (``Sampling``).
         stop_strings: multi-token stop strings (``decoding.stop_strings``), matched on the decoded
             text of each row; the reply is cut before the match. The model's own
             ``generation_config.stop_strings`` (``model_stop_strings``) are honoured too.
@@ -195,8 +278,7 @@ def generate_replies(
     matcher = StopStringMatcher([*StopStringMatcher(stop_strings).stop_strings, *model_stop_strings(model)])
     if streamer is not None and batch_size != 1:
         raise InputError(f"streaming needs batch_size=1, got {batch_size}")
-    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-                            top_k=top_k, repetition_penalty=repetition_penalty)
+    check_decoding_settings(max_new_tokens, batch_size, sampling)
     if max_new_tokens is None:
         raise InputError("max_new_tokens must be a positive int, got None")
     for i, conv in enumerate(conversations):
@@ -216,20 +298,17 @@ def generate_replies(
         max_new_tokens=max_new_tokens,
         eos_token_id=list(stop_ids),
         pad_token_id=pad_id,
-        do_sample=do_sample,
         num_beams=1,
         num_return_sequences=1,
-        repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=0,
         min_new_tokens=None,
         return_dict_in_generate=False,
+        **sampling.generate_kwargs(),
     )
     if streamer is not None:
         gen_kwargs["streamer"] = streamer
     if synced_gpus is not None:
         gen_kwargs["synced_gpus"] = synced_gpus
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0)
 
     if matcher:  # transformers' own criterion (one tensor check per step) stops the row...
         # ...and needs the tokenizer whenever any stop string is active, the model's own included
@@ -243,8 +322,8 @@ def generate_replies(
     replies: list[Reply] = []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
-            if seed is not None:
-                torch.manual_seed(seed)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
             for start in range(0, len(prompt_ids), batch_size):
                 batch = _left_padded(tokenizer, prompt_ids[start : start + batch_size], pad_id)
                 out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **gen_kwargs)
@@ -314,11 +393,9 @@ def _left_padded(tokenizer: Any, rows: list[list[int]], pad_id: int) -> dict[str
                          return_attention_mask=True)
 
 
-def check_decoding_settings(
-    max_new_tokens: int | None, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int | None,
-    *, top_k: int = 0, repetition_penalty: float = 1.0,
-) -> None:
-    """Raise one ValueError listing every bad ``generate_replies`` setting (None = not chosen yet)."""
+def check_decoding_settings(max_new_tokens: int | None, batch_size: int, sampling: Sampling = GREEDY) -> None:
+    """Raise one ``InputError`` listing every bad ``generate_replies`` setting (None = not chosen yet).
+    ``sampling`` was checked when built; a value of another type is refused here."""
     problems = []
     if max_new_tokens is not None and (
         isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
@@ -326,22 +403,7 @@ def check_decoding_settings(
         problems.append(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        problems.append(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    penalty_ok = isinstance(repetition_penalty, (int, float)) and not isinstance(repetition_penalty, bool)
-    if not (penalty_ok and repetition_penalty > 0):
-        problems.append(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
-    if do_sample:
-        if not temperature > 0:
-            problems.append(
-                f"temperature must be > 0 when sampling, got {temperature!r}; use do_sample=False for greedy"
-            )
-        if not 0 < top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {top_p!r}")
-    else:
-        for name, value, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None),
-                                     ("top_k", top_k, 0)):
-            if value != default:
-                problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
+    if not isinstance(sampling, Sampling):
+        problems.append(f"sampling must be a decoding.generate.Sampling, got {type(sampling).__name__}")
     if problems:
         raise InputError("bad decoding settings: " + "; ".join(problems))

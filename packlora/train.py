@@ -10,17 +10,20 @@ the decoding it needs, which training does not import.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from packlora.core.cli import DEBUG_FLAG, DEBUG_HELP, cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry, description
 
 
 @cli_entry("packlora train")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="packlora train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="packlora train", description=description(__doc__))
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run output_dir already holds first (rank 0, before the process group exists)")
+    add_debug_flag(parser)
     ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     from packlora.training.process import start_process
@@ -29,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from packlora.decoding.decode import decode_file
     from packlora.decoding.runaway import evaluate_runaway
+    from packlora.training import run_dir
+    from packlora.training.distributed import rank
     from packlora.training.preflight import load_and_check
     from packlora.training.recipe import TrainingRecipe
 
-    cfg = load_and_check(ns.config, ns.overrides)
+    checked = os.environ.get(run_dir.CHECKED_ENV) == "1"  # `packlora launch` checked output_dir already
+    cfg = load_and_check(ns.config, ns.overrides, run_dir=not checked, overwrite=ns.overwrite)
+    if ns.overwrite and not checked and rank() == 0:  # no rank writes before the rendezvous: safe here
+        run_dir.clear_run(cfg.output_dir)
     return TrainingRecipe(cfg, decode_heldout=decode_file, evaluate_runaway=evaluate_runaway).run()
 
 

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from packlora.core import checkpoint as ckpt_format
-from packlora.core.cli import cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry, description
 from packlora.core.errors import MissingPathError, PathError
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,11 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
 @cli_entry("packlora export")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``packlora export``; 0 on success, 1 on a bad checkpoint or output directory."""
-    p = argparse.ArgumentParser(prog="packlora export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="packlora export", description=description(__doc__))
     p.add_argument("checkpoint", help="a LoRA checkpoint directory written by packlora (or PEFT)")
     p.add_argument("--merge", required=True, metavar="OUT_DIR", help="write the merged model to OUT_DIR")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="packlora export: %(message)s")

@@ -4,7 +4,9 @@ Tokenises and packs exactly as training would (same cache), then reports what is
 
     {"records": 3434, "heldout": 4, "examples": 3430, "dropped": {}, "rows": 370, "packing_efficiency": 0.982,
      "supervised_tokens": 75834, "role_markers_in_labels": 0, "control_tokens_in_labels": 0,
-     "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...}
+     "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...,
+     "sources": {"../shared/data/shishuo/stage2_rewrite.jsonl": {"lines_read": 3434, "records": 3434, "in_mix": 3430}},
+     "evaluation": {}}
 
 Without ``--json`` it prints the first packed rows with trained tokens in green (``--rows N``),
 followed by the same counts. Exit status 1 when the label audit fails, by the rule training applies
@@ -17,12 +19,13 @@ import argparse
 import json
 import sys
 
-from packlora.core.cli import cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry
 
 JSON_KEYS = (
     "records", "heldout", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",
     "role_markers_in_labels", "control_tokens_in_labels", "turns_with_end_of_turn_trained", "assistant_turns",
     "chat_format", "chats_with_guard", "chats_split_per_turn", "render_mismatch", "messages_with_control_text",
+    "sources", "evaluation",
 )
 
 
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--rows", type=int, default=1, help="packed rows to show in the coloured view (default 1)")
     parser.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
+    add_debug_flag(parser)
     ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     from datasets.utils.logging import disable_progress_bar
@@ -62,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         print("──")
         width = max(map(len, summary))
         for k, v in summary.items():
-            print(f"{k:<{width}}  {v}")
+            if k == "sources":  # one line per source: its lines, unique records, records in the training mix
+                for name, counts in v.items():
+                    print(f"{'source':<{width}}  {name}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+            elif k == "evaluation":
+                print(f"{k:<{width}}  " + (", ".join(f"{c} {n}" for c, n in v.items()) if v.get("records")
+                                           else "none (no data.eval or data.eval_split)"))
+            else:
+                print(f"{k:<{width}}  {v}")
     verdict = judge_labels(data.report, legacy=cfg.data.labels == "legacy_full_sequence")
     for problem in verdict.problems:
         print(f"label audit failed: {problem}", file=sys.stderr)

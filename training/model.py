@@ -9,6 +9,7 @@ import torch
 
 from packlora.core.checkpoint import BASE_MARKER, BASE_MODEL_DIR, set_stop_ids
 from packlora.core.errors import InputError
+from packlora.core.quiet import peft_wrapping
 from packlora.training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
 from packlora.training import varlen_attention  # noqa: F401  (registers attn_implementation varlen)
 from packlora.training.backends import cannot_train_here
@@ -166,10 +167,12 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | N
     if init_adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
         logger.info("continuing the LoRA adapter of %s", init_adapter)
     else:
-        model = get_peft_model(model, peft_cfg)
+        with peft_wrapping():
+            model = get_peft_model(model, peft_cfg)
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -189,3 +192,33 @@ def lora_shapes(model) -> dict[str, tuple[int, ...]]:
             shape = tuple(getattr(p, "ds_shape", p.shape))
             shapes[name.replace(".default", "")] = shape
     return shapes
+
+
+def align_special_tokens(model, tokenizer, stop_ids: list[int], pad_id: int) -> str:
+    """Set the model's eos, pad and bos (its config and its generation config) from the run's chat
+    format, before the Trainer compares them with the tokenizer.
+
+    transformers 5.24's ``Trainer`` (``trainer_utils.align_special_tokens``) rewrites any of them
+    that does not hold the tokenizer's own, and logs "Updated tokens: {'eos_token_id': 151643}": a
+    config-built base whose ``config.eos_token_id`` is a single id read as if ``<|im_end|>`` had been
+    dropped (it had not: the generation config keeps every stop id). Here ``eos_token_id`` becomes
+    the stop ids (plus the tokenizer's eos when they lack it: what transformers would add), and
+    ``pad_token_id`` the run's pad id, so the comparison finds nothing to change. Checkpoints
+    still get their ``generation_config.json`` from the stop ids alone (``core.checkpoint.write_extras``).
+
+    Returns:
+        One line for the log: the ids now in force.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    eos = list(stop_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    configs = [inner.config.get_text_config()]
+    if getattr(inner, "generation_config", None) is not None:
+        configs.append(inner.generation_config)
+    for c in configs:
+        c.eos_token_id, c.pad_token_id = list(eos), pad_id
+        if tokenizer.bos_token_id is not None:
+            c.bos_token_id = tokenizer.bos_token_id
+    return (f"stop ids in force: eos_token_id {eos} (model config and generation config), pad_token_id {pad_id}"
+            + (f", bos_token_id {tokenizer.bos_token_id}" if tokenizer.bos_token_id is not None else ""))

@@ -2,8 +2,9 @@
 
 ``training.config.load_config`` checks a config's shape without side effects; ``check_run`` then
 looks at the file system and the libraries: model, tokenizer, data and ``init_from`` paths, the
-DeepSpeed config, the preset, the resume checkpoint, and the ``training:`` keys against
-``transformers.TrainingArguments``. ``load_and_check`` does both and raises one ``ConfigError``.
+DeepSpeed config, the preset, the resume checkpoint, and the ``training:`` keys and value types
+against ``transformers.TrainingArguments``; ``run_dir_problems`` whether ``output_dir`` may take
+this run (``training/run_dir.py``). ``load_and_check`` does these and raises one ``ConfigError``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 from pathlib import Path
 
 from packlora.core.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, is_adapter, is_model
-from packlora.core.config import ConfigError, unknown_key
+from packlora.core.config import ConfigError, check_value, config_source, mark_command_line, unknown_key
 from packlora.core.errors import MissingPathError
 from packlora.training.config import OWNED_TRAINING_KEYS, RunConfig, load_config
 
@@ -48,12 +49,58 @@ def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
         p.append(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint directory; give an existing "
                  f"output_dir/checkpoint-N (relative to {Path.cwd()}), auto (the newest complete one), or null")
     if training_arguments:
-        from transformers import TrainingArguments
-
-        valid = [f.name for f in dataclasses.fields(TrainingArguments)]
-        p += [unknown_key(f"training.{k}", valid).replace("unknown key", "not a transformers.TrainingArguments field")
-              for k in cfg.training if k not in valid and k not in OWNED_TRAINING_KEYS]
+        p += training_key_problems(cfg.training)
     return p
+
+
+def training_key_problems(training: dict) -> list[str]:
+    """Every ``training:`` key that is not a ``transformers.TrainingArguments`` field (with a "did you
+    mean"), and every value whose type does not match the field's annotation (``core.config.check_value``:
+    ``training.learning_rate: abc`` is refused here, not in every rank). Imports transformers."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    hints = typing.get_type_hints(TrainingArguments)
+    p = []
+    for k, v in training.items():
+        if k in OWNED_TRAINING_KEYS:
+            continue
+        if k not in fields:
+            p.append(unknown_key(f"training.{k}", fields).replace("unknown key", "not a transformers.TrainingArguments field"))
+            continue
+        problem = check_value(v, hints[k], f"training.{k}")
+        if problem:
+            p.append(problem)
+    return p
+
+
+def run_dir_problems(cfg: RunConfig, overwrite: bool = False) -> list[str]:
+    """``output_dir`` against the run about to start (``training/run_dir.py``): a new run into a
+    directory holding another is refused unless ``overwrite``; ``overwrite`` with a resume is refused
+    (it would delete what the resume reads); a resume from a checkpoint at or past
+    ``training.max_steps`` is refused with both numbers."""
+    from packlora.training.checkpoint import find_resume_checkpoint
+    from packlora.training.run_dir import OVERWRITE_FLAG, finished_problem, foreign_entries, occupied_problem, run_markers
+
+    resume = cfg.training.get("resume_from_checkpoint")
+    if resume in (None, False, ""):
+        if not overwrite:
+            problem = occupied_problem(cfg.output_dir)
+            return [problem] if problem else []
+        foreign = foreign_entries(cfg.output_dir) if run_markers(cfg.output_dir) else []
+        return [f"output_dir: {OVERWRITE_FLAG} would delete the run in {cfg.output_dir}, but it also holds entries no "
+                f"packlora run writes ({', '.join(foreign[:6])}); give a new output_dir, or move them away"] if foreign else []
+    if overwrite:
+        return [f"training.resume_from_checkpoint: {resume!r} with {OVERWRITE_FLAG}, which deletes the run it would "
+                f"resume; drop one of them"]
+    ckpt = find_resume_checkpoint(cfg.output_dir) if resume in (True, "auto") else Path(resume)
+    max_steps = cfg.training.get("max_steps", -1)
+    if ckpt is None or not isinstance(max_steps, int) or isinstance(max_steps, bool):
+        return []
+    problem = finished_problem(ckpt, max_steps)
+    return [problem] if problem else []
 
 
 def _check_init_from(cfg: RunConfig) -> list[str]:
@@ -167,12 +214,15 @@ def _base_model_config(cfg: RunConfig) -> tuple[str, dict | None]:
     return f"{where} {path}", raw
 
 
-def load_and_check(path: str | Path, overrides=(), training_arguments: bool = True) -> RunConfig:
-    """``load_config`` then ``check_run``; raises one ``ConfigError`` with every problem."""
+def load_and_check(path: str | Path, overrides=(), training_arguments: bool = True, run_dir: bool = False,
+                   overwrite: bool = False) -> RunConfig:
+    """``load_config`` then ``check_run`` (and, with ``run_dir``, ``run_dir_problems(cfg, overwrite)``);
+    raises one ``ConfigError`` with every problem, those with a key set by an override marked
+    "(set on the command line)"."""
     cfg = load_config(path, overrides)
-    problems = check_run(cfg, training_arguments)
+    problems = check_run(cfg, training_arguments) + (run_dir_problems(cfg, overwrite) if run_dir else [])
     if problems:
-        raise ConfigError(problems, str(path))
+        raise ConfigError(mark_command_line(problems, overrides), config_source(path, overrides))
     return cfg
 
 

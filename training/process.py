@@ -12,8 +12,9 @@ from packlora.training import distributed
 # accelerate 1.15, DeepSpeed 0.19): deprecations inside the libraries, a C-compiler probe that
 # DeepSpeed's op builder logs at INFO, and accelerate's "Gradient accumulation steps mismatch" (its
 # own plugin says 1, DeepSpeed's config has training.gradient_accumulation_steps, and it takes
-# DeepSpeed's, which is right; the batch arithmetic line states the value).
-NOISE = (r"`is_gradient_checkpointing` is deprecated", r"`torch\.distributed\.\w+` is deprecated",
+# DeepSpeed's, which is right; the batch arithmetic line states the value). PEFT's
+# `is_gradient_checkpointing` warning is silenced where PEFT wraps a model (core/quiet.py).
+NOISE = (r"`torch\.distributed\.\w+` is deprecated",
          r"'pin_memory' argument is set as true but no accelerator is found")
 
 

@@ -24,10 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from packlora.core.errors import InputError
+from packlora.core.config import ConfigError
+from packlora.core.errors import InputError, PackloraError
 from packlora.training.config import RunConfig
 
 logger = logging.getLogger("packlora.train")
+DEFAULT_MICRO_BATCH = 1
+"""Rows per micro-batch (``per_device_train_batch_size`` and ``per_device_eval_batch_size``) when the
+config sets none: one packed row of ``data.max_seq_length`` tokens."""
 
 
 class LabelAuditError(InputError):
@@ -54,9 +58,15 @@ class TrainingRecipe:
         self.out = Path(cfg.output_dir)
 
     def run(self) -> int:
+        from packlora.training.run_dir import RunDirError
+
         self.setup()
         self.prepare_data()
-        self.train()
+        try:
+            self.train()
+        except RunDirError:  # every rank refuses the same resume together: leave the process group cleanly
+            shutdown_process_group()
+            raise
         if self.stop.stopped_at is not None:
             return self.exit_stopped()
         self.save()
@@ -112,12 +122,16 @@ class TrainingRecipe:
         from packlora.data_utils.collator import PackedCollator
         from packlora.training.backends import backend
         from packlora.training.init_from import init_adapter
-        from packlora.training.model import build_model
+        from packlora.training.model import align_special_tokens, build_model
         from packlora.training.preemption import STOP_FILE_ENV, StopRequest
+        from packlora.training.run_dir import refuse_finished_resume
         from packlora.training.trainer import CheckpointExtrasCallback, PackloraTrainer, StopOnRequestCallback
 
         cfg, args = self.cfg, self.args
         model = build_model(self.base_path, cfg.model, cfg.lora, cfg.seed, init_adapter=init_adapter(cfg))
+        in_force = align_special_tokens(model, self.tokenizer, self.stop_ids, self.pad_id)  # before the Trainer checks
+        if self.main_rank:
+            logger.info("%s", in_force)
         collator = PackedCollator(
             pad_token_id=self.pad_id, flash_attn_varlen=backend(cfg.model.attn_implementation).flattened_batch,
             loss_normalization=cfg.loss_normalization, isolate_segments=not self.legacy,
@@ -125,7 +139,7 @@ class TrainingRecipe:
         self.extras = CheckpointExtrasCallback(self.tokenizer, cfg.to_dict(), self.stop_ids, self.pad_id,
                                                cfg.decoding.max_new_tokens, model, data_order=self.data_order)
         self.stop = StopOnRequestCallback(StopRequest(os.environ.get(STOP_FILE_ENV) or None, args.process_index))
-        callbacks = [self.extras, *self._fault_injection(), self.stop]
+        callbacks = [self.extras, *refuse_finished_resume(self.resume), *self._fault_injection(), self.stop]
         if cfg.early_stopping_patience:
             from transformers import EarlyStoppingCallback
 
@@ -147,7 +161,7 @@ class TrainingRecipe:
         trainer.save_model(str(self.out))
         if trainer.is_world_process_zero():
             self.extras.finish(self.out)
-            logger.info("training done: %s; checkpoint %s; TensorBoard logs %s",
+            logger.info("training done: %s; %s; checkpoint %s; TensorBoard logs %s", self._pace(),
                         json.dumps(self.result.metrics), self.out.resolve(), os.environ["TENSORBOARD_LOGGING_DIR"])
         trainer.accelerator.wait_for_everyone()
         shutdown_process_group()
@@ -189,6 +203,16 @@ class TrainingRecipe:
     @property
     def legacy(self) -> bool:
         return self.cfg.data.labels == "legacy_full_sequence"
+
+    def _pace(self) -> str:
+        """``N steps in T s (X s/step)``: the steps this process trained (after a resume, those since the
+        checkpoint) over the training loop's own wall time, start-up not counted. A step that takes
+        much longer than on an idle machine means a busy machine, not a hang."""
+        from packlora.training.run_dir import checkpoint_step
+
+        steps = self.result.global_step - ((checkpoint_step(self.resume) or 0) if self.resume else 0)
+        runtime = self.result.metrics.get("train_runtime", 0.0)
+        return f"{steps} steps in {runtime:.0f} s ({runtime / max(steps, 1):.2f} s/step)"
 
     def _log_start(self) -> None:
         from packlora.training.preflight import advice
@@ -241,6 +265,20 @@ class TrainingRecipe:
                 "= %d rows = %d token slots per optimizer step; %d packed rows -> %d optimizer steps per epoch",
                 micro, L, procs, accum, per_step, per_step * L, rows, steps_per_epoch,
             )
+            logger.info("%s", self._memory_estimate(micro).describe())
+
+    def _memory_estimate(self, micro: int):
+        """The logits and activations one micro-batch needs on each rank (``training/memory.py``)."""
+        from transformers import AutoConfig
+
+        from packlora.training.memory import estimate_memory
+        from packlora.training.model import resolve_dtype
+
+        cfg = self.cfg
+        config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=cfg.model.trust_remote_code)
+        return estimate_memory(config, micro_batch=micro, max_seq_length=cfg.data.max_seq_length,
+                               dtype_bytes=resolve_dtype(cfg.model.dtype).itemsize,
+                               attn_implementation=cfg.model.attn_implementation, lora=cfg.lora)
 
     def _fault_injection(self) -> list:
         from packlora.training import distributed
@@ -275,11 +313,17 @@ class TrainingRecipe:
 
 
 def build_training_arguments(cfg: RunConfig):
-    """``TrainingArguments`` from the config: packlora's defaults, then ``training:``, then the keys
-    packlora owns (output_dir, deepspeed, seed, precision, remove_unused_columns).
+    """``TrainingArguments`` from the config: packlora's defaults (one row per micro-batch, TensorBoard,
+    a log line per step, a checkpoint every 500 steps), then ``training:``, then the keys packlora owns
+    (output_dir, deepspeed, seed, precision, remove_unused_columns). Has no side effects (no process
+    group, no directory): ``packlora launch`` builds it once to check the values before any process starts.
 
     bf16 on CPU: ``model.dtype: bfloat16`` sets ``bf16=True`` (DeepSpeed's ``bf16`` section and its
-    bf16 ZeRO optimizer) also without CUDA, so CI runs the bf16 paths. See ``bf16_on_cpu``."""
+    bf16 ZeRO optimizer) also without CUDA, so CI runs the bf16 paths. See ``bf16_on_cpu``.
+
+    Raises:
+        ConfigError: transformers refuses a value (its message, on one line).
+    """
     import torch
     from transformers import TrainingArguments
 
@@ -287,10 +331,14 @@ def build_training_arguments(cfg: RunConfig):
     from packlora.training.preflight import deepspeed_path
 
     dtype = resolve_dtype(cfg.model.dtype)
-    kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500)
+    # One packed row per micro-batch unless the config says otherwise: a row already holds
+    # max_seq_length tokens, and transformers' default of 8 rows multiplies the logits' memory by 8
+    # (``training/memory.py``); raise gradient_accumulation_steps for a larger optimizer step.
+    kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500,
+                  per_device_train_batch_size=DEFAULT_MICRO_BATCH, per_device_eval_batch_size=DEFAULT_MICRO_BATCH)
     if cfg.data.eval or cfg.data.eval_split is not None:  # an evaluation set: evaluate as often as we save
         kwargs.update(eval_strategy="steps", eval_steps=cfg.training.get("save_steps", 500),
-                      per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", 8))
+                      per_device_eval_batch_size=cfg.training.get("per_device_train_batch_size", DEFAULT_MICRO_BATCH))
     if cfg.early_stopping_patience:
         kwargs.update(load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False)
     kwargs.update(cfg.training)
@@ -304,7 +352,14 @@ def build_training_arguments(cfg: RunConfig):
         remove_unused_columns=False,
     )
     with bf16_on_cpu(dtype == torch.bfloat16 and not torch.cuda.is_available()):
-        return TrainingArguments(**kwargs)
+        try:
+            return TrainingArguments(**kwargs)
+        except ValueError as e:  # transformers' own rules on the values (strategies, schedulers, precision)
+            if isinstance(e, PackloraError):
+                raise
+            reason = "; ".join(line.strip("- ").strip() for line in str(e).splitlines() if line.strip())
+            raise ConfigError([f"training: transformers.TrainingArguments refuses these settings: {reason}"],
+                              "the run config") from None
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # file -> (bad line, message piece naming the field/problem, reason, good lines in the file)
 BAD = {
-    "truncated_json.jsonl": (2, "invalid JSON (Unterminated string", "invalid_json", 1),
+    "truncated_json.jsonl": (2, "invalid JSON (Unterminated string starting at column ", "invalid_json", 1),
     # the Latin-1 byte of "caf\xe9" sits at 0-based byte 14 + 17 + 12 + 3 = 46 of the line
     "non_utf8.jsonl": (2, "not valid UTF-8 (invalid continuation byte at byte 46)", "not_utf8", 1),
     "empty_line.jsonl": (2, "blank line; remove it", "blank_line", 2),

@@ -78,6 +78,25 @@ def test_a_bad_row_in_a_dataset_names_the_source_and_row(tmp_path):
         list(iter_source(SourceSpec(str(tmp_path / "bad.parquet"))))
 
 
+def test_a_json_object_holding_its_records_under_one_key_says_so_and_reads_with_field(tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"data": CHATS[:3]}))
+
+    with pytest.raises(ValueError, match=r"export\.json: its records sit under the key 'data' .* field: data"):
+        list(iter_source(SourceSpec(str(path))))
+    got = list(iter_source(SourceSpec(str(path), field="data")))
+    assert [r.messages[1].content for r in got] == ["Question 0?", "Question 1?", "Question 2?"]
+
+
+def test_a_dataset_without_any_record_column_names_its_columns_and_the_fix(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "Hi", "completion": "Yes."}]).to_parquet(str(tmp_path / "pc.parquet"))
+    with pytest.raises(ValueError, match=r"pc\.parquet: none of its columns \['prompt', 'completion'\] is a record "
+                                         r"field .*; map one with columns:"):
+        list(iter_source(SourceSpec(str(tmp_path / "pc.parquet"))))
+
+
 def test_source_problems_name_the_key_and_the_fix():
     with pytest.raises(Exception) as e:
         DataConfig(train=[{"path": "a.jsonl", "wieght": 2}, {"path": "b.jsonl", "weight": 0}])

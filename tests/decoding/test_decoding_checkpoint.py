@@ -109,12 +109,12 @@ def test_directory_without_model_raises(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_default_is_bf16_and_seeded_sampling_repeats(adapter_ckpt):
-    from packlora.decoding.generate import generate_replies
+    from packlora.decoding.generate import Sampling, generate_replies
 
     ckpt = load_checkpoint(adapter_ckpt[0] / "ckpt")
     param = next(ckpt.model.parameters())
     assert (param.device.type, param.dtype) == ("cuda", torch.bfloat16)
     convs = [[{"role": "user", "content": "Hello!"}], [{"role": "user", "content": "The quick brown fox"}]]
-    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=2.0, seed=0)
+    kwargs = dict(max_new_tokens=8, sampling=Sampling(do_sample=True, temperature=2.0, seed=0))
     first = generate_replies(ckpt.model, ckpt.fmt, convs, ckpt.stop_ids, **kwargs)
     assert first == generate_replies(ckpt.model, ckpt.fmt, convs, ckpt.stop_ids, **kwargs)
