@@ -320,8 +320,9 @@ def install_command(wheels: list[Wheel], wheel_dir: str, python: str = "python3"
 
 
 def e2e_command(shared: Path, work: Path, python: str = sys.executable) -> list[str]:
-    """``packlora launch`` of the bundled tiny config with ``attn_implementation: varlen`` (bf16 on CUDA)."""
-    return [python, "-m", "packlora.cli", "launch", "configs/shishuo_tiny.yaml", "model.attn_implementation=varlen",
+    """``packlora launch`` of the bundled tiny config with ``attn_implementation: varlen`` (bf16 on CUDA), into
+    a scratch ``output_dir`` that a rerun on the same machine replaces (``--overwrite``)."""
+    return [python, "-m", "packlora.cli", "launch", "configs/shishuo_tiny.yaml", "--overwrite", "model.attn_implementation=varlen",
             f"model.tokenizer={shared / 'assets/qwen2-tokenizer'}", f"data.train=[{shared / DATASETS['shishuo']}]",
             f"data.cache_dir={work / 'cache'}", f"output_dir={work / 'e2e'}", "training.max_steps=6",
             "training.save_steps=3", "training.report_to=[]", "data.eval_holdout=4", "decoding.max_new_tokens=16"]
@@ -520,7 +521,7 @@ def throughput(stage: str, shared: Path, work: Path, tiny: bool, reference_varle
     from packlora.training.data import prepare_run_data
     from packlora.training.model import build_model
     from packlora.training.trainer import PackloraTrainer
-    from packlora.train import build_training_arguments
+    from packlora.training.recipe import build_training_arguments
 
     cuda = torch.cuda.is_available()
     spec = TINY if tiny else QWEN25_05B

@@ -34,6 +34,57 @@ class LabelAudit:
     turns_with_end_of_turn_trained: int
 
 
+@dataclass(frozen=True, slots=True)
+class AuditVerdict:
+    """Whether a run's labels may be trained: the one rule ``packlora train`` and ``packlora inspect``
+    both apply (``judge_labels``).
+
+    Attributes:
+        problems: what fails the audit, one line each; empty when it passes.
+        legacy: the run reproduces the runaway bug on purpose (``data.labels: legacy_full_sequence``):
+            training then goes ahead with a warning instead of refusing.
+    """
+
+    problems: tuple[str, ...]
+    legacy: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    @property
+    def may_train(self) -> bool:
+        """Passed, or failed on purpose (legacy)."""
+        return self.passed or self.legacy
+
+
+def judge_labels(report, legacy: bool = False) -> AuditVerdict:
+    """The verdict on a data report's audit counts (``role_markers_in_labels``, ``control_tokens_in_labels``,
+    ``turns_with_end_of_turn_trained``, ``assistant_turns``: a ``DataReport`` or anything with them).
+
+    It fails when a role-marker token or a control token other than the end of turn carries a label
+    (the model would learn to write new turns), or when an assistant turn's end of turn is not
+    trained (the model would not learn to stop).
+
+    >>> from types import SimpleNamespace as R
+    >>> judge_labels(R(role_markers_in_labels=0, control_tokens_in_labels=0, turns_with_end_of_turn_trained=3,
+    ...                assistant_turns=3)).passed
+    True
+    >>> judge_labels(R(role_markers_in_labels=4, control_tokens_in_labels=0, turns_with_end_of_turn_trained=2,
+    ...                assistant_turns=3)).problems
+    ('4 role-marker tokens carry a label', '1 of 3 assistant turns do not train their end of turn')
+    """
+    problems = []
+    if report.role_markers_in_labels:
+        problems.append(f"{report.role_markers_in_labels} role-marker tokens carry a label")
+    if report.control_tokens_in_labels:
+        problems.append(f"{report.control_tokens_in_labels} control tokens other than the end of turn carry a label")
+    missing = report.assistant_turns - report.turns_with_end_of_turn_trained
+    if missing > 0:
+        problems.append(f"{missing} of {report.assistant_turns} assistant turns do not train their end of turn")
+    return AuditVerdict(tuple(problems), legacy)
+
+
 def loss_labels(labels: Sequence[int], seq_lens: Sequence[int]) -> list[int]:
     """``labels`` with the first label of every segment set to -100: what the loss sees.
 

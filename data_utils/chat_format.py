@@ -71,11 +71,15 @@ Example (the real Qwen2 tokenizer)::
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from packlora.core.errors import InputError
 from packlora.data_utils.types import IGNORE_INDEX, Segment
 
 FormatName = Literal["auto", "chatml", "qwen3", "llama3", "generic"]
@@ -112,16 +116,23 @@ SPECS: dict[str, FormatSpec] = {
 }
 
 
-class LabelError(ValueError):
-    """A chat that cannot be labelled exactly. ``reason`` is the data report's slug for it
-    (``template_mismatch``, ``no_end_of_turn``, ``reasoning_with_thinking_off``)."""
+LABEL_REASONS = ("template_mismatch", "no_end_of_turn", "reasoning_with_thinking_off", "template_error")
+"""Slugs of ``LabelError.reason``: why a chat cannot be labelled (an error, or a counted skip)."""
+
+
+class LabelError(InputError):
+    """A chat that cannot be labelled exactly. ``reason`` is the data report's slug for it, one of
+    ``LABEL_REASONS``."""
 
     def __init__(self, message: str, reason: str):
         self.reason = reason
         super().__init__(message)
 
+    def __reduce__(self):  # rebuilt from its fields when a tokenising worker sends it back
+        return type(self), (str(self), self.reason)
 
-class StopTokenError(ValueError):
+
+class StopTokenError(InputError):
     """A stop token string that is not exactly one token of the tokenizer."""
 
 
@@ -131,7 +142,8 @@ class EncodedChat:
 
     Attributes:
         examples: one ``Segment`` per example: usually one per chat; one per assistant turn when
-            ``per_turn`` (see the module docstring).
+            ``per_turn`` (see the module docstring). None for an example left untokenised because it
+            is certainly over ``encode_chat``'s ``max_length``.
         per_turn: the template renders earlier turns differently once a later turn exists, so the
             chat was split into one example per assistant turn.
         render_mismatch: for how many examples the decoded ids differ from the template's own
@@ -141,7 +153,7 @@ class EncodedChat:
         turns_per_example: the assistant turns trained in each example (one end of turn each).
     """
 
-    examples: tuple[Segment, ...]
+    examples: tuple[Segment | None, ...]
     turns_per_example: tuple[int, ...]
     per_turn: bool = False
     render_mismatch: int = 0
@@ -183,7 +195,7 @@ class ChatFormat:
     def __init__(self, tokenizer: Any, name: str = "auto", *, enable_thinking: bool | None = None,
                  train_reasoning: bool = True):
         if name not in FORMAT_NAMES:
-            raise ValueError(f"data.chat_format: {name!r} is not one of {list(FORMAT_NAMES)}")
+            raise InputError(f"data.chat_format: {name!r} is not one of {list(FORMAT_NAMES)}")
         template = _template(tokenizer)
         self.tokenizer = tokenizer
         self.name = detect_format(tokenizer) if name == "auto" else name
@@ -193,14 +205,14 @@ class ChatFormat:
         vocab = tokenizer.get_vocab()
         missing = [t for t in (self.spec.end_of_turn, self.spec.header_start, self.spec.header_end) if t and t not in vocab]
         if missing:
-            raise ValueError(f"data.chat_format: {self.name} needs the tokens {missing}, which this tokenizer lacks; "
+            raise InputError(f"data.chat_format: {self.name} needs the tokens {missing}, which this tokenizer lacks; "
                              "use chat_format: auto (detected: " + detect_format(tokenizer) + ")")
         if self.spec.end_of_turn is not None:
             self.end_of_turn_id = vocab[self.spec.end_of_turn]
         elif tokenizer.eos_token_id is not None:
             self.end_of_turn_id = tokenizer.eos_token_id
         else:
-            raise ValueError("the tokenizer has no eos token and its chat format is unknown, so no token ends a turn; "
+            raise InputError("the tokenizer has no eos token and its chat format is unknown, so no token ends a turn; "
                              "set the tokenizer's eos_token to the token its template closes a turn with")
         self.control_tokens = _control_tokens(tokenizer, template)
         self.control_ids = frozenset(vocab[t] for t in self.control_tokens)
@@ -214,6 +226,8 @@ class ChatFormat:
         self._reasoning_ids = (vocab[tags[0]], vocab[tags[1]]) if tags and all(t in vocab for t in tags) else None
         self._newline_ids = tokenizer.encode("\n", add_special_tokens=False)
         self._batch_backend = _plain_backend(tokenizer)
+        self._linear: bool | None = None  # whether the template allows _split_linear (found on first use)
+        self._max_chars: int | None = None  # _chars_per_token, found on first use
 
     def __repr__(self) -> str:
         return f"ChatFormat({self.name!r}, end_of_turn_id={self.end_of_turn_id})"
@@ -250,7 +264,7 @@ class ChatFormat:
 
         def add(token_id: Any, where: str) -> None:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"{where} must be a non-negative int token id, got {token_id!r}")
+                raise InputError(f"{where} must be a non-negative int token id, got {token_id!r}")
             if token_id not in ids:
                 ids.append(token_id)
 
@@ -293,7 +307,7 @@ class ChatFormat:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *stop_ids):
             if candidate is not None:
                 return candidate
-        raise ValueError("no pad id: the tokenizer has neither a pad nor an eos token, and no stop id was given")
+        raise InputError("no pad id: the tokenizer has neither a pad nor an eos token, and no stop id was given")
 
     def format_ids(self, ids: Iterable[int]) -> str:
         """``"id 'text', ..."`` for logs, each id decoded with special tokens kept."""
@@ -363,46 +377,45 @@ class ChatFormat:
         ``data.labels: legacy_full_sequence``, the bug reproduction that labels all of it."""
         return self._encode_piece(self._render(self._mark(self._prepare(messages, "chat")), False), first=True)
 
-    def encode_chat(self, messages: Sequence[Mapping], example: str = "example") -> EncodedChat:
+    def encode_chat(self, messages: Sequence[Mapping], example: str = "example",
+                    max_length: int | None = None) -> EncodedChat:
         """The labelled example(s) of one chat: assistant replies and their end-of-turn trained,
         everything else -100 (see the module docstring for how pieces are found).
+
+        The renderings of every prefix of the chat are found in time linear in its length when the
+        template is prefix-local (``_split_linear``), else by rendering each prefix (quadratic).
 
         Args:
             messages: ``[{"role", "content", "reasoning_content"?}, ...]``, validated (``records.py``).
             example: a name for error messages, e.g. ``"data.jsonl:12"``.
+            max_length: when given, an example whose rendering certainly has more tokens
+                (``min_tokens``) is not tokenised: its entry in ``examples`` is None (over the limit).
 
         Raises:
             LabelError: the template cannot be split at a reply (``template_mismatch``), a reply is
-                not closed by the end-of-turn token (``no_end_of_turn``), or a reply has reasoning
-                while thinking is off (``reasoning_with_thinking_off``).
+                not closed by the end-of-turn token (``no_end_of_turn``), a reply has reasoning
+                while thinking is off (``reasoning_with_thinking_off``), or the template refused the
+                chat (``template_error``, its ``raise_exception``).
         """
         plain = self._prepare(messages, example)
         marked = self._mark(plain)
         turns = [i for i, m in enumerate(plain) if m["role"] == "assistant"]
-        pieces_by_example: list[list[tuple[str, bool]]] = []
-        ends: list[int] = []  # index of the last message of each example
-        renders: list[str] = []  # the rendering of each example's messages (markers included)
-        covered = ""
-        for i in turns:
-            prompt, full = self._render(marked[:i], True), self._render(marked[: i + 1], False)
-            if not full.startswith(prompt):
-                raise LabelError(
-                    f"{example}: the chat template does not render assistant messages[{i}] as a continuation of its "
-                    "generation prompt, so its reply cannot be split from the prompt; check the template (or set "
-                    "data.on_error: skip to leave such chats out, counted)", "template_mismatch")
-            if pieces_by_example and prompt.startswith(covered):
-                pieces_by_example[-1].append((prompt[len(covered):], False))
-            else:
-                pieces_by_example.append([(prompt, False)])
-                ends.append(-1)
-                renders.append("")
-            pieces_by_example[-1].append((full[len(prompt):], True))
-            ends[-1] = i
-            renders[-1] = covered = full
+        try:
+            split = self._split_linear(marked[: turns[-1] + 1], turns, example) if turns else None
+            if split is None:
+                split = self._split_by_prefixes(marked, turns, example)
+        except _template_errors() as e:
+            raise LabelError(f"{example}: the chat template refused this chat ({e}); fix the chat or the template (or "
+                             "set data.on_error: skip to leave such chats out, counted)", "template_error") from None
+        pieces_by_example, ends, renders = split
         examples, mismatch = [], 0
         turns_per_example = tuple(sum(is_reply for _, is_reply in pieces) for pieces in pieces_by_example)
-        unmarked = marked == plain  # no control-token text: the audit's rendering is the one made above
+        # no control-token text (``_mark`` returned every string itself): the renderings above serve the audit
+        unmarked = all(v is m[k] for mm, m in zip(marked, plain) for k, v in mm.items())
         for pieces, last, rendered in zip(pieces_by_example, ends, renders):
+            if max_length is not None and self.min_tokens(rendered) > max_length:
+                examples.append(None)  # certainly too long: not tokenised (a 20 MB message costs no tokenizer time)
+                continue
             seg = self._label(pieces, example)
             expected = rendered if unmarked else self._render(plain[: last + 1], False)
             if self._decode(list(seg.input_ids)) != expected:
@@ -413,6 +426,225 @@ class ChatFormat:
             for m in plain
         )
         return EncodedChat(tuple(examples), turns_per_example, len(examples) > 1, mismatch, control_text)
+
+    def _split_by_prefixes(self, marked: list[dict], turns: list[int], example: str):
+        """``(pieces of each example, index of its last message, its rendering)``: for every assistant
+        message ``i`` the template renders ``marked[:i]`` with the generation prompt and
+        ``marked[:i + 1]`` (module docstring). Two renderings per turn, each as long as the chat so
+        far: quadratic in the number of turns. ``_split_linear`` gives the same result in linear time
+        when the template allows it."""
+        pieces_by_example: list[list[tuple[str, bool]]] = []
+        ends: list[int] = []  # index of the last message of each example
+        renders: list[str] = []  # the rendering of each example's messages (markers included)
+        covered = ""
+        for i in turns:
+            prompt, full = self._render(marked[:i], True), self._render(marked[: i + 1], False)
+            if not full.startswith(prompt):
+                raise _template_mismatch(example, i)
+            if pieces_by_example and prompt.startswith(covered):
+                pieces_by_example[-1].append((prompt[len(covered):], False))
+            else:
+                pieces_by_example.append([(prompt, False)])
+                ends.append(-1)
+                renders.append("")
+            pieces_by_example[-1].append((full[len(prompt):], True))
+            ends[-1] = i
+            renders[-1] = covered = full
+        return pieces_by_example, ends, renders
+
+    def _split_linear(self, marked: list[dict], turns: list[int], example: str):
+        """``_split_by_prefixes``'s result from two renderings of the whole chat, or None when this
+        template and chat do not allow it (the caller then renders every prefix).
+
+        The template renders ``marked`` once without and once with the generation prompt, reading the
+        messages through ``_Tape``, which records how much text had been written when the template
+        fetched message ``k``. When the template reads the messages only in one forward loop (plus
+        ``messages[0]``, earlier messages and truthiness; no ``loop.last``, ``length``, slices but
+        ``[k:]``, look-ahead, or namespace writes carrying state out of the loop: ``_Tape`` and
+        ``_linear_template`` check), its rendering of ``marked[:k]`` is exactly the text written before
+        message ``k`` was fetched, then what it writes after the loop (the same for every ``k``).
+        The renderings are used only if the loop part does not depend on the generation prompt, nothing
+        follows the loop without it, and the whole rendering equals ``tokenizer.apply_chat_template``'s;
+        so every piece is the one ``_split_by_prefixes`` finds.
+        """
+        rendered = self._linear_render(marked)
+        if rendered is None:
+            return None
+        full, offsets, gen = rendered
+        at = offsets + [len(full)]  # at[k]: length of the rendering of marked[:k]
+
+        def prompt_end(i: int) -> int:  # the rendering of marked[:i] + generation prompt is full[:prompt_end(i)]
+            return 0 if i == 0 else at[i] + len(gen)
+
+        pieces: list[tuple[str, bool]] = []
+        covered = 0
+        for i in turns:
+            if i and (full[at[i]: at[i] + len(gen)] != gen or at[i] + len(gen) > at[i + 1]):
+                raise _template_mismatch(example, i)
+            pieces.append(((full[covered: at[i]] + gen) if i else "", False))
+            pieces.append((full[prompt_end(i): at[i + 1]], True))
+            covered = at[i + 1]
+        return [pieces], [turns[-1]], [full]
+
+    def _linear_template(self):
+        """The compiled chat template when ``_split_linear`` may use it, else None: no construct
+        whose output Jinja buffers (macros, call and filter blocks, block ``set``, includes,
+        recursive loops) and no namespace attribute set (``{% set ns.x %}``, state that outlives a loop)."""
+        if self._linear is None:
+            self._linear = False
+            try:
+                from jinja2 import nodes
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                compiled = _compile_jinja_template(_template(self.tokenizer))
+                tree = compiled.environment.parse(_template(self.tokenizer))
+            except Exception:  # noqa: BLE001  (a transformers or jinja2 without these internals: prefixes)
+                return None
+            buffered = (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.AssignBlock, nodes.Include,
+                        nodes.Import, nodes.FromImport, nodes.Extends, nodes.Block, nodes.NSRef)
+            recursive = any(loop.recursive for loop in tree.find_all(nodes.For))
+            self._linear = not recursive and next(tree.find_all(buffered), None) is None
+        if not self._linear:
+            return None
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(_template(self.tokenizer))
+
+    def _linear_render(self, marked: list[dict], full: str | None = None) -> tuple[str, list[int], str] | None:
+        """``(rendering of marked, offsets, generation prompt)`` for ``_split_linear``: ``offsets[k]``
+        is the length of the rendering of ``marked[:k]``, and that rendering plus the generation
+        prompt is the one with ``add_generation_prompt``; None when the template does not allow it.
+
+        ``apply_chat_template`` renders the chat first (or ``full`` is that rendering, or its
+        ``_digest``); the two ``_Tape`` renderings are compared with it piece by piece as the template
+        writes them, never joined, so a 50 MB message costs one rendering's memory, not three.
+        """
+        template = self._linear_template()
+        if template is None:
+            return None
+        full = self._render(marked, False) if full is None else full
+        n = len(full) if isinstance(full, str) else full[0]
+        tape, tail = self._render_tape(template, marked, False, full)  # all of it, nothing after the loop
+        if tape is None or tail or tape.written != n or tape.end != n or min(tape.offsets[1:], default=0) < 0:
+            return None
+        tape_g, gen = self._render_tape(template, marked, True, full)  # the same, then the generation prompt
+        if tape_g is None or tape_g.offsets != tape.offsets or tape_g.end != n:
+            return None
+        return full, tape.offsets, gen
+
+    def _render_tape(self, template, messages: list[dict], add_generation_prompt: bool, expected):
+        """``(tape, tail)``: ``messages`` rendered with ``template`` as ``apply_chat_template`` renders
+        them, read through a ``_Tape``, the text compared with ``expected`` as it is written (a
+        string, or the ``(length, sha256)`` ``_digest`` of one); ``tail`` is what is written after
+        it. ``(None, "")`` when the text departs from ``expected`` or the tape saw the template read
+        the messages in a way that rules the linear split out."""
+        try:
+            from transformers.utils.chat_template_utils import _alias_reasoning_fields
+        except ImportError:
+            _alias_reasoning_fields = list  # noqa: N806
+        kwargs = {**self.tokenizer.special_tokens_map}
+        if self.enable_thinking is not None:
+            kwargs["enable_thinking"] = self.enable_thinking
+        tape = _Tape(_alias_reasoning_fields([dict(m) for m in messages]))
+        text = expected if isinstance(expected, str) else None
+        n = len(text) if text is not None else expected[0]
+        hasher = None if text is not None else hashlib.sha256()
+        tail: list[str] = []
+        for chunk in template.generate(messages=tape, tools=None, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **kwargs):
+            at = tape.written
+            if at < n:
+                head = chunk[: n - at]
+                if hasher is not None:
+                    hasher.update(head.encode("utf-8", "surrogatepass"))
+                elif not text.startswith(head, at):
+                    return None, ""
+                if len(chunk) > len(head):
+                    tail.append(chunk[len(head):])
+            else:
+                tail.append(chunk)
+            tape.written += len(chunk)
+        if tape.written < n or (hasher is not None and hasher.hexdigest() != expected[1]):
+            return None, ""  # shorter than expected, or different
+        return (tape if tape.ok else None), "".join(tail)
+
+    def certainly_longer(self, messages: Sequence[Mapping], max_length: int) -> bool:
+        """True when the one example of this chat is certainly longer than ``max_length`` tokens
+        (``min_tokens`` of its rendering), found without tokenising and without splitting it into
+        pieces; False when it may fit, or when only ``encode_chat`` can tell (a template that needs
+        every prefix rendered, or a chat it refuses). Holds one rendering of the chat at a time."""
+        try:
+            plain = self._prepare(messages, "check")
+            marked = self._mark(plain)
+            turns = [i for i, m in enumerate(plain) if m["role"] == "assistant"]
+            if not turns:
+                return False
+            marked = marked[: turns[-1] + 1]
+            full = self._render(marked, False)
+            if self.min_tokens(full) <= max_length:
+                return False
+            digest = _digest(full)
+            del full  # the tape renderings are checked against its digest
+            return self._linear_render(marked, digest) is not None  # one example: the rendering checked above
+        except (LabelError, *_template_errors()):
+            return False
+
+    def min_tokens(self, rendered: str) -> int:
+        """A lower bound on the tokens of ``rendered`` (a rendering, control-token text in messages
+        marked) as ``_encode_pieces`` tokenises it, however it is cut into pieces: one token per
+        template control token, plus, for a byte-level BPE tokenizer without an unknown token, the
+        other characters divided by ``_chars_per_token`` (no token stands for more). Linear in the
+        length and allocation-free: it decides that a 50 MB message is over ``max_seq_length``
+        without tokenising it; it is far below the true count, so only gross overflows are cut short.
+        """
+        marked = rendered.count(_MARK_START)
+        control = control_chars = 0
+        for m in self._control_re.finditer(rendered):
+            if m.start() == 0 or rendered[m.start() - 1] != _MARK_START:  # one the template wrote: one token
+                control += 1
+            control_chars += m.end() - m.start()
+        per_token = self._chars_per_token()
+        if not per_token:
+            return control
+        text_chars = len(rendered) - control_chars - 2 * marked  # markers are dropped, marked text kept
+        return control + max(0, -(-text_chars // per_token))
+
+    def _chars_per_token(self) -> int:
+        """The most characters of message text one token can stand for, or 0 when there is no such
+        bound: for a byte-level BPE vocabulary without an unknown token, the longest token's bytes
+        (one character per byte in its vocabulary) times how much the normaliser can shrink UTF-8
+        text (NFC at most 3 bytes to 1, as Hangul jamo; NFKC/NFKD and lower-casing at most 4 to 1); a
+        character is at least one byte. Other normalisers (strip, replace, precompiled) may delete
+        text: no bound."""
+        if self._max_chars is None:
+            self._max_chars = 0
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            try:
+                import json
+
+                import tokenizers
+
+                pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
+                norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else None
+                steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+                norms = [] if norm is None else norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+                shrink = {"NFC": 3, "NFD": 1, "NFKC": 4, "NFKD": 4, "Lowercase": 4}
+                model = backend.model
+                if (any(step.get("type") == "ByteLevel" for step in steps) and isinstance(model, tokenizers.models.BPE)
+                        and model.unk_token is None and all(n.get("type") in shrink for n in norms)):
+                    factor = 1
+                    for n in norms:
+                        factor *= shrink[n["type"]]
+                    self._max_chars = factor * max(len(t) for t in backend.get_vocab(with_added_tokens=False))
+            except Exception:  # noqa: BLE001  (not a tokenizers BPE backend: no bound from text)
+                self._max_chars = 0
+        return self._max_chars
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of raw text (a stage-1 document) with every control-token string in it kept as text,
+        as in a chat message: a document that spells ``<|im_start|>`` trains the characters, never the
+        control token."""
+        return self._encode_texts([(text, True)])[0]
 
     def _label(self, pieces: list[tuple[str, bool]], example: str) -> Segment:
         ids: list[int] = []
@@ -448,7 +680,10 @@ class ChatFormat:
         in private-use markers, so that ``_encode_piece`` can tell it from one the template wrote.
         Markers already in the text are dropped first, so they cannot forge a marked token."""
         if isinstance(obj, str):
-            obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+            if _MARK_START in obj or _MARK_END in obj:
+                obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+            if self._control_re.search(obj) is None:
+                return obj  # the same object: nothing to mark (no copy of a long message)
             return self._control_re.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, obj)
         if isinstance(obj, dict):
             return {k: self._mark(v) for k, v in obj.items()}
@@ -563,6 +798,126 @@ class ChatFormat:
         return out
 
 
+def _digest(text: str) -> tuple[int, str]:
+    """``(length, sha256 of the UTF-8 text)``, hashed a megabyte at a time (no copy of a long text)."""
+    h = hashlib.sha256()
+    for i in range(0, len(text), 1 << 20):
+        h.update(text[i: i + (1 << 20)].encode("utf-8", "surrogatepass"))
+    return len(text), h.hexdigest()
+
+
+def _template_mismatch(example: str, i: int) -> LabelError:
+    return LabelError(
+        f"{example}: the chat template does not render assistant messages[{i}] as a continuation of its "
+        "generation prompt, so its reply cannot be split from the prompt; check the template (or set "
+        "data.on_error: skip to leave such chats out, counted)", "template_mismatch")
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    """What a chat template raises to refuse a chat (``raise_exception`` in the template)."""
+    try:
+        from jinja2 import TemplateError
+
+        return (TemplateError,)
+    except ImportError:
+        return ()
+
+
+class _Tape:
+    """The ``messages`` a chat template reads in one rendering, recording what it reads.
+
+    ``offsets[k]`` is how much text had been written (``written``, kept by the renderer) when the
+    template fetched message ``k`` in its loop over the messages; ``end`` the same when the loop
+    ended. ``ok`` stays True while the template's rendering of any prefix ``messages[:k]`` is
+    provably the text written before message ``k`` was fetched plus what follows the loop: one
+    forward loop, fetched by Jinja's loop itself (not by ``loop.last``/``nextitem`` peeking ahead),
+    reads of ``messages[j]`` only for ``j == 0`` or a message already fetched while the loop runs,
+    truthiness, and ``[k:]`` views; no ``len``, negative index, other slices or membership tests.
+    """
+
+    __slots__ = ("items", "start", "root", "offsets", "end", "written", "fetched", "iterations", "ok")
+
+    def __init__(self, items: list, start: int = 0, root: "_Tape | None" = None):
+        self.items, self.start, self.root = items, start, root or self
+        if root is None:
+            self.offsets: list[int] = [-1] * len(items)
+            self.end = -1
+            self.written = 0
+            self.fetched = 0
+            self.iterations = 0
+            self.ok = True
+
+    def _fail(self) -> None:
+        self.root.ok = False
+
+    def __iter__(self):
+        root = self.root
+        root.iterations += 1
+        if root.iterations > 1:
+            self._fail()
+        return _TapeIterator(self)
+
+    def __getitem__(self, key):
+        root, view = self.root, self.items[self.start:] if self.start else self.items
+        if isinstance(key, slice):
+            if (key.stop is None and key.step in (None, 1) and (key.start is None or isinstance(key.start, int)
+                                                                and not isinstance(key.start, bool) and key.start >= 0)):
+                return _Tape(self.items, self.start + (key.start or 0), root)
+            self._fail()
+            return view[key]
+        if isinstance(key, int) and not isinstance(key, bool):
+            j = self.start + key
+            if key < 0 or not (j == 0 or (root.end < 0 and j < root.fetched)):
+                self._fail()
+            return view[key]
+        self._fail()
+        return view[key]
+
+    def __len__(self) -> int:
+        self._fail()
+        return len(self.items) - self.start
+
+    def __bool__(self) -> bool:
+        if self.start:  # a view [k:] may be empty for a prefix
+            self._fail()
+        return len(self.items) > self.start
+
+    def __contains__(self, item) -> bool:
+        self._fail()
+        return item in self.items[self.start:]
+
+    def __reversed__(self):
+        self._fail()
+        return reversed(self.items[self.start:])
+
+
+_JINJA_RUNTIME = os.path.join("jinja2", "runtime.py")
+
+
+class _TapeIterator:
+    __slots__ = ("tape", "k")
+
+    def __init__(self, tape: _Tape):
+        self.tape, self.k = tape, tape.start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        root = self.tape.root
+        caller = sys._getframe(1).f_code
+        if not (caller.co_filename == "<template>" or (caller.co_name == "__next__"
+                                                       and caller.co_filename.endswith(_JINJA_RUNTIME))):
+            root.ok = False  # loop.last / loop.nextitem peeking ahead, or a filter consuming the messages
+        if self.k >= len(root.items):
+            root.end = root.written
+            raise StopIteration
+        root.offsets[self.k] = root.written
+        root.fetched = self.k + 1
+        self.k += 1
+        return root.items[self.k - 1]
+
+
 def split_inline_reasoning(content: str, tags: tuple[str, str] = ("<think>", "</think>")) -> tuple[str, str]:
     """``(reasoning, reply)`` of a reply written as ``<think>…</think>…``, split the way Qwen3's
     template splits it (newlines next to the tags dropped).
@@ -604,7 +959,7 @@ def _template(tokenizer: Any) -> str:
     if isinstance(template, dict):  # several named templates: the default one renders chats
         template = template.get("default")
     if not template:
-        raise ValueError("the tokenizer has no chat template; packlora renders chats with the model's own template "
+        raise InputError("the tokenizer has no chat template; packlora renders chats with the model's own template "
                          "(set model.tokenizer to a tokenizer that has one)")
     return template
 

@@ -25,17 +25,18 @@ does.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from packlora.data_utils.types import IGNORE_INDEX
+from packlora.data_utils.types import IGNORE_INDEX, PackedRow
 
 
 @dataclass(frozen=True, slots=True)
 class PackedCollator:
-    """Collate packed rows (dicts with ``input_ids``, ``labels``, ``seq_lens``) into a batch.
+    """Collate packed rows (``PackedRow``s, or a packed dataset's rows: mappings with ``input_ids``,
+    ``labels``, ``seq_lens``, each turned into a ``PackedRow`` and so checked) into a batch.
 
     Attributes:
         pad_token_id: id written into padding positions (their labels are -100).
@@ -66,42 +67,37 @@ class PackedCollator:
     isolate_segments: bool = True
     loss_normalization: str = "per_token"
 
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[Mapping | PackedRow]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("PackedCollator got an empty batch")
-        for r in rows:
-            if sum(r["seq_lens"]) != len(r["input_ids"]) or len(r["labels"]) != len(r["input_ids"]):
-                raise ValueError(
-                    f"row is inconsistent: sum(seq_lens)={sum(r['seq_lens'])}, "
-                    f"len(input_ids)={len(r['input_ids'])}, len(labels)={len(r['labels'])}"
-                )
+        rows = [PackedRow.of(r) for r in rows]  # every row checked once, by the record type's own invariant
         if self.flash_attn_varlen and not self.isolate_segments:
             raise ValueError("flash_attn_varlen isolates segments by construction; it cannot be combined with "
                              "isolate_segments=False (legacy_full_sequence): use attn_implementation sdpa or eager")
         if self.loss_normalization not in ("per_token", "per_example"):
             raise ValueError(f"loss_normalization must be per_token or per_example, got {self.loss_normalization!r}")
         if self.flash_attn_varlen:
-            return self._with_weights(self._flattened(rows), [n for r in rows for n in r["seq_lens"]])
-        length = max(len(r["input_ids"]) for r in rows)
+            return self._with_weights(self._flattened(rows), [n for r in rows for n in r.seq_lens])
+        length = max(len(r.input_ids) for r in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), length), dtype=torch.long)
         for b, r in enumerate(rows):
-            n = len(r["input_ids"])
-            input_ids[b, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
+            n = len(r.input_ids)
+            input_ids[b, :n] = torch.as_tensor(r.input_ids, dtype=torch.long)
+            labels[b, :n] = torch.as_tensor(r.labels, dtype=torch.long)
             if not self.isolate_segments:  # legacy: one long sequence, nothing masked
                 position_ids[b] = torch.arange(length, dtype=torch.long)
                 continue
-            seq_lens = list(r["seq_lens"]) + ([length - n] if length > n else [])
+            seq_lens = list(r.seq_lens) + ([length - n] if length > n else [])
             position_ids[b] = _positions(seq_lens)
-            labels[b, _starts(r["seq_lens"])] = IGNORE_INDEX
+            labels[b, _starts(r.seq_lens)] = IGNORE_INDEX
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if self.loss_normalization == "per_example":
             batch["loss_weights"] = torch.stack(
-                [_segment_weights(labels[b], list(r["seq_lens"])) for b, r in enumerate(rows)]
+                [_segment_weights(labels[b], list(r.seq_lens)) for b, r in enumerate(rows)]
             )
         return batch
 
@@ -110,10 +106,10 @@ class PackedCollator:
             batch["loss_weights"] = _segment_weights(batch["labels"][0], seq_lens)[None]
         return batch
 
-    def _flattened(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        seq_lens = [n for r in rows for n in r["seq_lens"]]
-        input_ids = torch.as_tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long)[None]
-        labels = torch.as_tensor([t for r in rows for t in r["labels"]], dtype=torch.long)[None]
+    def _flattened(self, rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
+        seq_lens = [n for r in rows for n in r.seq_lens]
+        input_ids = torch.as_tensor([t for r in rows for t in r.input_ids], dtype=torch.long)[None]
+        labels = torch.as_tensor([t for r in rows for t in r.labels], dtype=torch.long)[None]
         labels[0, _starts(seq_lens)] = IGNORE_INDEX
         cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.as_tensor(seq_lens, dtype=torch.int32), 0)

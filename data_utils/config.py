@@ -7,16 +7,16 @@
       eval_holdout: 4             # chats held out of training and decoded after it
       chat_format: auto           # chatml / qwen3 / llama3 / generic, detected from the tokenizer
 
-Whether the files exist is checked separately (``missing_files``), right before the data is read.
+Whether the files can be read is checked separately (``missing_files``), before any process starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from packlora.data_utils.chat_format import FormatName as ChatFormatName
-from packlora.data_utils.configtools import Section
-from packlora.data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
-from packlora.data_utils.sources import parse_source
 
+from packlora.core.config import Section
+from packlora.data_utils.chat_format import FormatName as ChatFormatName
+from packlora.data_utils.sources import parse_source
+from packlora.data_utils.types import LabelMode, OnError, Overflow, RecordFormat, Stage, TextEos
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +103,9 @@ class DataConfig(Section):
         return [parse_source(e) for e in getattr(self, name)]
 
     def missing_files(self) -> list[str]:
-        """Problems for local data files that do not exist (relative paths: from the working directory)."""
+        """One line per local data source that cannot be read (``SourceSpec.disk_error``: missing, a
+        directory, a FIFO or device, unreadable, compressed), starting with its key; relative paths are
+        from the working directory."""
         return [p for name in ("train", "eval") for i, s in enumerate(self.sources(name))
                 for p in s.missing(f"{self.key(name)}[{i}]")]
 

@@ -26,32 +26,40 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from packlora.core.errors import InputError
 from packlora.data_utils.audit import audit_rows
-from packlora.data_utils.chat_format import ChatFormat, EncodedChat, LabelError
+from packlora.data_utils.chat_format import LABEL_REASONS, ChatFormat, EncodedChat, LabelError
 from packlora.data_utils.config import DataConfig
 from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
-from packlora.data_utils.records import RecordError
+from packlora.data_utils.records import REASONS, RecordError, SkipLog
 from packlora.data_utils.sources import iter_source, mix, parse_source
-from packlora.data_utils.tokenize_text import split_segment, tokenize_text
+from packlora.data_utils.tokenize_text import split_segment
 from packlora.data_utils.types import ChatRecord, Message, Segment, TextRecord
 from packlora.presets import GUARDED_ACTIONS, apply_preset
 
 logger = logging.getLogger(__name__)
 
+DROP_REASONS = (*REASONS, "duplicate", *LABEL_REASONS, "too_long", "no_trained_tokens")
+"""Every reason the data report counts a line or example under (``DataReport.dropped``): a bad line
+(``records.REASONS``), a duplicate record, a chat that cannot be labelled (``chat_format.LABEL_REASONS``),
+an example over ``max_seq_length`` under ``overflow: drop``, an example with nothing to train."""
 PIPELINE_VERSION = "2"  # bump when tokenisation or packing output changes, to invalidate caches
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packlora" / "datasets"
 
 
-class OverflowError_(ValueError):
+class OverflowError_(InputError):
     """An example is longer than ``max_seq_length`` under ``overflow: error``."""
 
 
-class NoExampleError(ValueError):
+class NoExampleError(InputError):
     """Every example was dropped or skipped; ``report`` holds the counts (a dict) for data_report.json."""
 
     def __init__(self, message: str, report: dict):
         self.report = report
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.report)
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,10 @@ class DataReport:
     ``render_mismatch`` the examples whose ids do not decode to the template's rendering (an
     audit); ``messages_with_control_text`` the messages whose text spells a control token (kept as
     text). The label audit's counts are in ``supervised_tokens`` ... ``turns_with_end_of_turn_trained``.
-    ``sources`` gives each source's ``lines_read``, unique ``records`` and ``in_mix`` (records in the
-    training mix after hold-outs and ``weight``); ``evaluation`` the evaluation-loss set's ``records``,
-    ``examples`` and ``rows``.
+    ``sources`` gives each source's ``lines_read``, unique ``records``, ``skipped`` lines by reason
+    (``lines_read == records + sum(skipped.values())``) and ``in_mix`` (records in the training mix
+    after hold-outs and ``weight``); ``evaluation`` the evaluation-loss set's ``records``,
+    ``examples`` and ``rows``. Every reason is one of ``DROP_REASONS``.
     """
 
     records: int
@@ -112,6 +121,7 @@ class PreparedData:
     heldout: list[ChatRecord]
     report: DataReport
     eval_rows: Any = None  # the same, for the evaluation loss (data.eval / data.eval_split), or None
+    cache_key: str = ""  # CacheKey.digest() of the training rows: equal keys, equal rows in equal order
 
 
 @dataclass(frozen=True)
@@ -119,13 +129,16 @@ class RecordSet:
     """``read_stage``: the valid, unique records of the sources, and how many lines were left out.
 
     ``source_of[i]`` is the index (in ``data.train``) of the source ``records[i]`` came from;
-    ``per_source`` maps each source's name to its ``lines_read`` and unique ``records``."""
+    ``per_source`` maps each source's name to its ``lines_read``, unique ``records`` and ``skipped``
+    lines by reason (``lines_read == records + sum(skipped.values())``); ``first_skipped`` holds the
+    first few skipped lines' errors, in reading order."""
 
     records: tuple[ChatRecord | TextRecord, ...]
     lines_read: int
     skipped: dict[str, int]
     source_of: tuple[int, ...] = ()
-    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    per_source: dict[str, dict] = field(default_factory=dict)
+    first_skipped: tuple[RecordError, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,7 +234,8 @@ def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=Non
     for reason, n in report.dropped.items():
         hint = "data.on_error" if reason in records.skipped else "data.overflow / data.max_seq_length"
         logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
-    return PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None)
+    return PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None,
+                        cache_key=key.digest())
 
 
 def read_stage(sources, format: str = "auto", on_error: str = "error") -> RecordSet:
@@ -233,14 +247,14 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
         NoExampleError: every line was skipped.
     """
     specs = [parse_source(s) for s in sources]
-    skipped: list[RecordError] = []
+    skipped = SkipLog()
     first: dict[str, ChatRecord | TextRecord] = {}
     unique, source_of = [], []
     per_source = {s.name: {"lines_read": 0, "records": 0} for s in specs}
+    yielded = Counter()
     for k, spec in enumerate(specs):
-        before = len(skipped)
         for r in iter_source(spec, format, on_error, skipped):
-            per_source[spec.name]["lines_read"] += 1
+            yielded[spec.name] += 1
             key = record_key(r)
             if key in first:
                 err = RecordError(r.source, f"duplicate record: same content as {first[key].source} (after normalising "
@@ -254,10 +268,12 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
             unique.append(r)
             source_of.append(k)
             per_source[spec.name]["records"] += 1
-        per_source[spec.name]["lines_read"] += sum(e.reason != "duplicate" for e in skipped[before:])
-    for e in skipped[:5]:
+    for name, counts in per_source.items():  # every line read is a record, a duplicate or a bad line
+        counts["skipped"] = skipped.for_source(name)
+        counts["lines_read"] = yielded[name] + sum(n for reason, n in counts["skipped"].items() if reason != "duplicate")
+    for e in skipped.first:
         logger.warning("skipped (data.on_error=skip): %s", e)
-    drops = dict(sorted(Counter(e.reason for e in skipped).items()))
+    drops = skipped.by_reason()
     lines = len(unique) + len(skipped)
     names = [s.name for s in specs]
     if not unique:
@@ -265,7 +281,7 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
             f"no example left to train on: {drops} dropped of {lines} lines in {names}. Every line was skipped; "
             "set data.on_error=error to stop at the first bad line and see why",
             {"lines_read": lines, "records": 0, "examples": 0, "dropped": drops})
-    return RecordSet(tuple(unique), lines, drops, tuple(source_of), per_source)
+    return RecordSet(tuple(unique), lines, drops, tuple(source_of), per_source, tuple(skipped.first))
 
 
 def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, override: bool = False) -> Split:
@@ -296,7 +312,7 @@ def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
     for r in records:
         if wrong is not None and isinstance(r, wrong):
             kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
-            raise ValueError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
+            raise InputError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
                              "records, stage 2 (sft) on chats. Fix data.train or set data.stage: auto")
         if preset is not None and isinstance(r, ChatRecord):
             messages, action = apply_preset(r.as_dicts(), preset, override)
@@ -313,7 +329,7 @@ def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
 
 def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Path, records: RecordSet | None,
                    part: str = "training") -> Tokenized:
-    """Label every record (``ChatFormat.encode_chat`` for chats, ``tokenize_text`` for text) and
+    """Label every record (``ChatFormat.encode_chat`` for chats, ``ChatFormat.encode_text`` for text) and
     apply the overflow policy, with ``datasets.map`` over ``data.num_proc`` processes; the result is
     cached in ``cache/tokenized-KEY`` (``save_to_disk``), whatever ``num_proc`` was.
 
@@ -327,10 +343,13 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
     if (tok_dir / "state.json").is_file():
         out = datasets.load_from_disk(str(tok_dir))
     else:
+        cut = [_certainly_too_long(r, fmt, cfg) for r in train]  # huge records: never copied into Arrow
         raw = datasets.Dataset.from_dict({
-            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) else "" for r in train],
-            "text": [r.text if isinstance(r, TextRecord) else "" for r in train],
+            "messages": [json.dumps(r.as_dicts(), ensure_ascii=False) if isinstance(r, ChatRecord) and c is None else ""
+                         for r, c in zip(train, cut)],
+            "text": [r.text if isinstance(r, TextRecord) and c is None else "" for r, c in zip(train, cut)],
             "source": [str(r.source) for r in train],
+            "too_long": [-1 if c is None else c for c in cut],
         })
         num_proc = cfg.resolved_num_proc(len(raw))
         shared = num_proc > 1 and _workers_fork()
@@ -427,12 +446,38 @@ def record_key(record: ChatRecord | TextRecord) -> str:
     >>> record_key(a) == record_key(b), record_key(a) == record_key(TextRecord("Hi there Yes.", Source("a", 3)))
     (True, False)
     """
-    norm = lambda t: " ".join(t.split())  # noqa: E731
     if isinstance(record, ChatRecord):
-        payload = [[m.role, norm(m.content), norm(m.reasoning or "")] for m in record.messages]
+        payload = [[m.role, _normalized_digest(m.content), _normalized_digest(m.reasoning or "")]
+                   for m in record.messages]
     else:
-        payload = norm(record.text)
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+        payload = ["text", _normalized_digest(record.text)]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+_CHUNK = 1 << 20  # characters: a 50 MB message is normalised and hashed a chunk at a time
+
+
+def _normalized_digest(text: str) -> str:
+    """sha256 of ``" ".join(text.split())`` (UTF-8), without building it: chunk by chunk, a word cut
+    by a chunk boundary joined again, so memory stays at one chunk.
+
+    >>> import hashlib
+    >>> t = " a  b\\n c" + "d" * (_CHUNK - 2) + "e f " * 3
+    >>> _normalized_digest(t) == hashlib.sha256(" ".join(t.split()).encode()).hexdigest()
+    True
+    """
+    h = hashlib.sha256()
+    started = in_word = False
+    for i in range(0, len(text), _CHUNK):
+        chunk = text[i: i + _CHUNK]
+        words = chunk.split()
+        if words:
+            if started and not (in_word and not chunk[0].isspace()):
+                h.update(b" ")
+            h.update(" ".join(words).encode("utf-8", "surrogatepass"))
+            started = True
+        in_word = bool(chunk) and not chunk[-1].isspace() if words else False
+    return h.hexdigest()
 
 
 def _draw_eval(candidates: list[int], split, seed: int) -> list[int]:
@@ -441,7 +486,7 @@ def _draw_eval(candidates: list[int], split, seed: int) -> list[int]:
         return []
     n = round(split * len(candidates)) if isinstance(split, float) else split
     if not 1 <= n < len(candidates):
-        raise ValueError(f"data.eval_split={split} draws {n} of {len(candidates)} records; leave at least one to "
+        raise InputError(f"data.eval_split={split} draws {n} of {len(candidates)} records; leave at least one to "
                          "train on and draw at least one")
     return sorted(random.Random(seed + 1).sample(candidates, n))
 
@@ -451,7 +496,7 @@ def _draw_heldout(records, n: int, seed: int) -> list[int]:
         return []
     chats = [i for i, r in enumerate(records) if isinstance(r, ChatRecord)]
     if n >= len(chats):
-        raise ValueError(f"data.eval_holdout={n} but there are only {len(chats)} chat records; lower it")
+        raise InputError(f"data.eval_holdout={n} but there are only {len(chats)} chat records; lower it")
     return sorted(random.Random(seed).sample(chats, n))
 
 
@@ -490,20 +535,23 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
         for k in _COUNT_COLUMNS:
             out[k].append(counts.get(k, 0))
 
-    for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+    for messages, text, source, too_long in zip(batch["messages"], batch["text"], batch["source"], batch["too_long"]):
+        if too_long >= 0:  # found certainly too long before tokenising (``_certainly_too_long``, overflow: drop)
+            emit(None, source, "too_long", control_text=too_long)
+            continue
         if not messages:
             _emit_text(emit, text, source, fmt, cfg)
             continue
         policy = "drop" if cfg.overflow == "auto" else cfg.overflow
         if policy == "split":
-            raise ValueError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
+            raise InputError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
         msgs = json.loads(messages)
         try:
             if cfg.labels == "legacy_full_sequence":
                 ids = tuple(fmt.encode_full(msgs))
                 chat = EncodedChat((Segment(ids, ids),), turns_per_example=(_turns(msgs),))
             else:
-                chat = fmt.encode_chat(msgs, example=source)
+                chat = fmt.encode_chat(msgs, example=source, max_length=cfg.max_seq_length)
         except LabelError as e:
             if cfg.on_error == "error":
                 raise
@@ -514,11 +562,11 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
             head = dict(per_turn=int(chat.per_turn), render_mismatch=chat.render_mismatch,
                         control_text=chat.control_text_messages) if first else {}
             first = False
-            if len(seg) > cfg.max_seq_length:
+            if seg is None or len(seg) > cfg.max_seq_length:  # None: certainly too long, so never tokenised
                 if policy == "error":
-                    raise OverflowError_(f"{source}: example has {len(seg)} tokens > data.max_seq_length="
-                                         f"{cfg.max_seq_length}; raise max_seq_length, or set data.overflow=drop "
-                                         "(counted)")
+                    raise OverflowError_(f"{source}: example has {'more than' if seg is None else len(seg)} tokens > "
+                                         f"data.max_seq_length={cfg.max_seq_length}; raise max_seq_length, or set "
+                                         "data.overflow=drop (counted)")
                 emit(None, source, "too_long", **head)
             elif seg.num_trained == 0:
                 emit(None, source, "no_trained_tokens", **head)
@@ -531,19 +579,51 @@ def _tokenize_batch(batch, fmt: ChatFormat | str, cfg: DataConfig):
 
 
 def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -> None:
-    tok = fmt.tokenizer
-    seg = tokenize_text(text, tok, tok.eos_token_id)
+    """A ``{"text"}`` record: every token trained, EOS at the end (``fmt.encode_text``: control-token
+    strings in the text stay text), under the overflow policy; a document certainly over
+    ``max_seq_length`` (``fmt.min_tokens``) is dropped or refused without being tokenised."""
+    eos = fmt.tokenizer.eos_token_id
     policy = "split" if cfg.overflow == "auto" else cfg.overflow
-    if len(seg) <= cfg.max_seq_length:
+    if policy != "split" and fmt.min_tokens(text) + 1 > cfg.max_seq_length:
+        seg = None
+    else:
+        ids = (*fmt.encode_text(text), eos)
+        seg = Segment(ids, ids)
+    if seg is not None and len(seg) <= cfg.max_seq_length:
         emit(seg, source)
     elif policy == "error":
-        raise OverflowError_(f"{source}: example has {len(seg)} tokens > data.max_seq_length={cfg.max_seq_length}; "
-                             "raise max_seq_length, or set data.overflow=drop (counted) or split (text only)")
+        raise OverflowError_(f"{source}: example has {'more than' if seg is None else len(seg)} tokens > "
+                             f"data.max_seq_length={cfg.max_seq_length}; raise max_seq_length, or set "
+                             "data.overflow=drop (counted) or split (text only)")
     elif policy == "drop":
         emit(None, source, "too_long")
     else:
-        for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, tok.eos_token_id if cfg.text_eos == "chunk" else None)):
+        for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, eos if cfg.text_eos == "chunk" else None)):
             emit(piece, source, chunks=1 if k else 0)
+
+
+_CHECK_CHARS = 1_000_000  # a record with more characters is checked for length before it is tokenised
+
+
+def _certainly_too_long(record, fmt: ChatFormat, cfg: DataConfig) -> int | None:
+    """For a record of more than ``_CHECK_CHARS`` characters under ``overflow: drop`` (or ``auto``
+    for chats), the number of its messages that spell control tokens when it is certainly over
+    ``max_seq_length`` (``ChatFormat.certainly_longer`` / ``min_tokens``, no tokenising), else
+    None. Such a record is counted as ``too_long`` without its text ever being copied into the Arrow
+    table or a tokenising worker: a 50 MB line costs one rendering of memory."""
+    if cfg.labels != "assistant_only" or cfg.overflow not in ("auto", "drop"):
+        return None
+    if isinstance(record, TextRecord):
+        if cfg.overflow == "auto" or len(record.text) <= _CHECK_CHARS:
+            return None
+        return 0 if fmt.min_tokens(record.text) + 1 > cfg.max_seq_length else None
+    if sum(len(m.content) + len(m.reasoning or "") for m in record.messages) <= _CHECK_CHARS:
+        return None
+    msgs = record.as_dicts()
+    if not fmt.certainly_longer(msgs, cfg.max_seq_length):
+        return None
+    return sum(fmt.spells_control_token(m["content"]) or fmt.spells_control_token(m.get("reasoning_content") or "")
+               for m in msgs)
 
 
 def _turns(msgs) -> int:

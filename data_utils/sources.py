@@ -8,12 +8,14 @@ Each entry of ``data.train`` (and ``data.eval``) is a path, or a mapping::
         - {path: chats.parquet, weight: 2}                          # Parquet, every record twice
         - {path: exported/, max_records: 500}                       # a datasets.save_to_disk directory
         - {path: my-org/chats, split: train, columns: {messages: conversation}, weight: 0.5}   # a dataset name
+        - {path: export.json, field: data}                          # {"data": [record, ...]}
 
 ============== =========================================================================================
 path           how it is read
 ============== =========================================================================================
 ``*.jsonl``    packlora's reader: every bad line is an error naming ``file:line``, the field and the fix
-``*.json``     ``datasets.load_dataset("json")`` (a JSON array or JSON lines)
+``*.json``     ``datasets.load_dataset("json")`` (a JSON array or JSON lines; records under one key of a JSON
+               object, ``{"data": [...]}``, with ``field: data``)
 ``*.parquet``  ``datasets.load_dataset("parquet")``
 ``*.csv``      ``datasets.load_dataset("csv")`` (a list-valued column, e.g. ``messages``, as a JSON string)
 a directory    ``datasets.load_from_disk`` (written by ``Dataset.save_to_disk``; ``split`` picks from a
@@ -41,8 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packlora.data_utils.configtools import did_you_mean
-from packlora.data_utils.records import RecordError, iter_records, parse_record
+from packlora.core.config import did_you_mean
+from packlora.core.errors import InputError
+from packlora.data_utils.records import DataFileError, RecordError, data_file_error, iter_records, parse_record
 from packlora.data_utils.types import ChatRecord, Source, TextRecord
 
 FIELDS = ("messages", "conversations", "instruction", "input", "output", "system", "text")
@@ -60,6 +63,8 @@ class SourceSpec:
         columns: packlora field name -> the source's column name.
         weight: share of the training mix, a multiplier on the source's record count (> 0).
         max_records: keep only the first this many valid records.
+        field: a ``.json`` file that is one object holding its records in a list under this key
+            (``{"data": [...]}``: ``field: data``), as ``datasets.load_dataset("json", field=...)`` reads it.
     """
 
     path: str
@@ -68,6 +73,7 @@ class SourceSpec:
     columns: dict[str, str] = field(default_factory=dict)
     weight: float = 1.0
     max_records: int | None = None
+    field: str | None = None
 
     @property
     def name(self) -> str:
@@ -99,17 +105,34 @@ class SourceSpec:
         else:
             p += [f"{key}.columns: {k!r} is not a record field; use one of {list(FIELDS)}" for k in self.columns
                   if k not in FIELDS]
+        if self.field is not None and (not isinstance(self.field, str) or not self.field):
+            p.append(f"{key}.field: must be the key the records sit under, e.g. data, got {self.field!r}")
+        elif self.field is not None and isinstance(self.path, str) and Path(self.path).suffix != ".json":
+            p.append(f"{key}.field: only read for a .json file (records under one key), got path {self.path!r}")
         return p
 
     def missing(self, key: str) -> list[str]:
-        """A problem when a local file source does not exist (a directory or a name is checked when read)."""
-        if self.kind in ("jsonl", *_LOADERS.values()) and not Path(self.path).is_file():
-            return [f"{key}: file {self.path!r} does not exist (paths are relative to {Path.cwd()})"]
-        return []
+        """``[f"{key}: {problem}"]`` when ``disk_error`` finds one, else ``[]``."""
+        err = self.disk_error()
+        return [f"{key}: {err}"] if err is not None else []
+
+    def disk_error(self) -> DataFileError | None:
+        """Why a local source cannot be read: a file source that does not exist, is a directory, a FIFO
+        or device, cannot be opened or is compressed (``records.data_file_error``), or a directory that
+        ``Dataset.save_to_disk`` did not write; None when it can (a dataset name is checked when read)."""
+        kind = self.kind
+        if kind in ("jsonl", *_LOADERS.values()):
+            return data_file_error(self.path)
+        if kind == "disk" and not any((Path(self.path) / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            return DataFileError(self.path, "is a directory but not a saved dataset (no state.json or dataset_dict.json, "
+                                 "as Dataset.save_to_disk writes); give a .jsonl file or a save_to_disk directory",
+                                 "is_directory")
+        return None
 
     def digest(self) -> str:
         """sha256 of what this source reads: the file, the directory's files, or the dataset's fingerprint."""
-        h = hashlib.sha256(json.dumps([self.path, self.format, self.split, self.columns, self.max_records]).encode())
+        h = hashlib.sha256(json.dumps([self.path, self.format, self.split, self.columns, self.max_records]
+                                      + ([self.field] if self.field else [])).encode())
         p = Path(self.path)
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
         for f in files:
@@ -128,13 +151,14 @@ class SourceSpec:
             if isinstance(ds, datasets.DatasetDict):
                 split = self.split or "train"
                 if split not in ds:
-                    raise ValueError(f"{self.path}: no split {split!r}; it has {sorted(ds)} (set split:)")
+                    raise InputError(f"{self.path}: no split {split!r}; it has {sorted(ds)} (set split:)")
                 ds = ds[split]
             return ds
         if kind == "name":
             return datasets.load_dataset(self.path, split=self.split or "train")
         builder = "json" if kind == "jsonl" else kind
-        return datasets.load_dataset(builder, data_files=self.path, split=self.split or "train")
+        extra = {"field": self.field} if self.field else {}
+        return datasets.load_dataset(builder, data_files=self.path, split=self.split or "train", **extra)
 
 
 def parse_source(entry: Any) -> SourceSpec:
@@ -148,7 +172,7 @@ def parse_source(entry: Any) -> SourceSpec:
     if isinstance(entry, SourceSpec):
         return entry
     if isinstance(entry, Mapping):
-        keys = ("path", "format", "split", "columns", "weight", "max_records")
+        keys = ("path", "format", "split", "columns", "weight", "max_records", "field")
         unknown = sorted(set(entry) - set(keys))
         if unknown:
             hints = "".join(did_you_mean(k, keys) for k in unknown)
@@ -172,12 +196,24 @@ def iter_source(spec: SourceSpec, format: str = "auto", on_error: str = "error",
 
 
 def _iter_dataset(spec: SourceSpec, fmt: str, on_error: str, skipped) -> Iterator[ChatRecord | TextRecord]:
+    err = spec.disk_error()
+    if err is not None:
+        raise err
     ds = spec._load()  # a JSONL file with renamed columns too, through datasets' json loader
     wanted = {f: spec.columns.get(f, f) for f in FIELDS}
     missing = [c for f, c in spec.columns.items() if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{spec.name}: columns {missing} (from columns:) are not in the dataset; it has "
+        raise InputError(f"{spec.name}: columns {missing} (from columns:) are not in the dataset; it has "
                          f"{ds.column_names}")
+    if not set(wanted.values()) & set(ds.column_names):
+        key = _records_under_one_key(ds)
+        if key is not None:
+            raise InputError(
+                f"{spec.name}: its records sit under the key {key!r} (one JSON object holding a list of records); "
+                f"read them with the source option field: {key}, e.g. data.train: [{{path: {spec.path}, field: {key}}}]"
+            )
+        raise InputError(f"{spec.name}: none of its columns {ds.column_names} is a record field {list(FIELDS)}; map "
+                         f"one with columns:, e.g. {{path: {spec.path}, columns: {{messages: {ds.column_names[0]}}}}}")
     for i, row in enumerate(ds):
         src = Source(spec.name, i + 1)
         obj = {f: _decode_json(row[c]) for f, c in wanted.items() if c in row and row[c] is not None}
@@ -190,12 +226,22 @@ def _iter_dataset(spec: SourceSpec, fmt: str, on_error: str, skipped) -> Iterato
                 skipped.append(err)
 
 
+def _records_under_one_key(ds) -> str | None:
+    """The key of a JSON file that is one object holding a list of records (``{"data": [{...}, ...]}``),
+    which ``datasets`` reads as one row with one list column; else None."""
+    if len(ds.column_names) != 1 or len(ds) == 0:
+        return None
+    value = ds[0][ds.column_names[0]]
+    return ds.column_names[0] if isinstance(value, list) and value and isinstance(value[0], dict) else None
+
+
 def _decode_json(value):
-    """A list or object stored as a JSON string (CSV has no nested columns)."""
+    """A list or object stored as a JSON string (CSV has no nested columns); the string itself when it
+    is not valid JSON (the record's validation then names the field)."""
     if isinstance(value, str) and value[:1] in "[{":
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return value
     return value
 

@@ -32,8 +32,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from packlora.data_utils.configtools import cli_entry
-from packlora.data_utils.records import read_records
+from packlora.core.cli import add_debug_flag, cli_entry, description
+from packlora.core.errors import InputError, MissingPathError, PathError
+from packlora.data_utils.records import RecordError, data_file_error, iter_lines, parse_line
 from packlora.data_utils.types import ChatRecord
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -130,10 +131,18 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
                 stratify: str = "length", tokenizer_dir: str | None = None, bins: int = 10) -> dict:
     """Write the subset of ``input_path`` to ``output_path`` and its manifest; return the manifest.
 
+    Lines are read as training data is (``records.iter_lines``: split at ``\\n`` only, a byte-order
+    mark at the start dropped), every one must be a valid record, and the chosen ones are written
+    byte for byte (line 1 without its byte-order mark), each ending with ``\\n``.
+
     Raises:
-        FileNotFoundError: no input file or tokenizer directory.
-        ValueError: ``ratio`` not in (0, 1], a subset that would be empty, ``output_path`` equal
-            to ``input_path``, a bad ``stratify``/``bins``, or a malformed line (``RecordError``).
+        DataFileError: the input cannot be read (missing, a directory, a FIFO, unreadable,
+            compressed) or changed while it was read.
+        RecordError: a malformed line (``path:line:`` first); the first one stops the subset.
+        InputError: ``ratio`` not in (0, 1], an empty input or subset, ``output_path`` equal to
+            ``input_path``, a bad ``stratify``/``bins``, or a tokenizer that cannot be loaded.
+        PathError: ``output_path`` is a directory or cannot be written (MissingPathError: no tokenizer
+            directory).
     """
     problems = []
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -143,38 +152,52 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         problems.append(f"--bins must be an integer >= 1, got {bins!r}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise InputError("; ".join(problems))
     input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.is_file():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+    problem = data_file_error(input_path, "--input file")
+    if problem is not None:
+        raise problem
     if output_path.resolve() == input_path.resolve():
-        raise ValueError(f"--output {output_path} is the input file; write the subset somewhere else")
+        raise InputError(f"--output {output_path} is the input file; write the subset somewhere else")
+    if output_path.is_dir():
+        raise PathError(f"--output {output_path} is a directory; give the path of the .jsonl file to write")
     tokenizer = None
     if tokenizer_dir is not None:
         if not Path(tokenizer_dir).is_dir():
-            raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is not a directory")
+            raise MissingPathError(f"--tokenizer {tokenizer_dir} is not a directory")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    raw = input_path.read_bytes()
-    lines = raw.splitlines(keepends=True)
-    records = read_records(input_path)
-    if len(records) != len(lines):
-        raise ValueError(f"{input_path}: {len(lines)} lines but {len(records)} records; remove stray line breaks")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--tokenizer {tokenizer_dir} cannot be loaded as a tokenizer ({e})") from None
+    lines, records = [], []
+    reader = iter_lines(input_path, "--input file")
+    for _, line, src in reader:  # the reader's own lines (split at \n only), so line i is record i
+        try:
+            records.append(parse_line(line, src))
+        except RecordError as err:
+            reader.throw(err)  # raises err, or a DataFileError when the file was cut while being read
+        lines.append(line)  # line 1 without its byte-order mark: the subset's first line may be any line
+    if not records:
+        raise InputError(f"--input {input_path} holds no records; give a JSONL file of chats or {{'text'}} records")
     if round(ratio * len(records)) < 1:
-        raise ValueError(
+        raise InputError(
             f"--ratio {ratio} of {len(records)} records rounds to 0; raise the ratio to at least {0.5 / len(records):.4g}"
         )
     lengths = record_lengths(records, tokenizer)
     turns = [sum(m.role == "assistant" for m in r.messages) if isinstance(r, ChatRecord) else 0 for r in records]
     chosen = draw_subset(lengths, turns, ratio, seed, stratify, bins)
 
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     body = b"".join(lines[i] if lines[i].endswith(b"\n") else lines[i] + b"\n" for i in chosen)
-    output_path.write_bytes(body)
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        output_path.write_bytes(body)
+    except OSError as e:
+        raise PathError(f"--output {output_path} cannot be written ({e.strerror})") from None
     manifest = {
         "source": str(input_path),
-        "source_sha256": hashlib.sha256(raw).hexdigest(),
+        "source_sha256": _sha256(input_path),
         "output": str(output_path),
         "output_sha256": hashlib.sha256(body).hexdigest(),
         "ratio": ratio,
@@ -194,6 +217,11 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
     return manifest
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def manifest_path(output_path: str | Path) -> Path:
     """``runs/x/subset.jsonl`` -> ``runs/x/subset.manifest.json``.
 
@@ -211,7 +239,7 @@ def _by_turns(turns: list[int]) -> dict[str, int]:
 @cli_entry("packlora subset")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``packlora subset``: 0 ok, 1 bad input, 2 bad flags."""
-    p = argparse.ArgumentParser(prog="packlora subset", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="packlora subset", description=description(__doc__))
     p.add_argument("--input", required=True, help="JSONL records (chats or {\"text\"})")
     p.add_argument("--output", required=True, help="JSONL to write; the manifest goes beside it")
     p.add_argument("--ratio", type=float, required=True, help="fraction of records to keep, in (0, 1], e.g. 0.2")
@@ -221,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to measure length in tokens "
                    "(default: characters)")
     p.add_argument("--bins", type=int, default=10, help="length bins per turn count (default 10 = deciles)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     m = make_subset(args.input, args.output, args.ratio, args.seed, args.stratify, args.tokenizer, args.bins)
     q0, q1 = m["length_quantiles"]["source"], m["length_quantiles"]["subset"]

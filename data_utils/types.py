@@ -143,3 +143,15 @@ class PackedRow:
             )
         if any(n <= 0 for n in self.seq_lens):
             raise ValueError(f"PackedRow seq_lens must all be > 0, got {self.seq_lens}")
+
+    @classmethod
+    def of(cls, row) -> "PackedRow":
+        """A ``PackedRow`` from a packed dataset's row (a mapping with ``input_ids``, ``labels`` and
+        ``seq_lens``), checked as every ``PackedRow`` is; a ``PackedRow`` is returned as it is.
+
+        >>> PackedRow.of({"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "seq_lens": [2, 1]}).seq_lens
+        (2, 1)
+        """
+        if isinstance(row, cls):
+            return row
+        return cls(tuple(row["input_ids"]), tuple(row["labels"]), tuple(row["seq_lens"]))

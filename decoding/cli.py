@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry
 from packlora.decoding.decode import decode_file, read_prompts  # noqa: F401  (read_prompts: the library API)
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, args.input, args.output, args.limit,
         max_new_tokens=args.max_new_tokens, batch_size=1 if args.stream else args.batch_size,
         dtype=args.dtype, device=args.device, preset=args.preset,
-        stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream, **sampling,
+        stop_strings=args.stop_string, no_stop_ids=args.no_stop_ids, stream=args.stream, sampling=sampling,
     )
     by_stop = sum(r["stop_reason"] == "stop_id" for r in rows)
     by_string = sum(r["stop_reason"] == "stop_string" for r in rows)
@@ -56,16 +56,30 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
 
 
-def sampling_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The ``generate_replies`` keywords the sampling flags ask for; a sampling-only flag without
-    ``--do-sample`` is a flag error (exit 2) naming it."""
+def add_stop_flags(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--stop-string``, shared by ``decode`` and ``eval-runaway``: the decode the
+    README prescribes can be measured as it is run."""
+    p.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
+                   help="multi-token stop string, repeatable (e.g. $'\\nuser\\n'); each reply is cut before it")
+    p.add_argument("--preset", default=None, help="style preset (zhang_henshui, shishuo, none, or a YAML path): "
+                   "system prompt + guard for prompts without a system message, plus its stop tokens")
+
+
+def sampling_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The ``Sampling`` the sampling flags ask for, built once; a sampling-only flag without
+    ``--do-sample``, or a bad value, is a flag error (exit 2) naming it."""
+    from packlora.decoding.generate import Sampling
+
     given = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
                                       ("--top-k", args.top_k), ("--seed", args.seed)) if value is not None]
     if given and not args.do_sample:
         parser.error(f"{', '.join(given)} only apply with --do-sample; add --do-sample or drop them")
-    return dict(do_sample=args.do_sample, temperature=1.0 if args.temperature is None else args.temperature,
-                top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        return Sampling(do_sample=args.do_sample, temperature=1.0 if args.temperature is None else args.temperature,
+                        top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _nonnegative_int(text: str) -> int:
@@ -95,17 +109,15 @@ def _parser() -> argparse.ArgumentParser:
                         "else generation_config.json's max_new_tokens, else 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
     add_sampling_flags(p)
+    add_debug_flag(p)
     p.add_argument("--limit", type=_positive_int, default=None, help="decode only the first N prompts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
-                   help="multi-token stop string, repeatable (e.g. $'\\nuser\\n'); each reply is cut before it")
     p.add_argument("--stream", action="store_true",
                    help="print each reply as it is generated (one prompt at a time; --batch-size is ignored)")
     p.add_argument("--no-stop-ids", action="store_true",
                    help="EXPERIMENTS ONLY: ignore the checkpoint's stop ids and stop at the tokenizer's eos "
                         "token alone, to see what the model does when nothing stops it at the end of turn")
-    p.add_argument("--preset", default=None, help="style preset (zhang_henshui, shishuo, none, or a YAML path): "
-                   "system prompt + guard for prompts without a system message, plus its stop tokens")
+    add_stop_flags(p)
     return p

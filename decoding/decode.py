@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from packlora.core.errors import InputError
 from packlora.data_utils.chat_format import ChatFormat
-from packlora.data_utils.records import RecordError, parse_record
+from packlora.data_utils.records import RecordError, iter_lines, parse_line
 from packlora.data_utils.types import Source, TextRecord
 
 logger = logging.getLogger(__name__)
@@ -45,16 +46,22 @@ class Prompt:
 def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     """Read the first ``limit`` (default: all) prompts of a JSONL file.
 
+    Lines are read as ``data_utils.records`` reads training data (a blank line is an error here too).
+
     Raises:
-        FileNotFoundError: no such file.
-        RecordError: a line is not a valid chat (``path:line:`` first), e.g. a ``{"text"}`` line
-            or a chat whose only message is the assistant's.
+        DataFileError: the file cannot be read (``records.data_file_error``: missing, a directory, a
+            FIFO or device, unreadable, compressed), or changed while it was read.
+        RecordError: a line is not a valid chat (``path:line:`` first, ``reason`` one of
+            ``records.REASONS`` or ``records.PROMPT_REASONS``), e.g. a ``{"text"}`` line or a chat
+            whose only message is the assistant's.
     """
-    prompts = []
+    prompts: list[Prompt] = []
+    if limit is not None and limit < 1:
+        return prompts
     for prompt in _iter_prompts(Path(path)):
-        if limit is not None and len(prompts) >= limit:
-            break
         prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break  # the lines after the limit are not read (a bad one there is no error)
     return prompts
 
 
@@ -66,18 +73,13 @@ def decode_file(
     *,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    sampling=None,
     dtype=None,
     device=None,
     preset: str | None = None,
     stop_strings: tuple[str, ...] | list[str] = (),
     no_stop_ids: bool = False,
     stream: bool = False,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
 ) -> list[dict]:
     """Decode the prompts of ``input_path`` and write one JSON line per prompt to ``output_path``.
 
@@ -88,13 +90,15 @@ def decode_file(
             directory is created, the file overwritten, and each batch flushed as it is done.
         limit: decode only the first ``limit`` prompts.
         max_new_tokens: default: the checkpoint's (``LoadedCheckpoint.max_new_tokens``).
-        batch_size, do_sample, temperature, top_p, seed, top_k, repetition_penalty: as in
-            ``generate_replies``.
+        batch_size: as in ``generate_replies``.
+        sampling: a ``decoding.generate.Sampling`` (default: greedy). Batch k is decoded with its seed
+            moved by the index of its first prompt (``Sampling.for_offset``).
         dtype, device: as in ``load_checkpoint`` (ignored for a ``LoadedCheckpoint``).
         preset: a style preset name or YAML path (``presets/``): applied to every prompt as in
             training (``presets.apply_preset``), and its stop tokens join the stop ids.
         stop_strings: multi-token stop strings (e.g. ``"\\nuser\\n"``); each reply is cut before
-            the first one (``decoding.stop_strings``).
+            the first one (``decoding.stop_strings``). Those of the model's generation config
+            (``generate.model_stop_strings``) are honoured as well.
         no_stop_ids: EXPERIMENTS ONLY: stop at the tokenizer's eos token alone, ignoring the
             checkpoint's stop ids (``decoding.runaway.naive_stop_ids``); replies run on.
         stream: write each reply to stdout as it is generated (needs ``batch_size`` 1), never
@@ -107,28 +111,36 @@ def decode_file(
         FileNotFoundError, RecordError, ValueError: see ``load_checkpoint``, ``read_prompts``
         and ``generate_replies``; also an input file with no prompt.
     """
-    from packlora.decoding.generate import LoadedCheckpoint, check_decoding_settings, generate_replies, load_checkpoint
+    from packlora.decoding.generate import (
+        GREEDY,
+        LoadedCheckpoint,
+        check_decoding_settings,
+        generate_replies,
+        load_checkpoint,
+        model_stop_strings,
+    )
+    from packlora.decoding.stop_strings import StopStringMatcher
 
+    sampling = GREEDY if sampling is None else sampling
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int, got {limit!r}")
-    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-                            top_k=top_k, repetition_penalty=repetition_penalty)
+        raise InputError(f"limit must be a positive int, got {limit!r}")
+    check_decoding_settings(max_new_tokens, batch_size, sampling)
     prompts = read_prompts(input_path, limit)
     if not prompts:
-        raise ValueError(f"{input_path} holds no prompts; give a JSONL file with at least one chat to reply to")
+        raise InputError(f"{input_path} holds no prompts; give a JSONL file with at least one chat to reply to")
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, dtype, device)
     if preset is not None:
         prompts, ckpt = _apply_preset(prompts, ckpt, preset)
     if no_stop_ids:
         ckpt = _without_stop_ids(ckpt)
     if stream and batch_size != 1:
-        raise ValueError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
+        raise InputError(f"streaming decodes one prompt at a time; use batch_size 1 (got {batch_size})")
     max_new_tokens = ckpt.max_new_tokens if max_new_tokens is None else max_new_tokens
-    mode = (f"sampling (temperature {temperature}, top_p {top_p}, top_k {top_k}, seed {seed})" if do_sample
-            else "greedy") + (f", repetition_penalty {repetition_penalty}" if repetition_penalty != 1.0 else "")
+    # every stop string generation honours, the model's own included: what the streamer must hold back
+    active_strings = [*StopStringMatcher(stop_strings).stop_strings, *model_stop_strings(ckpt.model)]
     logger.info(
         "decoding %d prompts from %s: %s, max_new_tokens %s, batch_size %s, stop ids %s",
-        len(prompts), input_path, mode, max_new_tokens, batch_size,
+        len(prompts), input_path, sampling.describe(), max_new_tokens, batch_size,
         ckpt.fmt.format_ids(ckpt.stop_ids),
     )
 
@@ -140,12 +152,10 @@ def decode_file(
     with open(output_path, "w", encoding="utf-8") as out:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            streamer = _streamer(ckpt, stop_strings, chunk[0]) if stream else None
+            streamer = _streamer(ckpt, active_strings, chunk[0]) if stream else None
             replies = generate_replies(
                 ckpt.model, ckpt.fmt, [list(p.messages) for p in chunk], ckpt.stop_ids,
-                max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
-                temperature=temperature, top_p=top_p, seed=None if seed is None else seed + start,
-                top_k=top_k, repetition_penalty=repetition_penalty,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, sampling=sampling.for_offset(start),
                 stop_strings=stop_strings, streamer=streamer,
             )
             for prompt, reply in zip(chunk, replies, strict=True):
@@ -157,7 +167,7 @@ def decode_file(
                     "stop_reason": reply.stop_reason,
                     "num_new_tokens": reply.num_new_tokens,
                 }
-                if stop_strings:
+                if active_strings:
                     row["stop_string"] = reply.stop_string
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 rows.append(row)
@@ -167,31 +177,24 @@ def decode_file(
 
 
 def _iter_prompts(path: Path) -> Iterator[Prompt]:
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path} (check --input)")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            src = Source(str(path), lineno)
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise RecordError(src, f"not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8")
-            except json.JSONDecodeError as e:
-                raise RecordError(src, f"invalid JSON ({e.msg} at column {e.colno}); fix or remove this line")
-            if not isinstance(obj, dict):
-                raise RecordError(src, f"expected a JSON object, got {type(obj).__name__}")
-            record = parse_record(obj, src, prompt=True)
+    lines = iter_lines(path, "prompt file (--input)")
+    for _, raw, src in lines:
+        box = [raw]
+        del raw
+        try:
+            record = parse_line(box, src, prompt=True)
             if isinstance(record, TextRecord):
                 raise RecordError(
                     src, "a {'text'} line has no chat to reply to; --input needs 'messages', 'conversations' or "
-                    "'instruction' lines"
+                    "'instruction' lines", "text_record"
                 )
             messages, reference = ChatFormat.split_reference(record.as_dicts())
             if not messages:
-                raise RecordError(src, "the chat is a lone assistant turn; add the user message it answers")
-            yield Prompt(tuple(messages), reference, src)
+                raise RecordError(src, "the chat is a lone assistant turn; add the user message it answers",
+                                  "lone_assistant_turn")
+        except RecordError as err:
+            lines.throw(err)  # raises err, or a DataFileError when the file was cut while being read
+        yield Prompt(tuple(messages), reference, src)
 
 
 def _without_stop_ids(ckpt):
@@ -232,7 +235,7 @@ def _apply_preset(prompts: list[Prompt], ckpt, preset: str):
     try:
         stop_ids = tuple(dict.fromkeys([*ckpt.stop_ids, *ckpt.fmt.stop_ids(p.stop_tokens)]))
     except ValueError as e:
-        raise ValueError(f"--preset {p.name}: {e}") from None
+        raise InputError(f"--preset {p.name}: {e}") from None
     actions: Counter = Counter()
     out = []
     for q in prompts:

@@ -11,6 +11,7 @@ left-padded so that every row's next token is generated in the same column::
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ from typing import Any
 
 import torch
 
-from packlora.decoding import checkpoint as ckpt_format
+from packlora.core import checkpoint as ckpt_format
+from packlora.core.errors import InputError
 from packlora.decoding.stop_strings import StopStringMatcher
 from packlora.decoding.stopping import cut_at_first_stop
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_NEW_TOKENS = ckpt_format.DEFAULT_MAX_NEW_TOKENS
 STOP_REASONS = ("stop_id", "stop_string", "max_new_tokens")
 
 
@@ -63,7 +65,7 @@ class LoadedCheckpoint:
         model: the causal LM in eval mode (a ``peft.PeftModel`` for an adapter checkpoint); its
             ``generation_config`` has ``eos_token_id = list(stop_ids)``.
         fmt: the chat format over the checkpoint's tokenizer (``fmt.tokenizer``).
-        stop_ids: ``decoding.checkpoint.stop_ids``: generation_config.json, the end of turn, eos,
+        stop_ids: ``core.checkpoint.CheckpointInfo.stop_ids``: generation_config.json, the end of turn, eos,
             and ``decoding.stop_tokens`` of ``packlora_config.yaml``.
         max_new_tokens: ``decoding.max_new_tokens`` of ``packlora_config.yaml``, else
             ``max_new_tokens`` of ``generation_config.json``, else 512.
@@ -84,6 +86,102 @@ class LoadedCheckpoint:
         return self.fmt.tokenizer
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampling:
+    """How each next token is chosen: greedy (the default) or sampled, built once from the command
+    line (``decoding.cli.sampling_settings``) and passed through unchanged. Validates itself: one
+    ``InputError`` lists every bad field.
+
+    Qwen2.5-Instruct's ``generation_config.json`` samples with
+    ``Sampling(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)``.
+
+    Example:
+        >>> Sampling().describe()
+        'greedy'
+        >>> Sampling(do_sample=True, temperature=0.7, seed=3).for_offset(8).seed
+        11
+        >>> Sampling(temperature=0.7)
+        Traceback (most recent call last):
+        ...
+        packlora.core.errors.InputError: bad decoding settings: temperature=0.7 only applies when sampling; set do_sample=True or drop temperature
+    """
+
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; > 0, and 1.0 unless ``do_sample``."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]: sample among the most likely tokens whose probabilities add up to it."""
+    top_k: int = 0
+    """Sample among the ``top_k`` most likely tokens only; 0 = off, and 0 unless ``do_sample``."""
+    repetition_penalty: float = 1.0
+    """> 0; 1.0 = off; greedy or sampling. The logit of every token already in the row (prompt
+    included) is divided by it when positive, multiplied when negative (Keskar et al. 2019, "CTRL",
+    arXiv:1909.05858, eq. 3; ``transformers.RepetitionPenaltyLogitsProcessor``)."""
+    seed: int | None = None
+    """Seeds sampling in a forked RNG (the global torch RNG is left untouched); None unless ``do_sample``."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise InputError("bad decoding settings: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every bad field, each naming it and its value."""
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        problems = [f"{name} must be a number, got {getattr(self, name)!r}" for name in ("temperature", "top_p")
+                    if not number(getattr(self, name))]
+        if not isinstance(self.do_sample, bool):
+            problems.append(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            problems.append(f"seed must be an int or None, got {self.seed!r}")
+        if problems:
+            return problems
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        penalty = self.repetition_penalty
+        if not (number(penalty) and penalty > 0):
+            problems.append(f"repetition_penalty must be > 0 (1.0 = off), got {penalty!r}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                problems.append(
+                    f"temperature must be > 0 when sampling, got {self.temperature!r}; use do_sample=False for greedy"
+                )
+            if not 0 < self.top_p <= 1:
+                problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        else:
+            for name, default in (("temperature", 1.0), ("top_p", 1.0), ("seed", None), ("top_k", 0)):
+                value = getattr(self, name)
+                if value != default:
+                    problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
+        return problems
+
+    def for_offset(self, offset: int) -> "Sampling":
+        """The settings for a batch whose first prompt is number ``offset``: the seed moved by it."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + offset)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The ``model.generate`` keywords these settings fix (the seed is applied by the caller)."""
+        kwargs: dict[str, Any] = dict(do_sample=self.do_sample, repetition_penalty=self.repetition_penalty)
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=None, typical_p=1.0)
+        return kwargs
+
+    def describe(self) -> str:
+        """One phrase for logs: ``greedy`` or ``sampling (temperature …)``, plus the penalty when on."""
+        mode = (f"sampling (temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}, seed {self.seed})"
+                if self.do_sample else "greedy")
+        return mode + (f", repetition_penalty {self.repetition_penalty}" if self.repetition_penalty != 1.0 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what ``eval-runaway`` writes under ``"decoding"``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+GREEDY = Sampling()
+"""Greedy decoding, no repetition penalty: the default everywhere."""
+
+
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> LoadedCheckpoint:
@@ -98,10 +196,12 @@ def load_checkpoint(
         device: default ``"cuda"`` when available, else ``"cpu"``.
 
     Raises:
-        FileNotFoundError: ``path`` is not a checkpoint, or an adapter's base model is missing.
-        ValueError: bad stop tokens or ``max_new_tokens`` in the checkpoint's configs.
+        MissingPathError: ``path`` is not a checkpoint, or an adapter's base model is missing.
+        InputError: bad stop tokens or ``max_new_tokens`` in the checkpoint's configs, or an unknown dtype.
     """
     from transformers import AutoTokenizer
+
+    from packlora.data_utils.chat_format import ChatFormat
 
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,17 +209,20 @@ def load_checkpoint(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
-    model, inner, base_model_path = ckpt_format.load_model(path, dtype, device)
-    fmt = ckpt_format.chat_format(path, AutoTokenizer.from_pretrained(path))
-    stop_ids = ckpt_format.stop_ids(path, fmt)
-    max_new_tokens = ckpt_format.max_new_tokens(path, DEFAULT_MAX_NEW_TOKENS)
+    info = ckpt_format.CheckpointInfo.read(path)
+    model, inner, base_model_path = ckpt_format.load_model(info, dtype, device)
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(path), **info.format_options)
+    stop_ids = info.stop_ids(fmt)
+    max_new_tokens = info.max_new_tokens(DEFAULT_MAX_NEW_TOKENS)
     ckpt_format.set_stop_ids(inner, stop_ids, fmt.pad_id(stop_ids))  # plain `model.generate()` stops here too
+    inherited = model_stop_strings(inner)
     logger.info(
-        "loaded %s%s on %s (%s); chat format %s; stop ids: %s; max_new_tokens %d",
+        "loaded %s%s on %s (%s); chat format %s; stop ids: %s; max_new_tokens %d%s",
         path, f" (base {base_model_path})" if base_model_path else "", device,
         str(dtype).removeprefix("torch."), fmt.name, fmt.format_ids(stop_ids), max_new_tokens,
+        f"; stop strings of its generation config: {list(inherited)}" if inherited else "",
     )
     return LoadedCheckpoint(model, fmt, tuple(stop_ids), max_new_tokens, path, base_model_path)
 
@@ -131,26 +234,19 @@ def generate_replies(
     stop_ids: Sequence[int],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    sampling: Sampling = GREEDY,
     stop_strings: Sequence[str] = (),
     streamer: Any = None,
     synced_gpus: bool | None = None,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
 ) -> list[Reply]:
     """Generate the next assistant turn of each conversation.
 
     Each conversation is rendered with the chat template and ``add_generation_prompt=True`` and
     tokenised with its messages' text kept as text (``ChatFormat.encode_prompt``). Batches of
     ``batch_size`` are left-padded (see the module docstring); ``tokenizer`` is not modified.
-    Decoding is exactly what the arguments say: greedy, or sampling with ``temperature``,
-    ``top_p`` and ``top_k``; ``repetition_penalty`` for either; one beam, whatever
-    ``model.generation_config`` holds. Qwen2.5-Instruct's ``generation_config.json`` samples with
-    ``temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05``. The model is put in eval
-    mode for the call and restored afterwards. Greedy replies do
+    Decoding is exactly what ``sampling`` says (greedy by default), with one beam, whatever
+    ``model.generation_config`` holds. The model is put in eval mode for the call and restored
+    afterwards. Greedy replies do
     not depend on ``batch_size``; sampled ones do (the random stream is shared by the batch).
 
     Args:
@@ -160,16 +256,10 @@ def generate_replies(
         stop_ids: ids that end a row (``ChatFormat.stop_ids``); each row stops on its own.
         max_new_tokens: the most tokens generated per row, the stop token included.
         batch_size: conversations per ``generate`` call.
-        do_sample: sample instead of greedy decoding.
-        temperature, top_p: sampling settings; must stay at 1.0 unless ``do_sample``.
-        top_k: sample among the ``top_k`` most likely tokens only (0 = off); only with ``do_sample``.
-        repetition_penalty: > 0; 1.0 = off. The logit of every token already in the row (prompt
-            included) is divided by it when positive, multiplied when negative (Keskar et al. 2019,
-            "CTRL", arXiv:1909.05858, eq. 3; ``transformers.RepetitionPenaltyLogitsProcessor``).
-        seed: seeds sampling in a forked RNG (the global torch RNG is left untouched); only
-            with ``do_sample``.
+        sampling: greedy or sampled decoding, repetition penalty and seed (``Sampling``).
         stop_strings: multi-token stop strings (``decoding.stop_strings``), matched on the decoded
-            text of each row; the reply is cut before the match.
+            text of each row; the reply is cut before the match. The model's own
+            ``generation_config.stop_strings`` (``model_stop_strings``) are honoured too.
         streamer: a ``generate`` streamer (``StopAwareStreamer``); needs ``batch_size`` 1.
         synced_gpus: passed to ``generate``; None lets transformers decide (True under ZeRO-3
             with several processes: every rank must then call with the same conversations).
@@ -184,18 +274,18 @@ def generate_replies(
     if not stop_ids:
         raise ValueError("stop_ids is empty; pass fmt.stop_ids() or the checkpoint's stop ids")
     tokenizer = fmt.tokenizer
-    matcher = StopStringMatcher(stop_strings)
+    # the caller's stop strings, and the model's own (a base's generation_config.json may list some)
+    matcher = StopStringMatcher([*StopStringMatcher(stop_strings).stop_strings, *model_stop_strings(model)])
     if streamer is not None and batch_size != 1:
-        raise ValueError(f"streaming needs batch_size=1, got {batch_size}")
-    check_decoding_settings(max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-                            top_k=top_k, repetition_penalty=repetition_penalty)
+        raise InputError(f"streaming needs batch_size=1, got {batch_size}")
+    check_decoding_settings(max_new_tokens, batch_size, sampling)
     if max_new_tokens is None:
-        raise ValueError("max_new_tokens must be a positive int, got None")
+        raise InputError("max_new_tokens must be a positive int, got None")
     for i, conv in enumerate(conversations):
         if not conv:
-            raise ValueError(f"conversations[{i}] is empty; give at least one user message")
+            raise InputError(f"conversations[{i}] is empty; give at least one user message")
         if conv[-1].get("role") == "assistant":
-            raise ValueError(
+            raise InputError(
                 f"conversations[{i}] ends with an assistant message, so there is nothing to reply to; "
                 "strip the reference answer (the last assistant turn) before decoding"
             )
@@ -208,22 +298,21 @@ def generate_replies(
         max_new_tokens=max_new_tokens,
         eos_token_id=list(stop_ids),
         pad_token_id=pad_id,
-        do_sample=do_sample,
         num_beams=1,
         num_return_sequences=1,
-        repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=0,
         min_new_tokens=None,
         return_dict_in_generate=False,
+        **sampling.generate_kwargs(),
     )
     if streamer is not None:
         gen_kwargs["streamer"] = streamer
     if synced_gpus is not None:
         gen_kwargs["synced_gpus"] = synced_gpus
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0)
 
     if matcher:  # transformers' own criterion (one tensor check per step) stops the row...
+        # ...and needs the tokenizer whenever any stop string is active, the model's own included
+        # ("could not locate a tokenizer" otherwise: transformers #34571)
         gen_kwargs.update(stop_strings=list(matcher.stop_strings), tokenizer=tokenizer)
     cuda_devices = []
     if device.type == "cuda":
@@ -233,8 +322,8 @@ def generate_replies(
     replies: list[Reply] = []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
-            if seed is not None:
-                torch.manual_seed(seed)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
             for start in range(0, len(prompt_ids), batch_size):
                 batch = _left_padded(tokenizer, prompt_ids[start : start + batch_size], pad_id)
                 out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **gen_kwargs)
@@ -244,6 +333,19 @@ def generate_replies(
     finally:
         model.train(was_training)
     return replies
+
+
+def model_stop_strings(model: Any) -> tuple[str, ...]:
+    """The stop strings ``model.generation_config`` carries (``stop_strings``, a string or a list:
+    some published bases list them in ``generation_config.json``); ``()`` when none.
+
+    ``generate`` applies them whatever its arguments, so the decoder matches and cuts them like its
+    own (``generate_replies``).
+    """
+    value = getattr(getattr(model, "generation_config", None), "stop_strings", None)
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _to_reply(new_ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, tokenizer: Any,
@@ -291,11 +393,9 @@ def _left_padded(tokenizer: Any, rows: list[list[int]], pad_id: int) -> dict[str
                          return_attention_mask=True)
 
 
-def check_decoding_settings(
-    max_new_tokens: int | None, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int | None,
-    *, top_k: int = 0, repetition_penalty: float = 1.0,
-) -> None:
-    """Raise one ValueError listing every bad ``generate_replies`` setting (None = not chosen yet)."""
+def check_decoding_settings(max_new_tokens: int | None, batch_size: int, sampling: Sampling = GREEDY) -> None:
+    """Raise one ``InputError`` listing every bad ``generate_replies`` setting (None = not chosen yet).
+    ``sampling`` was checked when built; a value of another type is refused here."""
     problems = []
     if max_new_tokens is not None and (
         isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
@@ -303,22 +403,7 @@ def check_decoding_settings(
         problems.append(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        problems.append(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    penalty_ok = isinstance(repetition_penalty, (int, float)) and not isinstance(repetition_penalty, bool)
-    if not (penalty_ok and repetition_penalty > 0):
-        problems.append(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
-    if do_sample:
-        if not temperature > 0:
-            problems.append(
-                f"temperature must be > 0 when sampling, got {temperature!r}; use do_sample=False for greedy"
-            )
-        if not 0 < top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {top_p!r}")
-    else:
-        for name, value, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None),
-                                     ("top_k", top_k, 0)):
-            if value != default:
-                problems.append(f"{name}={value!r} only applies when sampling; set do_sample=True or drop {name}")
+    if not isinstance(sampling, Sampling):
+        problems.append(f"sampling must be a decoding.generate.Sampling, got {type(sampling).__name__}")
     if problems:
-        raise ValueError("bad decoding settings: " + "; ".join(problems))
+        raise InputError("bad decoding settings: " + "; ".join(problems))

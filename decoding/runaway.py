@@ -45,7 +45,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from packlora.decoding.generate import Reply, generate_replies
+from packlora.core.errors import InputError
+from packlora.decoding.generate import GREEDY, Reply, Sampling, generate_replies
 
 ROLE_LINE = re.compile(r"(?:^|\n)(?:system|user|assistant)\n")
 """A role name alone on a line: what a ChatML role header looks like with special tokens skipped."""
@@ -108,7 +109,7 @@ def naive_stop_ids(fmt: Any) -> list[int]:
     """
     eos = fmt.tokenizer.eos_token_id
     if eos is None or eos == fmt.end_of_turn_id:
-        raise ValueError(
+        raise InputError(
             f"--no-stop-ids decodes with the tokenizer's eos token only, but it is {fmt.tokenizer.eos_token!r}, the "
             "end of turn itself; this experiment needs a tokenizer whose eos is not (e.g. a Qwen2 base tokenizer)"
         )
@@ -208,7 +209,7 @@ def summarize(results: Sequence[PromptResult], stop_ids: Sequence[int], max_new_
         ValueError: no results.
     """
     if not results:
-        raise ValueError("no prompts to evaluate; give at least one held-out chat")
+        raise InputError("no prompts to evaluate; give at least one held-out chat")
     n = len(results)
 
     def rate(name: str) -> float:
@@ -235,7 +236,8 @@ def evaluate_runaway(
     no_stop_ids: bool = False,
     batch_size: int = 8,
     synced_gpus: bool | None = None,
-    **sampling: Any,
+    sampling: Sampling = GREEDY,
+    stop_strings: Sequence[str] = (),
 ) -> RunawayReport:
     """Decode every prompt (greedily unless ``sampling`` says otherwise) and measure the runaway metrics.
 
@@ -247,8 +249,8 @@ def evaluate_runaway(
         no_stop_ids: decode with ``naive_stop_ids(fmt)`` instead (experiments only).
         batch_size: prompts per ``generate`` call.
         synced_gpus: see ``generate_replies`` (ZeRO-3 with several ranks).
-        sampling: ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``
-            and ``seed``, passed to ``generate_replies`` (default: greedy, no penalty).
+        sampling: a ``Sampling``, passed to ``generate_replies`` (default: greedy, no penalty).
+        stop_strings: multi-token stop strings (``decoding.stop_strings``), as ``decode --stop-string``.
 
     Returns:
         The ``RunawayReport``.
@@ -256,7 +258,7 @@ def evaluate_runaway(
     used = naive_stop_ids(fmt) if no_stop_ids else list(stop_ids)
     replies = generate_replies(
         model, fmt, [list(m) for m, _, _ in prompts], used, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, synced_gpus=synced_gpus, **sampling,
+        batch_size=batch_size, synced_gpus=synced_gpus, sampling=sampling, stop_strings=stop_strings,
     )
     results = [score_reply(r, ref, fmt, src) for r, (_, ref, src) in zip(replies, prompts, strict=True)]
     return summarize(results, used, max_new_tokens, no_stop_ids)

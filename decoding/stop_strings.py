@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from packlora.core.errors import InputError
+
 
 @dataclass(frozen=True, slots=True)
 class StringStop:
@@ -72,12 +74,12 @@ class StopStringMatcher:
 
     def __init__(self, stop_strings: Iterable[str]):
         if isinstance(stop_strings, str):
-            raise ValueError(f"stop_strings must be a list of strings, got the string {stop_strings!r}; "
+            raise InputError(f"stop_strings must be a list of strings, got the string {stop_strings!r}; "
                              f"write [{stop_strings!r}]")
         strings: list[str] = []
         for s in stop_strings:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"every stop string must be a non-empty string, got {s!r}")
+                raise InputError(f"every stop string must be a non-empty string, got {s!r}")
             if s not in strings:
                 strings.append(s)
         self.stop_strings: tuple[str, ...] = tuple(strings)
@@ -169,7 +171,7 @@ class StopAwareStreamer(BaseStreamer):
             return
         ids = value.reshape(-1).tolist()
         if len(ids) != 1:
-            raise ValueError("StopAwareStreamer supports batch size 1 only; use --batch-size 1 with --stream")
+            raise InputError("StopAwareStreamer supports batch size 1 only; use --batch-size 1 with --stream")
         if ids[0] in self.stop_ids:
             self._flush(final=True)
             return

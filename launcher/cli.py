@@ -16,49 +16,68 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from packlora.launcher.commands import build_argv, format_command
+from packlora.core.cli import add_debug_flag, cli_entry
+from packlora.launcher.commands import OOM_HINT, build_argv, format_command
 from packlora.launcher.hostfile import HostfileError, read_hostfile
 from packlora.launcher.ports import choose_port, explicit_port
 from packlora.launcher.spec import LAUNCHERS, LaunchSpec
+from packlora.launcher.supervise import run_supervised, stopped_message
+from packlora.training.run_dir import CHECKED_ENV, OVERWRITE_FLAG
 
 CPU_NPROC_PER_NODE = 2
 """Processes per node when no GPU is visible: CPU processes talking over gloo."""
 
 
-def _validate_config(args, parser) -> None:
-    """Load and check the config with its overrides here, once, so a bad key fails in a second
-    instead of in every rank after start-up, and parse every record of the data (a bad line is an
-    error naming ``file:line`` before any process starts). ``--dry-run`` skips the records and the
-    check of ``training:`` keys against ``TrainingArguments``. When the
-    training processes will run on this machine (not Slurm, no hostfile), also refuse what this
-    machine cannot run: an attention backend or dtype that needs CUDA (``training.model.check_runs_here``)."""
+def _validate_config(args, parser):
+    """Load and check the config with its overrides here, once, before any process starts, so a bad
+    key fails in seconds instead of in every rank after start-up; ``--dry-run`` checks exactly the
+    same. Checked: every key and type (``training:`` against ``transformers.TrainingArguments``),
+    every path, every record of the data (a bad line is an error naming ``file:line``), and, on node
+    0, ``output_dir`` (``training/run_dir.py``: no second run into a directory holding one, unless
+    ``--overwrite``; no resume from a checkpoint with no steps left). When the training processes will
+    run on this machine (not Slurm, no hostfile), also what this machine cannot run (an attention
+    backend or dtype that needs CUDA, ``training.model.check_runs_here``) and the values
+    ``TrainingArguments`` itself refuses (it is built once here). A problem with a key set on the
+    command line says "(set on the command line)". Returns the loaded ``RunConfig``."""
+    from packlora.core.config import config_source, mark_command_line
+    from packlora.core.errors import InputError, PackloraError
+    from packlora.data_utils.dataset import read_stage
     from packlora.training.config import ConfigError
     from packlora.training.preflight import load_and_check
 
-    from packlora.data_utils.dataset import NoExampleError, read_stage
-    from packlora.data_utils.records import RecordError
-
+    runs_here = args.launcher != "slurm" and args.hostfile is None
     try:
-        cfg = load_and_check(args.config, args.overrides, training_arguments=not args.dry_run)
-        if not args.dry_run:  # every record parsed here, in seconds, not after every rank has started
-            for name in ("train", "eval"):
-                if cfg.data.sources(name):
-                    read_stage(cfg.data.sources(name), cfg.data.format, cfg.data.on_error)
-    except (FileNotFoundError, ConfigError, RecordError, NoExampleError) as err:
+        cfg = load_and_check(args.config, args.overrides, run_dir=args.node_rank == 0, overwrite=args.overwrite)
+        for name in ("train", "eval"):  # every record parsed here, in seconds, not after every rank has started
+            if cfg.data.sources(name):
+                read_stage(cfg.data.sources(name), cfg.data.format, cfg.data.on_error)
+        if runs_here:
+            from packlora.training.model import check_runs_here
+
+            try:
+                check_runs_here(cfg.model, _cuda_device_count() > 0)
+                _check_training_arguments(cfg)
+            except InputError as err:
+                problems = err.problems if isinstance(err, ConfigError) else [str(err)]
+                raise ConfigError(mark_command_line(problems, args.overrides),
+                                  config_source(args.config, args.overrides)) from None
+    except PackloraError as err:  # a bad config, data file or record, no example left: one line each
         parser.error(str(err))
-    if args.launcher != "slurm" and args.hostfile is None:
-        from packlora.training.model import check_runs_here
-
-        try:
-            check_runs_here(cfg.model, _cuda_device_count() > 0)
-        except ValueError as err:
-            parser.error(str(err))
+    return cfg
 
 
+def _check_training_arguments(cfg) -> None:
+    """Build the run's ``TrainingArguments`` once, as every process will (no side effects), so the
+    values transformers refuses fail here. Raises ``ConfigError``."""
+    from packlora.training.recipe import build_training_arguments
+
+    build_training_arguments(cfg)
+
+
+@cli_entry("packlora launch")
 def main(argv: list[str]) -> int:
     """Run ``packlora launch ARGV``.
 
@@ -73,9 +92,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config!r} (relative to {os.getcwd()})")
-    _validate_config(args, parser)
+    cfg = _validate_config(args, parser)
     if args.launcher == "slurm":
-        return _slurm(args, parser)
+        return _slurm(args, parser, cfg)
     if args.gpus_per_node is not None:
         parser.error(
             f"--gpus-per-node is only read by --launcher slurm, got it with {args.launcher}; here "
@@ -89,7 +108,27 @@ def main(argv: list[str]) -> int:
         return 0
     if shutil.which(command[0]) is None:
         parser.error(f"{command[0]!r} is not on PATH; activate the environment packlora is installed in")
-    return subprocess.run(command, env={**os.environ, **dict(spec.env)}).returncode
+    if args.overwrite and args.node_rank == 0:
+        _clear_old_run(cfg.output_dir)
+    # The processes need not check output_dir again; unbuffered, their output reaches the pipe as written.
+    env = {**os.environ, **dict(spec.env), CHECKED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    outcome = run_supervised(command, env)
+    if outcome.stop_signal is not None:
+        print(stopped_message(outcome), file=sys.stderr, flush=True)
+        return 128 + outcome.stop_signal
+    if outcome.returncode != 0 and outcome.killed_by_sigkill:
+        print(f"packlora launch: a training process was {OOM_HINT} (the start-up log estimates the memory per rank)",
+              file=sys.stderr, flush=True)
+    return outcome.returncode
+
+
+def _clear_old_run(output_dir: str) -> None:
+    from packlora.training.run_dir import clear_run
+
+    removed = clear_run(output_dir)
+    if removed:
+        print(f"packlora launch: --overwrite: deleted the old run in {output_dir} ({', '.join(removed)})",
+              file=sys.stderr, flush=True)
 
 
 def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSpec:
@@ -172,7 +211,7 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchSp
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="packlora launch",
-        description="Start `python -m packlora.train CONFIG [key.sub=value ...]` on every process.",
+        description="Start 'python -m packlora.train CONFIG [key.sub=value ...]' on every process.",
     )
     p.add_argument("config", help="training YAML config; must exist")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, passed on in order")
@@ -180,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         "--launcher",
         choices=(*LAUNCHERS, "slurm"),
         default="deepspeed",
-        help="slurm: submit a batch job and wait, as `packlora slurm ... --submit --wait` (default: %(default)s)",
+        help="slurm: submit a batch job and wait, as 'packlora slurm ... --submit --wait' (default: %(default)s)",
     )
     p.add_argument("--nnodes", type=int, help="number of machines (default: the hostfile's hosts, else 1)")
     p.add_argument(
@@ -217,7 +256,15 @@ def _parser() -> argparse.ArgumentParser:
         help="--launcher slurm only: GPUs per Slurm node (0: CPU processes); default: the config's "
         "gpus_per_node, else the partition's GRES, else an error. Never this machine's GPUs",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    p.add_argument(
+        OVERWRITE_FLAG,
+        action="store_true",
+        help="when output_dir already holds a run (checkpoints or packlora_config.yaml), delete that run first "
+        "(only the files packlora writes; node 0 only). Without it such a launch is refused",
+    )
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything the launch checks, print the command and exit; starts nothing, deletes nothing")
+    add_debug_flag(p)
     return p
 
 
@@ -233,8 +280,9 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``--launcher slurm``: the same job through ``packlora slurm``, one launcher task per node."""
+def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser, cfg) -> int:
+    """``--launcher slurm``: the same job through ``packlora slurm``, one launcher task per node, built
+    from the config already loaded (``cfg``)."""
     from packlora.launcher import slurm_cli
 
     if args.hostfile is not None or args.no_ssh or args.node_rank != 0 or args.master_addr is not None:
@@ -248,5 +296,6 @@ def _slurm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         argv += ["--nproc-per-node", str(args.nproc_per_node)]
     if args.master_port is not None:
         argv += ["--master-port", str(args.master_port)]
+    argv += [OVERWRITE_FLAG] if args.overwrite else []
     argv += ["--dry-run"] if args.dry_run else ["--submit", "--wait"]
-    return slurm_cli.main(argv)
+    return slurm_cli.main(argv, cfg=cfg)

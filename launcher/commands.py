@@ -14,6 +14,24 @@ from packlora.launcher.spec import LaunchSpec
 TRAIN_MODULE = "packlora.train"
 """The module each launched process runs, as with ``python -m``."""
 
+KILLED_BY_SIGKILL = (
+    r"exits with return code = -9|exitcode *: *-9|Signal 9 \(SIGKILL\)|task [0-9]+: Killed|oom[-_ ]kill|OOM Killed"
+)
+"""How the launchers report a process killed by signal 9, as an extended regular expression that both
+Python's ``re`` and ``grep -E`` read: deepspeed's ``launch.py`` (``... exits with return code = -9``),
+torchrun (``exitcode  : -9`` and ``Signal 9 (SIGKILL) received by PID ...``), srun (``task 1: Killed``)
+and Slurm's cgroup OOM reports (``oom_kill event``, ``OOM Killed``).
+
+>>> import re
+>>> bool(re.search(KILLED_BY_SIGKILL, "[launch.py:259:sigkill_handler] ['python', ...] exits with return code = -9"))
+True
+"""
+OOM_HINT = ("killed by signal 9 (likely out of memory): lower training.per_device_train_batch_size or "
+            "data.max_seq_length")
+"""What ``packlora launch`` and the sbatch script say after a rank was killed by signal 9; the
+out-of-memory killer is its usual sender. Memory per rank is estimated in the start-up log
+(``training/memory.py``)."""
+
 
 def deepspeed_argv(spec: LaunchSpec) -> list[str]:
     """The ``deepspeed`` command line for ``spec``.

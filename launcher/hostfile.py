@@ -18,10 +18,12 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from packlora.core.errors import InputError
+
 _LINE = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>\S*)")
 
 
-class HostfileError(ValueError):
+class HostfileError(InputError):
     """A hostfile line that cannot be used; the message quotes it with its line number."""
 
 

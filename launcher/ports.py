@@ -21,6 +21,8 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 
+from packlora.core.errors import InputError
+
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 LINUX_DEFAULT_EPHEMERAL = (32768, 60999)
 """Linux's default ``ip_local_port_range``, assumed when the file cannot be read."""
@@ -43,9 +45,9 @@ def parse_port_range(text: str, source: str = EPHEMERAL_RANGE_FILE) -> tuple[int
     try:
         low, high = (int(w) for w in words)
     except ValueError:
-        raise ValueError(f"{source}: expected two port numbers 'LOW HIGH', got {text!r}") from None
+        raise InputError(f"{source}: expected two port numbers 'LOW HIGH', got {text!r}") from None
     if not 1 <= low <= high <= MAX_PORT:
-        raise ValueError(f"{source}: expected 1 <= LOW <= HIGH <= {MAX_PORT}, got {text!r}")
+        raise InputError(f"{source}: expected 1 <= LOW <= HIGH <= {MAX_PORT}, got {text!r}")
     return low, high
 
 
@@ -87,7 +89,7 @@ def pick_port(
     pool = port_pool(ephemeral)
     size = sum(len(r) for r in pool)
     if size == 0:
-        raise ValueError(
+        raise InputError(
             f"the ephemeral port range {ephemeral[0]}-{ephemeral[1]} covers every port from {MIN_PORT} to "
             f"{MAX_PORT}; pass --master-port explicitly"
         )
@@ -96,7 +98,7 @@ def pick_port(
         port = _nth(pool, (start + i) % size)
         if is_free(port):
             return port
-    raise ValueError(
+    raise InputError(
         f"none of {min(attempts, size)} ports from {_nth(pool, start)} on (outside the ephemeral range "
         f"{ephemeral[0]}-{ephemeral[1]}) could be bound; pass --master-port explicitly"
     )
@@ -176,7 +178,7 @@ def explicit_port(flag: int | None, env: Mapping[str, str]) -> tuple[int | None,
     if not value:
         return None, ""
     if not value.isdigit() or not 1 <= int(value) <= MAX_PORT:
-        raise ValueError(
+        raise InputError(
             f"{PORT_ENV}={value!r} in the environment is not a port number (1..{MAX_PORT}); "
             "unset it, or pass --master-port"
         )

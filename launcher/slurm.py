@@ -18,7 +18,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from packlora.launcher.commands import TRAIN_MODULE, build_argv
+from packlora.core.errors import InputError
+from packlora.launcher.commands import KILLED_BY_SIGKILL, OOM_HINT, TRAIN_MODULE, build_argv
 from packlora.launcher.spec import LaunchSpec, config_problems
 
 SLURM_LAUNCHERS = ("torchrun", "deepspeed", "srun")
@@ -90,7 +91,7 @@ class SlurmSpec:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         problems = self._problems()
         if problems:
-            raise ValueError("invalid Slurm settings:\n  - " + "\n  - ".join(problems))
+            raise InputError("invalid Slurm settings:\n  - " + "\n  - ".join(problems))
 
     @property
     def procs_per_node(self) -> int:
@@ -179,6 +180,9 @@ def slurm_time_seconds(text: str) -> int:
 def sbatch_script(spec: SlurmSpec) -> str:
     """The sbatch script for ``spec``: ``#SBATCH`` header, rendezvous, stop and requeue handling, then
     one ``srun`` line, run in the background so that the USR1 trap fires while it runs.
+
+    A run that fails after a process was killed by signal 9 (a launcher or Slurm says so in this
+    run's part of the Slurm log, ``launcher.commands.KILLED_BY_SIGKILL``) ends with ``OOM_HINT``.
 
     A stop (the ``PACKLORA_STOP_FILE`` exists: the USR1 trap made it, or a user) ends the training at
     the next step boundary with a complete checkpoint (``training.preemption``); the script then exits
@@ -273,7 +277,9 @@ def sbatch_script(spec: SlurmSpec) -> str:
             f"python -m packlora.launcher.hostfile --slots {g} "
             f'$(scontrol show hostnames "$SLURM_JOB_NODELIST") > {shlex.quote(spec.output)}/hostfile-"$SLURM_JOB_ID"'
         )
+    log = f'{shlex.quote(spec.output)}/slurm-"$SLURM_JOB_ID".out'
     lines += [
+        f'log_start="$(stat -c %s {log} 2>/dev/null || echo 0)"  # this run\'s part of the log starts here',
         srun_line(spec) + " &",
         "srun_pid=$!",
         "while :; do  # a trapped signal interrupts wait while srun still runs: wait again",
@@ -292,6 +298,9 @@ def sbatch_script(spec: SlurmSpec) -> str:
             "  fi",
         ]
     lines += [
+        "fi",
+        f'if [ "$status" != 0 ] && grep -qE {shlex.quote(KILLED_BY_SIGKILL)} <(tail -c +"$((log_start + 1))" {log} 2>/dev/null); then',
+        f'  echo "packlora: job $SLURM_JOB_ID: a training process was {OOM_HINT}"',
         "fi",
         _echo_paths(spec, "finished with exit code $status;"),
         'exit "$status"',

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packlora.core.cli import add_debug_flag, cli_entry
 from packlora.launcher import sinfo
 from packlora.launcher.ports import explicit_port
 from packlora.launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S, SLURM_LAUNCHERS, SlurmSpec, sbatch_script
@@ -31,8 +32,10 @@ from packlora.launcher.slurm import DEFAULT_CPUS_PER_GPU, DEFAULT_WARN_BEFORE_S,
 SCRIPT_NAME = "packlora.sbatch"
 
 
-def main(argv: list[str]) -> int:
-    """Run ``packlora slurm ARGV``.
+@cli_entry("packlora slurm")
+def main(argv: list[str], cfg=None) -> int:
+    """Run ``packlora slurm ARGV``; ``cfg`` is the config already loaded with its overrides (by
+    ``packlora launch --launcher slurm``), else it is loaded here.
 
     Returns:
         0 after writing (and, with ``--submit``, queueing) the job; with ``--wait``, the job's
@@ -45,7 +48,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.wait and not args.submit:
         parser.error("--wait needs --submit")
-    spec = build_spec(args, parser)
+    spec = build_spec(args, parser, cfg)
     script = sbatch_script(spec)
     path = Path(spec.output) / SCRIPT_NAME
     sbatch = ["sbatch", "--parsable", *(["--wait"] if args.wait else []), str(path)]
@@ -53,6 +56,13 @@ def main(argv: list[str]) -> int:
         print(script, end="")
         print(f"# then: {shlex.join(sbatch)}", flush=True)
         return 0
+    if args.overwrite:
+        from packlora.training.run_dir import clear_run
+
+        removed = clear_run(spec.output_dir)
+        if removed:
+            print(f"packlora slurm: --overwrite: deleted the old run in {spec.output_dir} ({', '.join(removed)})",
+                  file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script, encoding="utf-8")
     print(f"wrote {path}\n{shlex.join(sbatch)}", flush=True)
@@ -81,15 +91,21 @@ def _paths(spec: SlurmSpec) -> str:
     return f"checkpoints in {spec.output_dir}, TensorBoard logs in {spec.output_dir}/runs"
 
 
-def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SlurmSpec:
-    """The ``SlurmSpec`` for parsed flags: loads the config for its ``output_dir``; exits via
-    ``parser.error`` on a bad config or bad flags."""
+def build_spec(args: argparse.Namespace, parser: argparse.ArgumentParser, cfg=None) -> SlurmSpec:
+    """The ``SlurmSpec`` for parsed flags and the config (``cfg``, else loaded here for its
+    ``output_dir``); exits via ``parser.error`` on a bad config or bad flags."""
+    from packlora.core.config import config_source, mark_command_line
     from packlora.training.config import ConfigError, load_config
+    from packlora.training.preflight import run_dir_problems
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (FileNotFoundError, ConfigError) as err:
-        parser.error(str(err))
+    if cfg is None:  # (packlora launch --launcher slurm has checked all of this already)
+        try:
+            cfg = load_config(args.config, args.overrides)
+            problems = run_dir_problems(cfg, args.overwrite)  # one run per output_dir (training/run_dir.py)
+            if problems:
+                raise ConfigError(mark_command_line(problems, args.overrides), config_source(args.config, args.overrides))
+        except (FileNotFoundError, ConfigError) as err:
+            parser.error(str(err))
     output_dir = str(Path(cfg.output_dir).resolve())
     output = str(Path(args.output).resolve()) if args.output else f"{output_dir}/slurm"
     gpus = _gpus_per_node(args, cfg, parser)
@@ -198,7 +214,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--account", help="Slurm account to charge (default: yours)")
     p.add_argument("--job-name", default="packlora", help="default: %(default)s")
     p.add_argument("--output", help="directory for the script and the Slurm log (default: <output_dir>/slurm)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="when output_dir already holds a run (checkpoints or packlora_config.yaml), delete that run "
+                   "before writing the script (only the files packlora writes). Without it such a job is refused")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; write nothing")
     p.add_argument("--submit", action="store_true", help="submit the script with sbatch")
     p.add_argument("--wait", action="store_true", help="with --submit: wait for the job, return its exit code")
+    add_debug_flag(p)
     return p

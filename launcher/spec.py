@@ -9,6 +9,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from packlora.core.errors import InputError
+
 LAUNCHERS = ("deepspeed", "torchrun")
 """Programs that start the processes of one node (or, deepspeed with ssh, of every node)."""
 
@@ -57,7 +59,7 @@ class LaunchSpec:
         object.__setattr__(self, "env", tuple((name, value) for name, value in self.env))
         problems = self._problems()
         if problems:
-            raise ValueError("invalid launch settings:\n  - " + "\n  - ".join(problems))
+            raise InputError("invalid launch settings:\n  - " + "\n  - ".join(problems))
 
     @property
     def world_size(self) -> int:

@@ -9,7 +9,8 @@
     packlora export  CHECKPOINT --merge OUT_DIR        # merged model for AutoModelForCausalLM / serving
     packlora eval-runaway CHECKPOINT --input held_out.jsonl [--no-stop-ids] --output report.json
 
-Each subcommand's own ``--help`` lists its flags.
+Each subcommand's own ``--help`` lists its flags; ``--debug`` (every subcommand) shows the
+traceback of an error instead of its one-line message. ``packlora --version`` prints the version.
 """
 from __future__ import annotations
 
@@ -31,15 +32,30 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: packlora SUBCOMMAND [args...]", "", "subcommands:"]
+    lines = ["usage: packlora SUBCOMMAND [args...] [--debug]", "       packlora --version", "", "subcommands:"]
     lines += [f"  {name:<13} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "SUBCOMMAND --help lists its flags; --debug shows an error's traceback instead of its one line."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed distribution's version (``setup.cfg``), e.g. ``0.1.0``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("packlora")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"packlora {version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

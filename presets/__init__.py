@@ -51,6 +51,8 @@ from typing import Literal
 
 import yaml
 
+from packlora.core.errors import InputError
+
 _FIELDS = ("name", "description", "system_prompt", "guard", "known_system_prompts", "stop_tokens")
 
 PresetAction = Literal["added", "guard_appended", "already_guarded", "kept_own", "replaced", "unchanged"]
@@ -59,7 +61,7 @@ GUARDED_ACTIONS = ("added", "guard_appended", "already_guarded", "replaced")
 """Actions after which the chat's system message ends with the preset's guard."""
 
 
-class PresetError(ValueError):
+class PresetError(InputError):
     """A preset that cannot be found or is malformed."""
 
 

@@ -86,6 +86,13 @@ QWEN_SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repet
 DECODERS = {"greedy": {}, "sampling": QWEN_SAMPLING}
 
 
+def decoder_sampling(settings: dict, seed: int):
+    """The ``decoding.generate.Sampling`` of a ``DECODERS`` entry; sampled ones are seeded with ``seed``."""
+    from packlora.decoding.generate import GREEDY, Sampling
+
+    return Sampling(**settings, seed=seed) if settings else GREEDY
+
+
 @dataclass(frozen=True)
 class BaseSpec:
     """The stage-1 base: tokenizer size, model config and pre-training settings."""
@@ -557,10 +564,10 @@ def evaluate_run(run: RunInfo, row: Row, seed: int, plan: Plan, heldout_file: Pa
     out = {"key": key, "heldout_loss": assistant_loss(ckpt.model, ckpt.fmt, heldout_file, row),
            "loss_by_epoch": {}, "decoders": {}, "stop_ids": list(ckpt.stop_ids)}
     for name, settings in DECODERS.items():
-        sampling = dict(settings, seed=seed) if settings else {}
+        sampling = decoder_sampling(settings, seed)
         replies = generate_replies(
             ckpt.model, ckpt.fmt, [list(p.messages) for p in prompts], naive_stop_ids(ckpt.fmt),
-            max_new_tokens=plan.max_new_tokens, batch_size=plan.decode_batch, **sampling)
+            max_new_tokens=plan.max_new_tokens, batch_size=plan.decode_batch, sampling=sampling)
         scored = {"no_stop_ids": [], "stop_ids": []}
         for p, r in zip(prompts, replies, strict=True):
             src = str(p.source)
@@ -615,10 +622,10 @@ def stop_id_check(run: RunInfo, row: Row, seed: int, plan: Plan, heldout_file: P
     ckpt = load_checkpoint(run.path, device="cuda" if _cuda() else "cpu")
     out = {"run": run.path.name, "run_seconds": round(run.seconds, 1), "prompts": len(prompts)}
     for name, settings in DECODERS.items():
-        sampling = dict(settings, seed=seed) if settings else {}
+        sampling = decoder_sampling(settings, seed)
         # the same batches as the evaluation: sampled replies depend on the batch's composition
         direct = generate_replies(ckpt.model, ckpt.fmt, [list(p.messages) for p in prompts], ckpt.stop_ids,
-                                  max_new_tokens=plan.max_new_tokens, batch_size=plan.decode_batch, **sampling)
+                                  max_new_tokens=plan.max_new_tokens, batch_size=plan.decode_batch, sampling=sampling)
         cut = result["decoders"][name]["stop_ids"]
         out[name] = sum(d.text == c["reply"] and d.stop_reason == c["stop_reason"] for d, c in zip(direct, cut))
     cache.write_text(json.dumps(out))

@@ -24,21 +24,23 @@ timed() {  # timed "shown command" command args...
   t0=$(date +%s.%N)
   "$@" >"$WORK/last.log" 2>&1 || { echo "FAILED: $shown (log: $WORK/last.log)" >&2; tail -20 "$WORK/last.log" >&2; exit 1; }
   t1=$(date +%s.%N)
-  local s
+  local s pace
   s=$(python -c "print(f'{$t1 - $t0:.0f}')")
-  rows+=("| \`$shown\` | $s s | $load0 → $(cut -d' ' -f1 /proc/loadavg) |")
-  echo "$s s  $shown"
+  # a training run logs "training done: N steps in T s (X s/step)": the pace, start-up not counted
+  pace=$(grep -o '[0-9]* steps in [0-9]* s ([0-9.]* s/step)' "$WORK/last.log" | tail -n 1 || true)
+  rows+=("| \`$shown\` | $s s | ${pace:-} | $load0 → $(cut -d' ' -f1 /proc/loadavg) |")
+  echo "$s s  ${pace:+($pace)  }$shown"
 }
 
 tiny="output_dir=$WORK/shishuo-tiny"
 timed "bash scripts/demo.sh" bash scripts/demo.sh "$tiny"
 timed "packlora inspect configs/shishuo_tiny.yaml" packlora inspect configs/shishuo_tiny.yaml
 timed "packlora inspect configs/shishuo_tiny.yaml --json" packlora inspect configs/shishuo_tiny.yaml --json
-timed "packlora launch configs/shishuo_tiny.yaml training.max_steps=10 --dry-run" \
+timed "packlora launch configs/shishuo_tiny.yaml training.max_steps=10 output_dir=runs/shishuo-tiny-10 --dry-run" \
   packlora launch configs/shishuo_tiny.yaml training.max_steps=10 --dry-run "$tiny-10"
-timed "packlora launch configs/shishuo_tiny.yaml training.max_steps=10" \
+timed "packlora launch configs/shishuo_tiny.yaml training.max_steps=10 output_dir=runs/shishuo-tiny-10" \
   packlora launch configs/shishuo_tiny.yaml training.max_steps=10 "$tiny-10"
-timed "packlora decode runs/shishuo-tiny --input .../heldout.jsonl --output .../replies.jsonl" \
+timed "packlora decode runs/shishuo-tiny-10 --input .../heldout.jsonl --output ...-replies.jsonl" \
   packlora decode "$WORK/shishuo-tiny-10" --input "$WORK/shishuo-tiny-10/heldout.jsonl" --output "$WORK/replies.jsonl"
 timed "packlora eval-runaway CKPT --input held_out.jsonl --output report.json" \
   packlora eval-runaway "$WORK/shishuo-tiny-10" --input "$WORK/shishuo-tiny-10/heldout.jsonl" --output "$WORK/report.json"
@@ -74,8 +76,8 @@ timed "packlora export runs/zhanghenshui/stage2_correction --merge runs/zhanghen
 (inspect after the demo) reads that cache. The 张恨水 launches use"
   echo "\`configs/zhanghenshui/tiny_cpu.overrides\` and \`training.max_steps=10\`, as the README says for CPU."
   echo
-  echo "| command | wall time | 1-min load average before → after |"
-  echo "|---|---|---|"
+  echo "| command | wall time | training: steps, loop time, s/step | 1-min load average before → after |"
+  echo "|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } >"$OUT"
 echo "wrote $OUT"

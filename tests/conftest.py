@@ -13,14 +13,17 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_assets
 from tiny_assets import QWEN2_TOKENIZER, SHARED, build_chatml_tokenizer  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the tiers must be marked first
 def pytest_collection_modifyitems(config, items):
+    """Mark the quick tier (every test neither ``distributed`` nor ``slurm``), and skip ``gpu`` tests
+    without CUDA."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has none")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA (gpu marker); this machine has none")
     for item in items:
-        if "gpu" in item.keywords:
+        if "distributed" not in item.keywords and "slurm" not in item.keywords:
+            item.add_marker(pytest.mark.quick)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, rotation and resume. What a checkpoint holds is ``decoding/checkpoint.py``'s.
+"""Atomic checkpoints, rotation and resume. What a checkpoint holds is ``core/checkpoint.py``'s.
 
 Checkpoints are atomic. ``PackloraTrainer`` writes everything of step N (adapter, DeepSpeed's
 ``global_stepN/`` shards from every rank, optimizer/scheduler/RNG state, trainer state, the extras
@@ -8,7 +8,9 @@ above) into ``output_dir/tmp-checkpoint-N``, waits for every rank, verifies the 
 ``tmp-checkpoint-N`` that nothing resumes from (and the next save of step N replaces); a
 crash after it leaves a complete checkpoint. ``training.resume_from_checkpoint: auto`` picks the
 newest ``checkpoint-N`` that holds the marker (``find_resume_checkpoint``), and rotation under
-``save_total_limit`` only ever deletes older complete checkpoints (``rotate_checkpoints``).
+``save_total_limit`` only ever deletes older complete checkpoints (``rotate_checkpoints``). Each
+checkpoint records what maps rows to steps (``data_order``); a resume under settings that would
+re-train or skip rows is refused before training (``check_resume_settings``).
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ import re
 import shutil
 from pathlib import Path
 
+from packlora.core.checkpoint import COMPLETE_MARKER, DATA_ORDER, TRAINER_STATE
+from packlora.core.errors import InputError, MissingPathError
+
 logger = logging.getLogger(__name__)
-COMPLETE_MARKER = "packlora_complete.json"
 TMP_PREFIX = "tmp-checkpoint"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -88,13 +92,93 @@ def resolve_resume(value, output_dir: str | Path) -> str | None:
         return str(found)
     path = Path(value)
     if not path.is_dir():
-        raise FileNotFoundError(f"training.resume_from_checkpoint: {value!r} does not exist")
-    if not (path / "trainer_state.json").is_file() or (_CHECKPOINT_RE.match(path.name) and not is_complete(path)):
-        raise ValueError(
+        raise MissingPathError(f"training.resume_from_checkpoint: {value!r} does not exist")
+    if not (path / TRAINER_STATE).is_file() or (_CHECKPOINT_RE.match(path.name) and not is_complete(path)):
+        raise InputError(
             f"training.resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json or "
             f"no {COMPLETE_MARKER}: its save was cut short); use an older checkpoint or resume_from_checkpoint=auto"
         )
     return str(path.resolve())
+
+
+class ResumeMismatchError(InputError):
+    """A resume whose settings map rows to steps differently from the checkpoint's: it would train
+    rows twice or skip them (``check_resume_settings``)."""
+
+
+# What decides which rows an optimizer step trains, as a resume compares it: key -> the setting to change.
+DATA_ORDER_KEYS = {
+    "world_size": "the number of training processes (world size)",
+    "per_device_train_batch_size": "training.per_device_train_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "max_seq_length": "data.max_seq_length",
+    "data_cache_key": "the data (sources, tokenizer, data: settings; the data cache key)",
+    "seed": "seed",
+}
+
+
+def data_order(args, max_seq_length: int, data_cache_key: str, seed: int) -> dict:
+    """What maps the run's rows to optimizer steps, as written to each checkpoint's
+    ``packlora_data_order.json``: ``DATA_ORDER_KEYS`` and ``rows_per_step`` (= world size x
+    micro-batch x accumulation).
+
+    Rows are drawn in one seeded permutation (``seed``) of the packed rows (``max_seq_length``, the
+    data cache key); every optimizer step takes the next ``rows_per_step`` of them, however they are
+    split over processes, micro-batches and accumulation."""
+    world, micro, accum = args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    return {"world_size": world, "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
+            "rows_per_step": world * micro * accum, "max_seq_length": max_seq_length,
+            "data_cache_key": data_cache_key, "seed": seed}
+
+
+def check_resume_settings(ckpt: str | Path, current: dict) -> None:
+    """Refuse a resume from ``ckpt`` that would not continue at the next unseen row.
+
+    On resume the Trainer skips ``global_step x gradient_accumulation_steps`` micro-batches of the
+    *new* settings (``Trainer._init_training_state``). That lands on the next unseen row exactly when
+    the rows and their order are the same (``max_seq_length``, data cache key, ``seed``) and every
+    step takes as many rows as before (``rows_per_step``): twice the processes with half the
+    accumulation continues exactly, and is logged. Anything else would re-train rows or skip them
+    (transformers #5605, #22143) and is refused. A checkpoint written before packlora recorded this
+    (no ``packlora_data_order.json``) is resumed with a warning.
+
+    Args:
+        ckpt: the checkpoint to resume from.
+        current: ``data_order(...)`` of this run.
+
+    Raises:
+        ResumeMismatchError: the settings that differ, both values of each, and the fix.
+    """
+    path = Path(ckpt) / DATA_ORDER
+    if not path.is_file():
+        logger.warning("%s has no %s (written by an older packlora): cannot check that this resume continues at "
+                       "the next unseen row; keep the processes, batch size, accumulation and data as they were", ckpt,
+                       DATA_ORDER)
+        return
+    saved = json.loads(path.read_text())
+    differ = [k for k in DATA_ORDER_KEYS if saved.get(k) != current.get(k)]
+    if not differ:
+        return
+    same_rows = not {"max_seq_length", "data_cache_key", "seed"} & set(differ)
+    changes = "; ".join(f"{DATA_ORDER_KEYS[k]}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+                        for k in differ)
+    if same_rows and saved.get("rows_per_step") == current["rows_per_step"]:
+        logger.info("resuming %s with %s: every optimizer step still takes the next %d rows of the same order, so "
+                    "training continues exactly at the next unseen row", ckpt, changes, current["rows_per_step"])
+        return
+    if same_rows:
+        fix = (f"resume with the checkpoint's settings, or keep processes x per_device_train_batch_size x "
+               f"gradient_accumulation_steps = {saved.get('rows_per_step')} rows per step (now "
+               f"{current['world_size']} x {current['per_device_train_batch_size']} x "
+               f"{current['gradient_accumulation_steps']} = {current['rows_per_step']})")
+        why = ("every step now takes a different number of rows, so the Trainer's skip of global_step x "
+               "gradient_accumulation_steps micro-batches would land on rows already trained or skip unseen ones")
+    else:
+        fix = "resume with the data, data.max_seq_length and seed the checkpoint was trained with"
+        why = "the rows or their order changed, so the steps already taken cannot be mapped onto the new rows"
+    raise ResumeMismatchError(
+        f"training.resume_from_checkpoint: {ckpt} was trained with other settings ({changes}); {why}. Fix: {fix}; "
+        "or train on from its adapter as a new run (init_from: <checkpoint>, init_mode: continue, a new output_dir)")
 
 
 def commit_checkpoint(tmp_dir: str | Path, final_dir: str | Path, global_step: int) -> Path:

@@ -8,7 +8,7 @@
 
     $ packlora inspect configs/shishuo_tiny.yaml training.max_steps=5 data.max_seq_length=512
 
-Each section validates itself when built (``data_utils.configtools.Section``: types, choices,
+Each section validates itself when built (``core.config.Section``: types, choices,
 bounds, cross-field rules); ``load_config`` reports every problem at once, each naming its key.
 It has no side effects: files, the preset and ``training:`` keys are checked by
 ``training/preflight.py``, an explicit second step taken before any work.
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from packlora.core.checkpoint import DecodingConfig
+from packlora.core.config import ConfigError, Section, build_config, load_yaml_config, parse_overrides
 from packlora.data_utils.config import DataConfig
-from packlora.decoding.checkpoint import DecodingConfig
-from packlora.data_utils.configtools import ConfigError, Section, build_config, load_yaml_config, parse_overrides
+from packlora.training.backends import AttnImplementation, backend
 
-AttnImplementation = Literal["sdpa", "packed_sdpa", "varlen", "eager", "flash_attention_2", "flex_attention"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 OWNED_TRAINING_KEYS = {  # TrainingArguments keys packlora sets itself, and where the user sets them instead
     "output_dir": "output_dir", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
@@ -46,11 +46,10 @@ class ModelConfig(Section):
     tokenizer: str | None = None
     """Tokenizer directory; defaults to ``name_or_path``."""
     attn_implementation: AttnImplementation = "sdpa"
-    """``sdpa`` (block-diagonal mask from the restarting positions), ``packed_sdpa`` (SDPA per
-    packed segment, no mask, see training/packed_attention.py), ``varlen`` (GPU: PyTorch's own
-    Flash Attention varlen kernel on the flattened batch, bf16/fp16, nothing to install; see
-    training/varlen_attention.py), ``eager``, ``flash_attention_2`` (GPU, the flash-attn package) or
-    ``flex_attention`` (GPU for training: torch has no flex backward on CPU)."""
+    """A row of ``training/backends.py``: ``sdpa`` (block-diagonal mask from the restarting
+    positions), ``packed_sdpa`` (SDPA per packed segment, no mask), ``varlen`` (GPU: PyTorch's own
+    Flash Attention varlen kernel on the flattened batch, bf16/fp16, nothing to install), ``eager``,
+    ``flash_attention_2`` (GPU, the flash-attn package) or ``flex_attention`` (GPU for training)."""
     dtype: Dtype = "auto"
     """Weights and compute dtype. ``auto``: bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
@@ -72,7 +71,7 @@ class ModelConfig(Section):
             p.append("model.config: must be a mapping with a model_type (e.g. qwen2)")
         if self.name_or_path is None and self.tokenizer is None:
             p.append("model.tokenizer: required when the model is built from model.config")
-        if self.attn_implementation in ("varlen", "flash_attention_2") and self.dtype == "float32":
+        if backend(self.attn_implementation).half_precision_only and self.dtype == "float32":
             p.append(f"model.dtype: float32 with model.attn_implementation: {self.attn_implementation}; Flash Attention "
                      "takes bfloat16 or float16 only: set model.dtype: bfloat16 (or auto, bf16 on CUDA)")
         if self.lm_head_chunk_tokens is not None and self.lm_head_positions == "all":
@@ -160,7 +159,7 @@ class RunConfig(Section):
         p = [f"training.{k}: set by packlora; use {v} instead" for k, v in OWNED_TRAINING_KEYS.items() if k in self.training]
         if self.runaway_eval.every_steps and self.data.eval_holdout < 1:
             p.append("runaway_eval.every_steps: needs held-out prompts; set data.eval_holdout >= 1 or every_steps: 0")
-        if self.model.attn_implementation in ("varlen", "flash_attention_2") and self.data.labels == "legacy_full_sequence":
+        if backend(self.model.attn_implementation).isolates_by_construction and self.data.labels == "legacy_full_sequence":
             p.append(f"data.labels: legacy_full_sequence cannot run with model.attn_implementation: "
                      f"{self.model.attn_implementation}, which isolates segments by construction; use sdpa or eager")
         evaluates = bool(self.data.eval) or self.data.eval_split is not None

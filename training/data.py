@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from packlora.core.errors import InputError
 from packlora.data_utils.dataset import PreparedData, prepare_data
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,6 @@ def run_stop_ids(cfg, fmt, preset=None) -> list[int]:
             ids = list(dict.fromkeys(ids + fmt.stop_ids(preset.stop_tokens)))
     except ValueError as e:
         where = f"decoding.stop_tokens or preset {preset.name}" if preset else "decoding.stop_tokens"
-        raise ValueError(f"{where}: {e}") from None
+        raise InputError(f"{where}: {e}") from None
     logger.info("chat format %s; stop ids %s", fmt.name, fmt.format_ids(ids))
     return ids

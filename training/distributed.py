@@ -29,6 +29,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from packlora.core.errors import StateError
+
 logger = logging.getLogger(__name__)
 _PATCHED = False
 
@@ -104,7 +106,7 @@ EXPECTED_WORLD_SIZE_ENV = "PACKLORA_WORLD_SIZE"
 """Set by ``packlora slurm`` to nodes x processes per node: the world size the launch spec asked for."""
 
 
-class LaunchEnvError(RuntimeError):
+class LaunchEnvError(StateError):
     """The variables a launcher or srun set do not describe a consistent set of processes."""
 
 
@@ -231,9 +233,10 @@ def describe_place(env: Mapping[str, str]) -> str:
 
 
 FAULT_ENV = "PACKLORA_TEST_FAULT"
-"""Test hook, off unless set: ``RANK:STEP:exit``, ``RANK:STEP:hang`` or ``RANK:STEP:pause`` makes that
-rank die (``os._exit(17)``), stop answering collectives, or wait until the stop file
-(``PACKLORA_STOP_FILE``, ``training.preemption``) exists, after optimizer step STEP."""
+"""Test hook, off unless set: ``RANK:STEP:exit``, ``RANK:STEP:kill``, ``RANK:STEP:hang`` or ``RANK:STEP:pause``
+makes that rank die (``os._exit(17)``), die of SIGKILL (as the out-of-memory killer does it), stop
+answering collectives, or wait until the stop file (``PACKLORA_STOP_FILE``, ``training.preemption``)
+exists, after optimizer step STEP."""
 PAUSE_LIMIT_S = 600
 """The longest a ``pause`` fault waits for the stop file."""
 
@@ -247,15 +250,16 @@ def fault_injection_callbacks() -> list:
     try:
         rank_s, step_s, action = spec.split(":")
         fault_rank, fault_step = int(rank_s), int(step_s)
-        if action not in ("exit", "hang", "pause"):
+        if action not in ("exit", "kill", "hang", "pause"):
             raise ValueError
     except ValueError:
         raise LaunchEnvError(
-            f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit, RANK:STEP:hang or RANK:STEP:pause"
+            f"{FAULT_ENV}={spec!r} must be RANK:STEP:exit, RANK:STEP:kill, RANK:STEP:hang or RANK:STEP:pause"
         ) from None
     stop_file = os.environ.get("PACKLORA_STOP_FILE")
     if action == "pause" and not stop_file:
         raise LaunchEnvError(f"{FAULT_ENV}={spec!r}: pause waits for PACKLORA_STOP_FILE, which is not set")
+    import signal
     import time
 
     from transformers import TrainerCallback
@@ -268,6 +272,8 @@ def fault_injection_callbacks() -> list:
                       f"(at {time.time():.3f})", flush=True)  # epoch time: tests measure from it
                 if action == "exit":
                     os._exit(17)
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 deadline = time.monotonic() + PAUSE_LIMIT_S
                 while action == "hang" or (not os.path.exists(stop_file) and time.monotonic() < deadline):
                     time.sleep(60 if action == "hang" else 0.1)

@@ -4,11 +4,14 @@ Tokenises and packs exactly as training would (same cache), then reports what is
 
     {"records": 3434, "heldout": 4, "examples": 3430, "dropped": {}, "rows": 370, "packing_efficiency": 0.982,
      "supervised_tokens": 75834, "role_markers_in_labels": 0, "control_tokens_in_labels": 0,
-     "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...}
+     "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...,
+     "sources": {"../shared/data/shishuo/stage2_rewrite.jsonl": {"lines_read": 3434, "records": 3434, "in_mix": 3430}},
+     "evaluation": {}}
 
 Without ``--json`` it prints the first packed rows with trained tokens in green (``--rows N``),
-followed by the same counts. Exit status 1 if any role-marker or control token other than the end
-of turn carries a label, or if some assistant turn's end-of-turn token is not trained.
+followed by the same counts. Exit status 1 when the label audit fails, by the rule training applies
+(``data_utils.audit.judge_labels``): a role-marker or control token other than the end of turn
+carries a label, or some assistant turn's end-of-turn token is not trained.
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ import argparse
 import json
 import sys
 
-from packlora.data_utils.configtools import cli_entry
+from packlora.core.cli import add_debug_flag, cli_entry
 
 JSON_KEYS = (
     "records", "heldout", "examples", "dropped", "rows", "packing_efficiency", "supervised_tokens",
     "role_markers_in_labels", "control_tokens_in_labels", "turns_with_end_of_turn_trained", "assistant_turns",
     "chat_format", "chats_with_guard", "chats_split_per_turn", "render_mismatch", "messages_with_control_text",
+    "sources", "evaluation",
 )
 
 
@@ -33,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--rows", type=int, default=1, help="packed rows to show in the coloured view (default 1)")
     parser.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
+    add_debug_flag(parser)
     ns = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     from datasets.utils.logging import disable_progress_bar
 
-    from packlora.data_utils.audit import render_row
+    from packlora.data_utils.audit import judge_labels, render_row
     from packlora.training.data import load_run_preset, prepare_run_data
     from packlora.training.model import load_tokenizer
     from packlora.training.preflight import load_and_check
@@ -61,10 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print("──")
         width = max(map(len, summary))
         for k, v in summary.items():
-            print(f"{k:<{width}}  {v}")
-    ok = (summary["role_markers_in_labels"] == 0 and summary["control_tokens_in_labels"] == 0
-          and summary["turns_with_end_of_turn_trained"] == summary["assistant_turns"])
-    return 0 if ok else 1
+            if k == "sources":  # one line per source: its lines, unique records, records in the training mix
+                for name, counts in v.items():
+                    print(f"{'source':<{width}}  {name}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+            elif k == "evaluation":
+                print(f"{k:<{width}}  " + (", ".join(f"{c} {n}" for c, n in v.items()) if v.get("records")
+                                           else "none (no data.eval or data.eval_split)"))
+            else:
+                print(f"{k:<{width}}  {v}")
+    verdict = judge_labels(data.report, legacy=cfg.data.labels == "legacy_full_sequence")
+    for problem in verdict.problems:
+        print(f"label audit failed: {problem}", file=sys.stderr)
+    return 0 if verdict.passed else 1
 
 
 if __name__ == "__main__":

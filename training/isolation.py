@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from packlora.core.errors import InputError
+from packlora.training.backends import BACKENDS
 
-class PackedInputError(ValueError):
+
+class PackedInputError(InputError):
     """Inputs that would let packed examples attend across their boundaries."""
 
 
@@ -67,7 +70,8 @@ def check_packed_inputs(kwargs: dict, attn_implementation: str | None, default_u
             "packed batch with use_cache=True or past_key_values: a KV cache disables transformers' packed "
             "block-diagonal mask. Pass use_cache=False for packed forward passes"
         )
-    if attn_implementation and attn_implementation.startswith("flash_attention"):
+    spec = BACKENDS.get(attn_implementation or "")
+    if spec is not None and not spec.rows_isolated_from_positions:
         if position_ids.shape[0] > 1 and kwargs.get("cu_seq_lens_q") is None:
             raise PackedInputError(
                 f"flash-attention packed batch has {position_ids.shape[0]} rows and no cu_seq_lens_q; varlen "

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 
+from packlora.core.checkpoint import BASE_MARKER, BASE_MODEL_DIR, set_stop_ids
+from packlora.core.errors import InputError
+from packlora.core.quiet import peft_wrapping
 from packlora.training import packed_attention  # noqa: F401  (registers attn_implementation packed_sdpa)
-from packlora.training import varlen_attention  # (registers attn_implementation varlen)
-from packlora.decoding.checkpoint import BASE_MODEL_DIR, set_stop_ids
+from packlora.training import varlen_attention  # noqa: F401  (registers attn_implementation varlen)
+from packlora.training.backends import cannot_train_here
 from packlora.training.config import LoraConfig, ModelConfig, RunConfig
 from packlora.training.distributed import without_zero3_init
 from packlora.training.isolation import install_isolation_guard
@@ -37,7 +40,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        raise ValueError(f"model.tokenizer: {path} has no chat template; packlora renders chats with it")
+        raise InputError(f"model.tokenizer: {path} has no chat template; packlora renders chats with it")
     return tok
 
 
@@ -62,15 +65,15 @@ def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int], pad_i
     spec = dict(cfg.model.config)
     spec.setdefault("vocab_size", len(tokenizer))
     if spec["vocab_size"] < len(tokenizer):
-        raise ValueError(
+        raise InputError(
             f"model.config.vocab_size={spec['vocab_size']} is smaller than the tokenizer ({len(tokenizer)} ids); "
             "remove it to default to the tokenizer's length"
         )
     recipe = {"config": spec, "seed": cfg.seed}
-    marker = out / "packlora_base.json"
+    marker = out / BASE_MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) != recipe:
-            raise ValueError(
+            raise InputError(
                 f"{out} was built from a different model.config or seed; use a new output_dir or delete it"
             )
         return str(out)
@@ -89,26 +92,17 @@ def materialize_base(cfg: RunConfig, tokenizer, args, stop_ids: list[int], pad_i
 
 
 def check_attention_backend(attn_implementation: str, cuda: bool) -> None:
-    """Refuse, before any work, backends that cannot train on this machine.
+    """Refuse, before any work, a backend that cannot train on this machine (``training/backends.py``:
+    CUDA only, no CPU backward, or a kernel this torch lacks).
 
     Raises:
-        ValueError: ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU),
+        InputError: e.g. ``flex_attention`` without CUDA (torch 2.13 has no flex backward on CPU),
             ``flash_attention_2`` without CUDA, or ``varlen`` without CUDA or without
             ``torch.nn.attention.varlen`` (each message names the fix).
     """
-    if attn_implementation == varlen_attention.NAME:
-        reason = varlen_attention.unavailable_reason(cuda)
-        if reason:
-            raise ValueError(reason)
-    if cuda:
-        return
-    if attn_implementation == "flex_attention":
-        raise ValueError(
-            "model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention backward "
-            "there); use packed_sdpa, sdpa or eager on CPU, flex_attention on GPU"
-        )
-    if attn_implementation.startswith("flash_attention"):
-        raise ValueError(f"model.attn_implementation: {attn_implementation} needs a CUDA GPU; use packed_sdpa or sdpa on CPU")
+    reason = cannot_train_here(attn_implementation, cuda)
+    if reason:
+        raise InputError(reason)
 
 
 def check_dtype(dtype: str, cuda: bool) -> None:
@@ -119,7 +113,7 @@ def check_dtype(dtype: str, cuda: bool) -> None:
             ``Type fp16 is not supported on your device``, after every process has started).
     """
     if dtype == "float16" and not cuda:
-        raise ValueError("model.dtype: float16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); use bfloat16 or "
+        raise InputError("model.dtype: float16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); use bfloat16 or "
                          "float32 on CPU")
 
 
@@ -173,10 +167,12 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | N
     if init_adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
         logger.info("continuing the LoRA adapter of %s", init_adapter)
     else:
-        model = get_peft_model(model, peft_cfg)
+        with peft_wrapping():
+            model = get_peft_model(model, peft_cfg)
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -196,3 +192,33 @@ def lora_shapes(model) -> dict[str, tuple[int, ...]]:
             shape = tuple(getattr(p, "ds_shape", p.shape))
             shapes[name.replace(".default", "")] = shape
     return shapes
+
+
+def align_special_tokens(model, tokenizer, stop_ids: list[int], pad_id: int) -> str:
+    """Set the model's eos, pad and bos (its config and its generation config) from the run's chat
+    format, before the Trainer compares them with the tokenizer.
+
+    transformers 5.24's ``Trainer`` (``trainer_utils.align_special_tokens``) rewrites any of them
+    that does not hold the tokenizer's own, and logs "Updated tokens: {'eos_token_id': 151643}": a
+    config-built base whose ``config.eos_token_id`` is a single id read as if ``<|im_end|>`` had been
+    dropped (it had not: the generation config keeps every stop id). Here ``eos_token_id`` becomes
+    the stop ids (plus the tokenizer's eos when they lack it: what transformers would add), and
+    ``pad_token_id`` the run's pad id, so the comparison finds nothing to change. Checkpoints
+    still get their ``generation_config.json`` from the stop ids alone (``core.checkpoint.write_extras``).
+
+    Returns:
+        One line for the log: the ids now in force.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    eos = list(stop_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    configs = [inner.config.get_text_config()]
+    if getattr(inner, "generation_config", None) is not None:
+        configs.append(inner.generation_config)
+    for c in configs:
+        c.eos_token_id, c.pad_token_id = list(eos), pad_id
+        if tokenizer.bos_token_id is not None:
+            c.bos_token_id = tokenizer.bos_token_id
+    return (f"stop ids in force: eos_token_id {eos} (model config and generation config), pad_token_id {pad_id}"
+            + (f", bos_token_id {tokenizer.bos_token_id}" if tokenizer.bos_token_id is not None else ""))

@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from packlora.core.errors import InputError
+
 NAME = "packed_sdpa"
 
 
@@ -50,7 +52,7 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     ``[B, H_kv, L, D]``; returns ``([B, L, H, D], None)``."""
     position_ids = kwargs.pop("position_ids", None)
     if attention_mask is None and position_ids is None and query.shape[2] > 1:
-        raise ValueError(
+        raise InputError(
             f"{NAME}: the attention layer {type(module).__name__} received no position_ids, so packed segments "
             "cannot be found and isolation cannot be guaranteed; this architecture does not forward them. "
             "Use model.attn_implementation: sdpa"

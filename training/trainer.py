@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
-from packlora.decoding.checkpoint import verify_adapter, write_extras
+from packlora.core.checkpoint import DATA_ORDER, TRAINER_STATE, verify_adapter, write_extras
 from packlora.training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
 from packlora.training.lm_head import LM_HEAD_POSITIONS, prepare_head_for_zero3, supervised_token_ce
 from packlora.training.loss import LossNormalizationMixin, row_loss_stats, token_row_loss_stats
@@ -22,17 +22,21 @@ logger = logging.getLogger(__name__)
 
 
 class CheckpointExtrasCallback(TrainerCallback):
-    """Holds what ``finish`` writes next to every adapter: tokenizer, stop IDs and resolved config,
-    then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
+    """Holds what ``finish`` writes next to every adapter: tokenizer, stop IDs, resolved config and
+    (when given) the data order a resume checks, then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
     ``finish`` on rank 0 inside each atomic save, before the checkpoint becomes visible."""
 
-    def __init__(self, tokenizer, config: dict, stop_ids: list[int], pad_id: int, max_new_tokens: int, model):
+    def __init__(self, tokenizer, config: dict, stop_ids: list[int], pad_id: int, max_new_tokens: int, model,
+                 data_order: dict | None = None):
         self.tokenizer, self.config, self.stop_ids, self.pad_id = tokenizer, config, stop_ids, pad_id
         self.max_new_tokens = max_new_tokens
         self.expected = lora_shapes(model)
+        self.data_order = data_order  # training.checkpoint.data_order: what a resume checks
 
     def finish(self, ckpt_dir: Path) -> None:
         write_extras(ckpt_dir, self.tokenizer, self.config, self.stop_ids, self.pad_id, self.max_new_tokens)
+        if self.data_order is not None:
+            (Path(ckpt_dir) / DATA_ORDER).write_text(json.dumps(self.data_order, indent=1) + "\n")
         if not self.expected:  # full-parameter training (lora: null): no adapter to verify
             logger.info("checkpoint %s: full model, stop ids %s", ckpt_dir, self.stop_ids)
             return
@@ -87,7 +91,9 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
     its part (adapter, ``global_stepN/`` DeepSpeed shards, RNG state...) through the stock
     ``Trainer._save_checkpoint`` into ``tmp-checkpoint-N/checkpoint-N``; after a barrier rank 0
     writes the extras, verifies the adapter, marks it complete, renames it to
-    ``output_dir/checkpoint-N`` and rotates old checkpoints under ``save_total_limit``.
+    ``output_dir/checkpoint-N`` and rotates old checkpoints under ``save_total_limit`` (never the
+    newest, nor the best; transformers' own end-of-training cleanup, which may delete the newest, is
+    skipped: ``_finalize_training``).
 
     Evaluation (``data.eval`` / ``data.eval_split``) runs on packed, isolated rows like training, on
     every rank, and reports ``eval_loss`` normalised like the training loss over the whole set
@@ -140,7 +146,7 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
             self.state.best_model_checkpoint = str(final)
         if self.args.should_save:
             if best_moved:  # the saved state names the checkpoint's final place too (a resume reads it)
-                self.state.save_to_json(str(written / "trainer_state.json"))
+                self.state.save_to_json(str(written / TRAINER_STATE))
             extras = next((c for c in self.callback_handler.callbacks if isinstance(c, CheckpointExtrasCallback)), None)
             if extras is not None:
                 extras.finish(written)  # raises IncompleteAdapterError before anything becomes visible
@@ -148,6 +154,18 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
             staging.rmdir()
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(self.state.best_model_checkpoint,))
         self.accelerator.wait_for_everyone()
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """The stock end of training, less its extra cleanup: with ``save_total_limit: 1`` and a best
+        checkpoint (``load_best_model_at_end``) it deletes every checkpoint but the best, the newest
+        included, after early stopping (transformers #35070), so nothing is left to resume from.
+        Rotation here already kept the newest and the best at every save (``rotate_checkpoints``)."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the stock cleanup runs only when it is exactly 1
+        try:
+            return super()._finalize_training(trial, num_train_samples, start_time)
+        finally:
+            self.args.save_total_limit = limit
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: gather each row's loss numerator and denominator (``training.loss.row_loss_stats``)

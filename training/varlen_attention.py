@@ -21,8 +21,8 @@ is ``is_causal=True`` (2.9, 2.10) or ``window_size=(-1, 0)`` (later); grouped-qu
 ``enable_gqa`` where it exists and repeats the key/value heads otherwise; a ``scale`` other than
 ``head_dim ** -0.5`` is folded into the query where the kernel takes none.
 
-Flash Attention takes bfloat16 or float16 tensors on CUDA. ``check_available`` refuses this backend
-up front without CUDA or without the kernel, naming the fix (``packed_sdpa`` or ``sdpa``).
+Flash Attention takes bfloat16 or float16 tensors on CUDA. ``training/backends.py`` refuses this
+backend up front without CUDA or without the kernel, naming the fix (``packed_sdpa`` or ``sdpa``).
 
 Registered with ``transformers.AttentionInterface`` / ``AttentionMaskInterface`` on import.
 """
@@ -37,11 +37,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from packlora.core.errors import InputError, StateError
 from packlora.training.packed_attention import packed_sdpa_mask, segment_bounds
 
 NAME = "varlen"
-FLATTENED_BACKENDS = ("flash_attention_2", NAME)
-"""Backends that take the flattened ``[1, T]`` batch with ``cu_seq_lens`` (``PackedCollator(flash_attn_varlen=True)``)."""
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -56,18 +55,23 @@ def kernel():
     return varlen.varlen_attn
 
 
-def unavailable_reason(cuda: bool) -> str | None:
-    """Why ``attn_implementation: varlen`` cannot run on this machine, with the fix; None if it can."""
+def missing_kernel_reason() -> str | None:
+    """Why this torch cannot run ``attn_implementation: varlen`` (it has no varlen kernel), with the fix;
+    None when it has one. Whether the machine has CUDA is the backend table's (``training/backends.py``)."""
     try:
         kernel()
     except (ImportError, AttributeError):
         return (f"model.attn_implementation: varlen needs torch.nn.attention.varlen.varlen_attn (torch >= 2.9), "
                 f"and torch {torch.__version__} has none; upgrade torch, or use packed_sdpa (exact, any device) "
                 "or flash_attention_2")
-    if not cuda:
-        return ("model.attn_implementation: varlen runs Flash Attention, which needs a CUDA GPU, and this machine "
-                "has none; use packed_sdpa (exact and fast on CPU) or sdpa on CPU")
     return None
+
+
+def unavailable_reason(cuda: bool) -> str | None:
+    """Why ``attn_implementation: varlen`` cannot run on this machine, with the fix; None if it can."""
+    from packlora.training.backends import cannot_train_here
+
+    return cannot_train_here(NAME, cuda)
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,7 +90,7 @@ def call_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, c
     elif "is_causal" in params:
         kwargs["is_causal"] = causal
     elif causal:
-        raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(fn)} takes neither window_size "
+        raise StateError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(fn)} takes neither window_size "
                            "nor is_causal, so causal attention cannot be asked for; use packed_sdpa")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
@@ -121,13 +125,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if dropout > 0:
-        raise ValueError(f"{NAME}: attention dropout {dropout} is not supported by torch's varlen kernel; set the "
+        raise InputError(f"{NAME}: attention dropout {dropout} is not supported by torch's varlen kernel; set the "
                          "model's attention_dropout to 0 or use packed_sdpa")
     if sliding_window is not None:
-        raise ValueError(f"{NAME}: sliding-window attention (sliding_window={sliding_window}) is not supported; "
+        raise InputError(f"{NAME}: sliding-window attention (sliding_window={sliding_window}) is not supported; "
                          "use flash_attention_2 or sdpa for this model")
     if query.is_cuda and query.dtype not in HALF_DTYPES:
-        raise ValueError(f"{NAME}: Flash Attention takes bfloat16 or float16, got {query.dtype}; set model.dtype: "
+        raise InputError(f"{NAME}: Flash Attention takes bfloat16 or float16, got {query.dtype}; set model.dtype: "
                          "bfloat16 (or auto on CUDA)")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if cu_q is not None:
@@ -139,7 +143,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              f"the batch has {B} rows; use PackedCollator(flash_attn_varlen=True)")
     else:
         if position_ids is None and L > 1:
-            raise ValueError(f"{NAME}: the attention layer {type(module).__name__} received neither cu_seq_lens_q nor "
+            raise InputError(f"{NAME}: the attention layer {type(module).__name__} received neither cu_seq_lens_q nor "
                              "position_ids, so packed segments cannot be found; use sdpa for this architecture")
         positions = position_ids if position_ids is not None else torch.zeros(1, 1, dtype=torch.long)
         lens = [e - s for bounds in segment_bounds(positions.expand(B, -1)) for s, e in bounds]

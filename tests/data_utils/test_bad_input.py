@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # file -> (bad line, message piece naming the field/problem, reason, good lines in the file)
 BAD = {
-    "truncated_json.jsonl": (2, "invalid JSON (Unterminated string", "invalid_json", 1),
+    "truncated_json.jsonl": (2, "invalid JSON (Unterminated string starting at column ", "invalid_json", 1),
     # the Latin-1 byte of "caf\xe9" sits at 0-based byte 14 + 17 + 12 + 3 = 46 of the line
     "non_utf8.jsonl": (2, "not valid UTF-8 (invalid continuation byte at byte 46)", "not_utf8", 1),
     "empty_line.jsonl": (2, "blank line; remove it", "blank_line", 2),
@@ -41,6 +41,13 @@ BAD = {
     "malformed_unicode_escape.jsonl": (
         2, "messages[0] holds malformed Unicode (surrogates not allowed: '\\ud800' at character 7", "invalid_unicode", 1,
     ),
+    # issue 25: found by reasoning about the reader and by the property tests' long search (tests/fuzzing.py)
+    "nested_too_deep.jsonl": (2, "JSON nested too deep for Python's reader", "nested_too_deep", 1),
+    "huge_integer.jsonl": (2, "invalid JSON (an integer of more than 4,300 digits)", "invalid_json", 1),
+    "sharegpt_from_not_a_string.jsonl": (2, "conversations[0].from is ['human']; expected one of", "unknown_role", 1),
+    "lone_cr_line_break.jsonl": (2, "invalid JSON (Extra data at column 92)", "invalid_json", 1),
+    "bom_in_middle.jsonl": (2, "invalid JSON (Unexpected UTF-8 BOM", "invalid_json", 1),
+    "bzh_first_line.jsonl": (1, "invalid JSON (Expecting value at column 1)", "invalid_json", 1),  # not a bzip2 file
 }
 DUPLICATE = "duplicate_record.jsonl"  # line 3 repeats line 1 up to whitespace; lines 1-2 are good
 # files that are odd but valid: read exactly (file -> the messages of each line)
@@ -146,16 +153,24 @@ def test_duplicate_record_is_an_error_naming_both_lines(chatml_tokenizer, tmp_pa
 
 def test_whole_corpus_under_skip_keeps_every_good_line_and_counts_each_bad_one(chatml_tokenizer, tmp_path):
     files = [str(CORPUS / n) for n in sorted([*BAD, DUPLICATE])]
-    data = prepare(files, chatml_tokenizer, max_seq_length=64, on_error="skip", cache_dir=tmp_path / "c")
+    data = prepare(files, chatml_tokenizer, max_seq_length=256, on_error="skip", cache_dir=tmp_path / "c")
     r = data.report
     good = sum(g for *_, g in BAD.values()) + 2  # the duplicate file has 2 good lines
-    assert good == 14
-    # 12 bad lines each counted once under its reason; every good line is trained
-    assert r.dropped == {reason: 1 for *_, reason, _ in BAD.values()} | {"duplicate": 1}
-    assert (r.lines_read, r.records, r.examples) == (good + 12, good, good)
+    assert good == 20
+    # 18 bad lines (17 files with one each, one duplicate) each counted once under its reason;
+    # every good line is trained
+    assert r.dropped == {"blank_line": 1, "consecutive_same_role": 1, "content_not_string": 1, "duplicate": 1,
+                         "empty_assistant_turn": 1, "invalid_json": 5, "invalid_unicode": 1, "nested_too_deep": 1,
+                         "no_assistant_turn": 1, "not_utf8": 1, "system_not_first": 1, "unknown_format": 1,
+                         "unknown_role": 2}
+    assert sum(r.dropped.values()) == len(BAD) + 1 == 18
+    assert (r.lines_read, r.records, r.examples) == (good + 18, good, good)
     assert r.assistant_turns == good == r.turns_with_end_of_turn_trained
+    for name in files:  # per source: every line is a record or a counted skip
+        src = r.sources[name]
+        assert src["lines_read"] == src["records"] + sum(src["skipped"].values())
     saved = json.loads(json.dumps(r.to_dict()))
-    assert saved["dropped"]["duplicate"] == 1 and saved["lines_read"] == 26
+    assert saved["dropped"]["duplicate"] == 1 and saved["lines_read"] == 38
 
 
 def test_every_line_skipped_stops_with_the_reasons(chatml_tokenizer, tmp_path):
@@ -256,3 +271,19 @@ def test_training_run_with_every_example_dropped_stops_before_training_and_write
         "lines_read": 2, "records": 2, "examples": 0, "dropped": {"too_long": 2}
     }
     assert not (out / "base_model").exists(), "the model was built although there was nothing to train"
+
+
+def test_readme_table_lists_every_reason_and_nothing_else():
+    """README.md's table of reasons (between ``<!-- reasons -->`` markers) is the documented list the
+    property tests check skips and errors against: it names each reason the code can give, once."""
+    import re
+
+    from packlora.data_utils.dataset import DROP_REASONS
+    from packlora.data_utils.records import FILE_REASONS, PROMPT_REASONS
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("<!-- reasons -->")[1].split("<!-- /reasons -->")[0]
+    documented = [r for row in table.splitlines()[2:] if row.startswith("|")
+                  for r in re.findall(r"`([a-z0-9_]+)`", row.split("|")[1])]
+    assert sorted(documented) == sorted({*DROP_REASONS, *PROMPT_REASONS, *FILE_REASONS})
+    assert len(documented) == len(set(documented))

@@ -68,8 +68,8 @@ def test_long_text_is_split_into_counted_chunks_with_eos_at_the_end(tmp_path, ch
 def test_example_with_no_trained_token_is_dropped_and_counted(chats, chatml_tokenizer, tmp_path, monkeypatch):
     real = ChatFormat.encode_chat
 
-    def no_labels_for_again(self, msgs, example="example"):
-        out = real(self, msgs, example)
+    def no_labels_for_again(self, msgs, example="example", max_length=None):
+        out = real(self, msgs, example, max_length)
         if len(msgs) == 4:
             seg = out.examples[0]
             return type(out)((type(seg)(seg.input_ids, (-100,) * len(seg)),), out.turns_per_example)
@@ -210,10 +210,10 @@ def test_chat_that_cannot_be_labelled_is_a_counted_skip_not_a_stopped_run(tmp_pa
     f = _write(tmp_path / "d.jsonl", [_chat("Hello Ann", "Hi."), _chat("Hello Bo", "Yes.")])
     real = ChatFormat.encode_chat
 
-    def mismatch_for_bo(self, msgs, example="example"):
+    def mismatch_for_bo(self, msgs, example="example", max_length=None):
         if "Bo" in msgs[-2]["content"]:
             raise LabelError(f"{example}: the chat template does not render ...", "template_mismatch")
-        return real(self, msgs, example)
+        return real(self, msgs, example, max_length)
 
     monkeypatch.setattr(ChatFormat, "encode_chat", mismatch_for_bo)
     with pytest.raises(LabelError, match=r"d\.jsonl:2: the chat template"):

@@ -49,15 +49,15 @@ def test_the_same_chats_from_any_source_give_the_same_rows(files, source, chatml
     assert other.rows[:] == jsonl.rows[:]
     assert (other.report.records, other.report.examples) == (12, 12)
     [(name, counts)] = other.report.sources.items()
-    assert counts == {"lines_read": 12, "records": 12, "in_mix": 12}
+    assert counts == {"lines_read": 12, "records": 12, "skipped": {}, "in_mix": 12}
 
 
 def test_weighted_two_source_mix_is_seeded_and_counted_per_source(files, chatml_tokenizer, tmp_path):
     train = [{"path": str(files / "chats.parquet"), "weight": 0.5}, {"path": str(files / "other.jsonl"), "weight": 2}]
     a = _prepare(chatml_tokenizer, train, tmp_path)
     assert a.report.sources == {
-        str(files / "chats.parquet"): {"lines_read": 12, "records": 12, "in_mix": 6},
-        str(files / "other.jsonl"): {"lines_read": 4, "records": 4, "in_mix": 8},
+        str(files / "chats.parquet"): {"lines_read": 12, "records": 12, "skipped": {}, "in_mix": 6},
+        str(files / "other.jsonl"): {"lines_read": 4, "records": 4, "skipped": {}, "in_mix": 8},
     }
     assert a.report.examples == 14
     b = _prepare(chatml_tokenizer, train, tmp_path / "again")
@@ -76,6 +76,25 @@ def test_a_bad_row_in_a_dataset_names_the_source_and_row(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad.parquet"))
     with pytest.raises(RecordError, match=r"bad\.parquet:2: messages\[0\]\.role is 'bot'"):
         list(iter_source(SourceSpec(str(tmp_path / "bad.parquet"))))
+
+
+def test_a_json_object_holding_its_records_under_one_key_says_so_and_reads_with_field(tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"data": CHATS[:3]}))
+
+    with pytest.raises(ValueError, match=r"export\.json: its records sit under the key 'data' .* field: data"):
+        list(iter_source(SourceSpec(str(path))))
+    got = list(iter_source(SourceSpec(str(path), field="data")))
+    assert [r.messages[1].content for r in got] == ["Question 0?", "Question 1?", "Question 2?"]
+
+
+def test_a_dataset_without_any_record_column_names_its_columns_and_the_fix(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "Hi", "completion": "Yes."}]).to_parquet(str(tmp_path / "pc.parquet"))
+    with pytest.raises(ValueError, match=r"pc\.parquet: none of its columns \['prompt', 'completion'\] is a record "
+                                         r"field .*; map one with columns:"):
+        list(iter_source(SourceSpec(str(tmp_path / "pc.parquet"))))
 
 
 def test_source_problems_name_the_key_and_the_fix():

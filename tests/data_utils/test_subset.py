@@ -66,7 +66,7 @@ def test_bad_ratio_is_refused(tmp_path, capsys, ratio):
 def test_missing_input_and_tiny_ratio_are_clear_errors(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                  "--ratio", "0.2", "--seed", "1"]) == 1
-    assert f"--input {tmp_path / 'nope.jsonl'} does not exist" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope.jsonl'}: --input file does not exist" in capsys.readouterr().err
     small = tmp_path / "small.jsonl"
     small.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"--ratio 0.1 of 2 records rounds to 0; raise the ratio to at least 0.25"):

@@ -36,7 +36,7 @@ def test_adapter_checkpoint_loads_with_its_stop_ids_and_same_logits(adapter_ckpt
     assert json.loads((root / "ckpt" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         root / "base_model"
     )
-    with caplog.at_level(logging.INFO, logger="packlora.decoding.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="packlora.core.checkpoint"):
         ckpt = load_checkpoint(root / "ckpt")
     assert "recorded as" not in caplog.text  # the sibling base_model is the recorded one
     assert ckpt.stop_ids == (IM_END, ENDOFTEXT)
@@ -54,7 +54,7 @@ def test_moved_run_finds_its_sibling_base_model_before_the_recorded_path(adapter
     root, peft_model = adapter_ckpt
     ckpt_dir = _copy_run(root, tmp_path)
     _set_base_path(ckpt_dir, "/nonexistent/base")  # recorded where the run used to be
-    with caplog.at_level(logging.INFO, logger="packlora.decoding.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="packlora.core.checkpoint"):
         ckpt = load_checkpoint(ckpt_dir)
     assert ckpt.base_model_path == tmp_path / "base_model"
     assert "/nonexistent/base" in caplog.text and str(tmp_path / "base_model") in caplog.text
@@ -62,7 +62,7 @@ def test_moved_run_finds_its_sibling_base_model_before_the_recorded_path(adapter
 
 
 def test_base_inside_the_checkpoint_wins_over_the_sibling_and_the_recorded_path(adapter_ckpt, tmp_path):
-    from packlora.decoding.checkpoint import resolve_base_model
+    from packlora.core.checkpoint import resolve_base_model
 
     ckpt_dir = _copy_run(adapter_ckpt[0], tmp_path)
     shutil.copytree(tmp_path / "base_model", ckpt_dir / "base_model")
@@ -109,12 +109,12 @@ def test_directory_without_model_raises(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_default_is_bf16_and_seeded_sampling_repeats(adapter_ckpt):
-    from packlora.decoding.generate import generate_replies
+    from packlora.decoding.generate import Sampling, generate_replies
 
     ckpt = load_checkpoint(adapter_ckpt[0] / "ckpt")
     param = next(ckpt.model.parameters())
     assert (param.device.type, param.dtype) == ("cuda", torch.bfloat16)
     convs = [[{"role": "user", "content": "Hello!"}], [{"role": "user", "content": "The quick brown fox"}]]
-    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=2.0, seed=0)
+    kwargs = dict(max_new_tokens=8, sampling=Sampling(do_sample=True, temperature=2.0, seed=0))
     first = generate_replies(ckpt.model, ckpt.fmt, convs, ckpt.stop_ids, **kwargs)
     assert first == generate_replies(ckpt.model, ckpt.fmt, convs, ckpt.stop_ids, **kwargs)

@@ -7,7 +7,7 @@ from packlora.data_utils.chat_format import ChatFormat
 from tiny_assets import ENDOFTEXT, IM_END, IM_START, tiny_model
 from torch import nn
 
-from packlora.decoding.generate import Reply, generate_replies
+from packlora.decoding.generate import Reply, Sampling, generate_replies
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 CONVERSATIONS = [  # three prompt lengths, so a batch of them is left-padded
@@ -138,11 +138,12 @@ def test_rows_stop_on_their_own_and_batching_with_left_padding_changes_nothing(c
 
 
 def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(chatml_tokenizer, random_model):
-    kwargs = dict(stop_ids=[IM_END], max_new_tokens=10, do_sample=True, temperature=5.0, top_p=0.95)
+    kwargs = dict(stop_ids=[IM_END], max_new_tokens=10)
+    hot = dict(do_sample=True, temperature=5.0, top_p=0.95)
     rng = torch.get_rng_state()
-    a = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, seed=0, **kwargs)
-    b = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, seed=0, **kwargs)
-    c = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, seed=1, **kwargs)
+    a = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, sampling=Sampling(seed=0, **hot), **kwargs)
+    b = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, sampling=Sampling(seed=0, **hot), **kwargs)
+    c = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, sampling=Sampling(seed=1, **hot), **kwargs)
     assert torch.equal(torch.get_rng_state(), rng)
     assert a == b and a != c
 
@@ -154,15 +155,17 @@ def test_repetition_penalty_divides_the_logits_of_ids_already_in_the_row(chatml_
     assert plain != penalised  # the penalty changes what this model writes
     no_stop = [len(chatml_tokenizer)]  # an id the model cannot write: every row runs to max_new_tokens
     got = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, no_stop, max_new_tokens=n, batch_size=3,
-                           repetition_penalty=3.0)
+                           sampling=Sampling(repetition_penalty=3.0))
     assert [r.token_ids for r in got] == penalised
 
 
 def test_top_k_1_sampling_is_greedy_whatever_the_temperature(chatml_tokenizer, random_model):
     greedy = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10)
     hot = dict(do_sample=True, temperature=50.0, seed=0)
-    top1 = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10, top_k=1, **hot)
-    untruncated = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10, **hot)
+    top1 = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10,
+                            sampling=Sampling(top_k=1, **hot))
+    untruncated = generate_replies(random_model, ChatFormat(chatml_tokenizer), CONVERSATIONS, [IM_END], max_new_tokens=10,
+                                   sampling=Sampling(**hot))
     assert top1 == greedy and untruncated != greedy
 
 
@@ -191,5 +194,8 @@ def test_conversation_ending_with_assistant_raises_with_its_index(chatml_tokeniz
 )
 def test_bad_settings_raise(chatml_tokenizer, random_model, kwargs, message):
     kwargs = {"stop_ids": [IM_END], **kwargs}
+    sampling_keys = {"do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed"}
     with pytest.raises(ValueError, match=message):
-        generate_replies(random_model, ChatFormat(chatml_tokenizer), [HELLO], **kwargs)
+        sampling = Sampling(**{k: v for k, v in kwargs.items() if k in sampling_keys})
+        generate_replies(random_model, ChatFormat(chatml_tokenizer), [HELLO], sampling=sampling,
+                         **{k: v for k, v in kwargs.items() if k not in sampling_keys})

@@ -121,6 +121,24 @@ def test_stop_string_spanning_several_tokens_cuts_the_reply_before_it(chatml_tok
                           stop_id=None, num_new_tokens=n_hello + 1 + n_user + 1, stop_string="\nuser\n")
 
 
+@pytest.mark.parametrize("configured, passed", [(["\nuser\n"], []), ("\nuser\n", []), (["\nuser\n"], ["zz"])],
+                         ids=["list", "one-string", "with-the-run's-own"])
+def test_stop_strings_of_the_models_generation_config_are_honoured_without_a_tokenizer_argument(
+        chatml_tokenizer, configured, passed):
+    """A base whose ``generation_config.json`` lists ``stop_strings``: transformers refused to
+    generate ("could not locate a tokenizer") unless ``tokenizer=`` was passed; now the decoder passes
+    it and cuts the reply at the base's stop string like at its own."""
+    written = [*_enc(chatml_tokenizer, "Hello!"), *_enc(chatml_tokenizer, "\n"), *_enc(chatml_tokenizer, "user"),
+               *_enc(chatml_tokenizer, "\n"), *_enc(chatml_tokenizer, "more")]
+    model = scripted_lm(len(chatml_tokenizer), {_prompt(chatml_tokenizer, A): written}, filler=ENDOFTEXT)
+    model.generation_config.stop_strings = configured
+    [reply] = generate_replies(model, ChatFormat(chatml_tokenizer), [A], stop_ids=[IM_END], max_new_tokens=30,
+                               stop_strings=passed)
+    n_hello, n_user = len(_enc(chatml_tokenizer, "Hello!")), len(_enc(chatml_tokenizer, "user"))
+    assert reply == Reply(text="Hello!", token_ids=tuple(written[:n_hello]), stop_reason="stop_string",
+                          stop_id=None, num_new_tokens=n_hello + 1 + n_user + 1, stop_string="\nuser\n")
+
+
 def test_overlapping_partial_match_stops_generation(chatml_tokenizer):
     a, b = _enc(chatml_tokenizer, "a"), _enc(chatml_tokenizer, "b")
     assert len(a) == len(b) == 1
@@ -217,3 +235,36 @@ def test_transformers_stops_at_the_token_where_the_matcher_first_sees_the_stop(q
     first = next(n for n in range(1, len(ids) + 1) if criterion(torch.tensor([ids[:n]]), None)[0])
     assert hit is not None and first == hit.num_tokens
     assert text.startswith(hit.text) and text[len(hit.text):].startswith(hit.stop_string)
+
+
+def test_decode_cli_honours_the_stop_strings_of_the_bases_generation_config(tmp_path, capsys):
+    """``packlora decode`` of an adapter whose base lists ``stop_strings: ["e"]`` in its
+    ``generation_config.json`` (the checkpoint's own lists none): no crash, and every reply is cut
+    before the first "e", streamed or not."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig
+
+    from tiny_assets import build_chatml_tokenizer, tiny_model
+
+    from packlora.decoding.cli import main
+
+    tok = build_chatml_tokenizer(tmp_path / "ckpt")
+    base = tiny_model(len(tok), initializer_range=1.0, tie_word_embeddings=False)
+    base.generation_config = GenerationConfig(eos_token_id=ENDOFTEXT, stop_strings=["e"])
+    base.save_pretrained(tmp_path / "base_model")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "ckpt")
+    GenerationConfig(eos_token_id=[IM_END, ENDOFTEXT]).save_pretrained(tmp_path / "ckpt")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (A, B, C)))
+    for extra in ([], ["--stream", "--batch-size", "1"]):
+        out = tmp_path / "o.jsonl"
+        assert main([str(tmp_path / "ckpt"), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12",
+                     *extra]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert all("e" not in r["reply"] for r in rows)
+        assert [r["stop_string"] for r in rows if r["stop_reason"] == "stop_string"] != []
+        assert all(r["stop_string"] == "e" for r in rows if r["stop_reason"] == "stop_string")
+        if extra:
+            assert "".join(f"--- {r['source']}\n{r['reply']}\n" for r in rows) in capsys.readouterr().out

@@ -193,7 +193,7 @@ def test_eval_runaway_cli_reports_a_missing_input(adapter_ckpt, tmp_path, capsys
 
     assert main([str(adapter_ckpt[0] / "ckpt"), "--input", str(tmp_path / "no.jsonl"), "--output",
                  str(tmp_path / "r.json")]) == 1
-    assert "prompt file not found" in capsys.readouterr().err
+    assert "prompt file (--input) does not exist" in capsys.readouterr().err
 
 
 def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path, caplog):
@@ -206,7 +206,7 @@ def test_decode_no_stop_ids_says_so_and_stops_at_eos_only(adapter_ckpt, tmp_path
 
 
 def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckpt, tmp_path, chatml_tokenizer):
-    from packlora.decoding.checkpoint import write_extras
+    from packlora.core.checkpoint import write_extras
 
     fmt = ChatFormat(chatml_tokenizer)
     ckpt_dir = tmp_path / "ckpt"
@@ -221,3 +221,28 @@ def test_stop_ids_written_at_training_time_are_used_at_decoding_time(adapter_ckp
         ckpt = load_checkpoint(ckpt_dir)
         # the written ids, in their order, then the tokenizer's own end-of-turn/eos if missing
         assert ckpt.stop_ids == expected and ckpt.stop_ids[: len(written)] == tuple(written)
+
+
+def test_eval_runaway_measures_the_decode_of_the_same_preset_and_stop_strings(adapter_ckpt, tmp_path):
+    """``--preset`` and ``--stop-string`` (shared with ``packlora decode``): eval-runaway scores exactly
+    the replies ``decode`` writes with the same flags. The stop string is cut out of a plain decode's
+    reply, so it really fires."""
+    from packlora.decoding.cli import main as decode
+    from packlora.decoding.eval_cli import main as eval_runaway
+
+    ckpt, held = str(adapter_ckpt[0] / "ckpt"), _held_out(tmp_path)
+    common = ["--input", str(held), "--max-new-tokens", "12", "--preset", "zhang_henshui"]
+    assert decode([ckpt, *common, "--output", str(tmp_path / "plain.jsonl")]) == 0
+    reply = json.loads((tmp_path / "plain.jsonl").read_text().splitlines()[0])["reply"]
+    assert len(reply) >= 6, reply
+    stop = reply[3:5]
+    flags = [*common, "--stop-string", stop]
+    assert decode([ckpt, *flags, "--output", str(tmp_path / "cut.jsonl")]) == 0
+    assert eval_runaway([ckpt, *flags, "--output", str(tmp_path / "r.json")]) == 0
+
+    decoded = {r["source"]: (r["reply"], r["stop_reason"]) for r in map(json.loads, (tmp_path / "cut.jsonl").open())}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["preset"], report["stop_strings"]) == ("zhang_henshui", [stop])
+    assert {w["source"]: (w["reply"], w["stop_reason"]) for w in report["worst"]} == decoded
+    cut, why = decoded[f"{held}:1"]
+    assert why == "stop_string" and reply.startswith(cut) and len(cut) <= 3

@@ -5,7 +5,7 @@ checkpoints are), DeepSpeed's ``bf16`` section and its bf16 ZeRO optimizer, savi
 adapter on the bf16 base, decoding in bf16, and ``packlora export --merge`` to a bf16 model.
 One tiny run per stage (4 steps, ~30 s each on 2 cores).
 
-    python -m pytest tests/distributed/test_bf16_cpu.py -q
+    python -m pytest -m distributed tests/distributed/test_bf16_cpu.py -q
 """
 from __future__ import annotations
 

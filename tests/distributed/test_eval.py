@@ -2,7 +2,7 @@
 ``eval/loss`` in TensorBoard at every save step, and ``early_stopping_patience`` ending on the best
 checkpoint (``load_best_model_at_end`` under ZeRO-3).
 
-    python -m pytest tests/distributed/test_eval.py -q
+    python -m pytest -m distributed tests/distributed/test_eval.py -q
 """
 from __future__ import annotations
 

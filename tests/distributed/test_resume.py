@@ -7,7 +7,7 @@ on the same batch digests, step for step, as in the uninterrupted run.
 Per stage: one uninterrupted run, one run killed (the whole launcher process group, SIGKILL) as
 soon as ``checkpoint-3`` appears, one resumed run; ~25 s each on 2 cores.
 
-    python -m pytest tests/distributed/test_resume.py -q -x
+    python -m pytest -m distributed tests/distributed/test_resume.py -q -x
 """
 from __future__ import annotations
 

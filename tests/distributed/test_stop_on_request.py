@@ -3,7 +3,7 @@ step 2 (``PACKLORA_TEST_FAULT=0:2:pause``) until the test creates ``PACKLORA_STO
 save ``checkpoint-2`` and exit 75, which deepspeed passes on; rank 0 acknowledges the checkpoint.
 ``resume_from_checkpoint=auto`` then finishes the run with the one-node reference's losses.
 
-    python -m pytest tests/distributed/test_stop_on_request.py -q
+    python -m pytest -m distributed tests/distributed/test_stop_on_request.py -q
 """
 from __future__ import annotations
 

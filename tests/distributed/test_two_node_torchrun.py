@@ -3,7 +3,7 @@ as two separate process trees (as on two machines, one command each), one proces
 with the per-step losses of the one-node, two-process run (``tests/multinode.py``): bit-identical
 under gloo on CPU.
 
-    python -m pytest tests/distributed/test_two_node_torchrun.py -q
+    python -m pytest -m distributed tests/distributed/test_two_node_torchrun.py -q
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
 
 Three ~25 s launches; about 1.5 minutes on 2 cores.
 
-    python -m pytest tests/distributed/test_two_stage_pipeline.py -q
+    python -m pytest -m distributed tests/distributed/test_two_stage_pipeline.py -q
 """
 from __future__ import annotations
 

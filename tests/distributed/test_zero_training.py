@@ -8,7 +8,7 @@ the adapter reloads with plain PEFT to the same logits as a hand-merged model, t
 is the seeded build and is never rewritten, and the checkpoint file set, data report, decoded
 replies and TensorBoard events are all there.
 
-    python -m pytest tests/distributed -q -x
+    python -m pytest -m distributed tests/distributed -q -x
 """
 from __future__ import annotations
 
@@ -414,7 +414,7 @@ def test_launch_dry_run_prints_a_two_process_deepspeed_command(workspace):
 @pytest.mark.parametrize("stage", STAGES)
 def test_the_run_log_holds_no_library_noise(trained, stage, workspace):
     """Deprecations inside the libraries, DeepSpeed's compiler probe and accelerate's accumulation
-    "mismatch" say nothing about the run; packlora filters them (``packlora.train._quiet_known_noise``)."""
+    "mismatch" say nothing about the run; packlora filters them (``packlora.training.process.quiet_known_noise``)."""
     trained(stage)
     log = (workspace / f"{stage}.log").read_text(encoding="utf-8")
     for noise in ("FutureWarning", "compilers.C.base", "Gradient accumulation steps mismatch", "pin_memory"):

@@ -4,6 +4,8 @@ Every expected argv is written out by hand; nothing here launches a process.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from packlora.launcher import cli
 from tiny_assets import QWEN2_TOKENIZER
 from packlora.launcher.commands import build_argv, deepspeed_argv, format_command, torchrun_argv
 from packlora.launcher.spec import LaunchSpec
+from packlora.launcher.supervise import Outcome
 
 
 def _spec(**fields) -> LaunchSpec:
@@ -193,7 +196,7 @@ def config_file(tmp_path, monkeypatch):
 
 
 def test_a_bad_config_fails_before_anything_is_launched(config_file, capsys, monkeypatch):
-    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a bad config"))
+    monkeypatch.setattr(cli, "run_supervised", lambda *a, **k: pytest.fail("launched despite a bad config"))
     with pytest.raises(SystemExit) as excinfo:
         cli.main([config_file, "--dry-run", "training.warmup_ratio=0.1", "lora.r=0"])
     err = capsys.readouterr().err
@@ -205,6 +208,95 @@ def test_a_bad_config_fails_before_anything_is_launched(config_file, capsys, mon
     assert excinfo.value.code == 2
     assert "training.warmup_ratio: not a transformers.TrainingArguments field" in err
     assert "deepspeed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.max_step=8", "training.max_step: not a transformers.TrainingArguments field (did you mean "
+                                "'max_steps'?) (set on the command line)"),
+        ("training.learning_rate=abc", "training.learning_rate: must be a number, got 'abc' (set on the command line)"),
+        ("training.lr_scheduler_type=cosin", "training: transformers.TrainingArguments refuses these settings: cosin "
+                                             "is not a valid SchedulerType"),
+    ],
+)
+def test_dry_run_refuses_what_the_launch_refuses_and_says_the_key_came_from_the_command_line(
+        config_file, capsys, monkeypatch, override, message):
+    monkeypatch.setattr(cli, "run_supervised", lambda *a, **k: pytest.fail("launched despite a bad key"))
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([config_file, override, "--dry-run"])
+    captured = capsys.readouterr()
+
+    assert excinfo.value.code == 2 and message in captured.err, captured.err
+    assert "deepspeed" not in captured.out
+
+
+def _old_run(root, steps=(15, 30)):
+    """``root/out`` holding a finished run: complete checkpoints and the final config."""
+    import json
+
+    out = root / "out"
+    for step in steps:
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (out / f"checkpoint-{step}" / "packlora_complete.json").write_text(json.dumps({"global_step": step}))
+    (out / "packlora_config.yaml").write_text("output_dir: out\n")
+    (out / "runs").mkdir()
+    return out
+
+
+def test_a_launch_into_a_run_is_refused_with_the_two_ways_out_and_overwrite_clears_it_first(
+        config_file, capsys, monkeypatch, tmp_path):
+    out = _old_run(tmp_path)
+    calls = []
+    monkeypatch.setattr(cli, "run_supervised", lambda argv, env: calls.append((sorted(os.listdir(out)), env)) or Outcome(0))
+    monkeypatch.setattr(cli.shutil, "which", lambda name: f"/venv/bin/{name}")
+    for argv in ([config_file], [config_file, "--dry-run"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert "output_dir: out already holds a run (checkpoint-15, checkpoint-30, packlora_config.yaml)" in err
+        assert "Give a new output_dir (e.g. output_dir=out-2 on the command line), or add --overwrite" in err
+
+    assert cli.main([config_file, "--overwrite", "--dry-run"]) == 0 and out.is_dir() and len(os.listdir(out)) == 4
+    assert cli.main([config_file, "--overwrite"]) == 0
+    assert calls[0][0] == [] and calls[0][1]["PACKLORA_RUN_DIR_CHECKED"] == "1"  # cleared before the start
+    assert "--overwrite: deleted the old run in out (checkpoint-15, checkpoint-30, packlora_config.yaml, runs)" \
+           in capsys.readouterr().err
+
+
+def test_overwrite_leaves_a_directory_with_foreign_files_alone_and_says_which(config_file, capsys, tmp_path):
+    out = _old_run(tmp_path)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        cli.main([config_file, "--overwrite"])
+
+    assert "--overwrite would delete the run in out, but it also holds entries no packlora run writes (notes.txt)" \
+           in capsys.readouterr().err
+    assert (out / "checkpoint-30").is_dir() and (out / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.resume_from_checkpoint=auto"], "training.resume_from_checkpoint: out/checkpoint-30 is at step 30 "
+                                                    "and training.max_steps is 10: nothing is left to train"),
+        (["training.resume_from_checkpoint=out/checkpoint-15", "training.max_steps=15"],
+         "out/checkpoint-15 is at step 15 and training.max_steps is 15"),
+        (["training.resume_from_checkpoint=auto", "--overwrite"], "with --overwrite, which deletes the run it would "
+                                                                  "resume; drop one of them"),
+    ],
+)
+def test_a_resume_with_no_steps_left_is_refused_with_both_numbers(config_file, capsys, tmp_path, overrides, message):
+    _old_run(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main([config_file, "--dry-run", *overrides])
+    assert message in capsys.readouterr().err
+
+
+def test_a_resume_with_steps_left_passes(config_file, capsys, tmp_path):
+    _old_run(tmp_path)
+    assert cli.main([config_file, "--dry-run", "training.resume_from_checkpoint=auto", "training.max_steps=40"]) == 0
 
 
 def test_dry_run_on_cpu_prints_deepspeed_command_with_overrides_and_one_thread(config_file, capsys):
@@ -313,6 +405,7 @@ def test_more_cpu_processes_than_cpu_cores_warns_on_a_machine_without_gpu(config
 def test_no_cpu_warning_with_gpus(config_file, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_usable_cpus", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_check_training_arguments", lambda cfg: None)  # bf16 on a faked GPU cannot be built
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
@@ -325,9 +418,9 @@ def test_launch_runs_the_printed_command_and_returns_its_exit_code(config_file, 
 
     def fake_run(argv, env):
         calls.append((argv, env))
-        return type("Done", (), {"returncode": 3})()
+        return Outcome(returncode=3)
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(cli, "run_supervised", fake_run)
     monkeypatch.setattr(cli.shutil, "which", lambda name: f"/venv/bin/{name}")
     monkeypatch.setenv("PACKLORA_TEST_MARKER", "kept")
 
@@ -344,6 +437,7 @@ def test_launch_runs_the_printed_command_and_returns_its_exit_code(config_file, 
 @pytest.mark.parametrize(("visible", "ok"), [("2,3", False), ("0,1", True), ("0,1,2,3", True)])
 def test_deepspeed_refuses_cuda_visible_devices_it_would_ignore(config_file, capsys, monkeypatch, visible, ok):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_check_training_arguments", lambda cfg: None)  # bf16 on a faked GPU cannot be built
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     argv = [config_file, "--nproc-per-node", "2", "--master-port", "29511", "--dry-run"]
@@ -359,6 +453,7 @@ def test_deepspeed_refuses_cuda_visible_devices_it_would_ignore(config_file, cap
 
 def test_gpu_default_is_one_process_per_visible_gpu(config_file, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_check_training_arguments", lambda cfg: None)  # bf16 on a faked GPU cannot be built
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
@@ -368,7 +463,7 @@ def test_gpu_default_is_one_process_per_visible_gpu(config_file, capsys, monkeyp
 
 
 def test_a_bad_record_fails_the_launch_before_any_process_starts(config_file, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a bad record"))
+    monkeypatch.setattr(cli, "run_supervised", lambda *a, **k: pytest.fail("launched despite a bad record"))
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"text": "fine"}\n{"prompt": "Hi", "completion": "Yes."}\n')
     with pytest.raises(SystemExit) as excinfo:

@@ -51,6 +51,7 @@ echo "packlora: job $SLURM_JOB_ID, 2 node(s) x 8 process(es), rendezvous $MASTER
 export PACKLORA_RESUME=
 if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then PACKLORA_RESUME=training.resume_from_checkpoint=auto; fi
 echo "packlora: job $SLURM_JOB_ID started;" "checkpoints in" /shared/runs/sft "TensorBoard logs in" /shared/runs/sft/runs "Slurm log" /shared/runs/sft/slurm/slurm-"$SLURM_JOB_ID".out
+log_start="$(stat -c %s /shared/runs/sft/slurm/slurm-"$SLURM_JOB_ID".out 2>/dev/null || echo 0)"  # this run's part of the log starts here
 srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 bash -c 'exec torchrun --nnodes 2 --nproc-per-node 8 --node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m packlora.train configs/sft.yaml training.max_steps=100 $PACKLORA_RESUME' &
 srun_pid=$!
 while :; do  # a trapped signal interrupts wait while srun still runs: wait again
@@ -64,6 +65,9 @@ if [ -e "$PACKLORA_STOP_FILE".checkpoint ]; then  # the training stopped on requ
     echo "packlora: requeueing job $SLURM_JOB_ID; the next run resumes from that checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
   fi
+fi
+if [ "$status" != 0 ] && grep -qE 'exits with return code = -9|exitcode *: *-9|Signal 9 \\(SIGKILL\\)|task [0-9]+: Killed|oom[-_ ]kill|OOM Killed' <(tail -c +"$((log_start + 1))" /shared/runs/sft/slurm/slurm-"$SLURM_JOB_ID".out 2>/dev/null); then
+  echo "packlora: job $SLURM_JOB_ID: a training process was killed by signal 9 (likely out of memory): lower training.per_device_train_batch_size or data.max_seq_length"
 fi
 echo "packlora: job $SLURM_JOB_ID finished with exit code $status;" "checkpoints in" /shared/runs/sft "TensorBoard logs in" /shared/runs/sft/runs "Slurm log" /shared/runs/sft/slurm/slurm-"$SLURM_JOB_ID".out
 exit "$status"
@@ -215,6 +219,23 @@ def test_script_passes_a_failed_runs_exit_code_on_without_requeueing(tmp_path):
     assert "finished with exit code 17;" in done.stdout and not (tmp_path / "calls").exists()
 
 
+@pytest.mark.parametrize("report", ["  exitcode  : -9 (pid: 4711)",  # torchrun's failure summary (torch 2.13)
+                                    "srun: error: pl2: task 1: Killed"])
+def test_script_of_a_run_whose_rank_was_killed_by_signal_9_gives_the_out_of_memory_hint(tmp_path, report):
+    """The stand-in srun appends a launcher's report of a SIGKILL to the job's log (as Slurm writes the
+    output there) and fails; an earlier run's report in the same log (a requeue appends) is not read."""
+    spec = _spec(nodes=1, gpus_per_node=0, launcher="srun", output=str(tmp_path), workdir=str(tmp_path))
+    log = tmp_path / "slurm-42.out"
+    log.write_text("an earlier run: exitcode  : -9 (pid: 7)\n")
+    done = _run_script(tmp_path, sbatch_script(spec), f"echo {report!r} >> {log}; exit 1", {})
+    hint = ("packlora: job 42: a training process was killed by signal 9 (likely out of memory): lower "
+            "training.per_device_train_batch_size or data.max_seq_length")
+
+    assert done.returncode == 1 and hint in done.stdout, done.stdout + done.stderr
+    done = _run_script(tmp_path, sbatch_script(spec), "echo 'Traceback ... ValueError' >> " + str(log) + "; exit 1", {})
+    assert done.returncode == 1 and hint not in done.stdout, done.stdout
+
+
 def test_srun_line_passes_words_with_spaces_and_quotes_through_bash_intact(tmp_path):
     """Run the line with stand-ins: ``srun`` drops its flags and runs the rest, ``torchrun`` prints its argv."""
     import os
@@ -304,6 +325,20 @@ def test_slurm_bad_config_is_reported_before_anything_is_queued(config_file, cap
     with pytest.raises(SystemExit):
         slurm_cli.main(["configs/x.yaml", "--nodes", "1", "--gpus-per-node", "0", "training_max_steps=5"])
     assert "training_max_steps: unknown key" in capsys.readouterr().err
+
+
+def test_slurm_refuses_an_output_dir_holding_a_run_and_overwrite_clears_it_before_writing_the_script(config_file, capsys):
+    old = config_file / "runs" / "x"
+    (old / "checkpoint-5").mkdir(parents=True)
+    (old / "packlora_config.yaml").write_text("output_dir: runs/x\n")
+    argv = ["configs/x.yaml", "--nodes", "1", "--gpus-per-node", "0"]
+    with pytest.raises(SystemExit):
+        slurm_cli.main([*argv, "--dry-run"])
+    assert "output_dir: runs/x already holds a run (checkpoint-5, packlora_config.yaml)" in capsys.readouterr().err
+
+    assert slurm_cli.main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in old.iterdir()) == ["slurm"]  # the old run gone, the new script written
+    assert "--overwrite: deleted the old run in" in capsys.readouterr().err
 
 
 def test_slurm_wait_without_submit_is_an_error(config_file, capsys):
@@ -468,3 +503,16 @@ def test_gpus_per_node_config_key_is_validated(value, error, tmp_path, monkeypat
         with pytest.raises(ConfigError) as excinfo:
             config_from_dict(raw)
         assert excinfo.value.problems == [error]
+
+
+def test_launch_with_the_slurm_launcher_reads_the_config_once(config_file, capsys, monkeypatch):
+    from packlora.launcher import cli
+    from packlora.training import config as run_config
+
+    reads = []
+    real = run_config.load_yaml_config
+    monkeypatch.setattr(run_config, "load_yaml_config", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    code = cli.main(["configs/x.yaml", "--launcher", "slurm", "--gpus-per-node", "0", "--master-port", "29511",
+                     "--dry-run", "training.max_steps=5"])
+    assert code == 0 and "-m packlora.train configs/x.yaml training.max_steps=5" in capsys.readouterr().out
+    assert reads == ["configs/x.yaml"]

@@ -20,14 +20,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SUBPACKAGES = ("data_utils", "decoding", "ds_configs", "launcher", "presets", "training")
+SUBPACKAGES = ("core", "data_utils", "decoding", "ds_configs", "launcher", "presets", "training")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel of the tracked files (what a clean clone holds), built without network."""
+    """The wheel of the files a clean clone holds (tracked, and new ones not ignored), built without network."""
     src = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode()
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode()
     for name in filter(None, files.split("\0")):
         if (REPO / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ Needs a running cluster (``../shared/slurm/start-slurm.sh``, as ``.ci/run`` does
 * ``torchrun``: srun starts one torchrun per node, which starts the 2 processes.
 * ``deepspeed``: srun starts one deepspeed per node, with the hostfile the job writes and ``--no_ssh``.
 
-    SLURM_CONF=/tmp/packlora-slurm/etc/slurm.conf python -m pytest tests/slurm -q
+    SLURM_CONF=/tmp/packlora-slurm/etc/slurm.conf python -m pytest -m slurm tests/slurm -q
 """
 from __future__ import annotations
 

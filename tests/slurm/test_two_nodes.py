@@ -18,7 +18,7 @@ as ``.ci/run`` does). Skipped cleanly without ``sbatch``/``SLURM_CONF``, or with
 The final state of a job is read with ``scontrol show job`` while and right after it ends: start the
 cluster with ``MIN_JOB_AGE=300`` (``.ci/run`` does) so the record outlives the test's look.
 
-    SLURM_CONF=/tmp/packlora-slurm/etc/slurm.conf python -m pytest tests/slurm/test_two_nodes.py -q
+    SLURM_CONF=/tmp/packlora-slurm/etc/slurm.conf python -m pytest -m slurm tests/slurm/test_two_nodes.py -q
 """
 from __future__ import annotations
 

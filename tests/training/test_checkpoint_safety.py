@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tiny_assets import tiny_qwen2_config
-from packlora.decoding.checkpoint import IncompleteAdapterError
+from packlora.core.checkpoint import IncompleteAdapterError
 from packlora.training.checkpoint import (
     COMPLETE_MARKER,
     commit_checkpoint,
@@ -39,7 +39,8 @@ def rows(chatml_tokenizer, tmp_path_factory):
     return prepare([str(d / "chats.jsonl")], chatml_tokenizer, max_seq_length=128, cache_dir=d / "cache").rows
 
 
-def _trainer(out: Path, rows, tokenizer, save_total_limit=None, expected_extra=None):
+def _trainer(out: Path, rows, tokenizer, save_total_limit=None, expected_extra=None, callbacks=(), eval_rows=None,
+             **arguments):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
 
@@ -53,14 +54,14 @@ def _trainer(out: Path, rows, tokenizer, save_total_limit=None, expected_extra=N
     args = TrainingArguments(
         output_dir=str(out), max_steps=MAX_STEPS, save_steps=1, save_total_limit=save_total_limit,
         per_device_train_batch_size=1, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
-        report_to=[], use_cpu=True, seed=0, data_seed=0, remove_unused_columns=False,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, remove_unused_columns=False, **arguments,
     )  # fmt: skip
     extras = CheckpointExtrasCallback(tokenizer, {"seed": 0}, STOP_IDS, 0, 8, model)
     if expected_extra:
         extras.expected = {**extras.expected, **expected_extra}
     return PackloraTrainer(
-        model=model, args=args, train_dataset=rows, data_collator=PackedCollator(pad_token_id=0),
-        processing_class=tokenizer, callbacks=[extras],
+        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows, data_collator=PackedCollator(pad_token_id=0),
+        processing_class=tokenizer, callbacks=[extras, *callbacks],
     )
 
 
@@ -135,6 +136,38 @@ def test_an_incomplete_adapter_is_never_made_visible(rows, chatml_tokenizer, tmp
         _trainer(out, rows, chatml_tokenizer, expected_extra=missing).train()
     assert _names(out) == ["tmp-checkpoint-1"]
     assert find_resume_checkpoint(out) is None
+
+
+def test_early_stopping_with_save_total_limit_1_keeps_the_newest_and_the_best_checkpoint(rows, chatml_tokenizer,
+                                                                                          tmp_path):
+    """``save_total_limit: 1``, ``load_best_model_at_end`` and early stopping (patience 1), evaluating
+    and saving every step, with the evaluation losses scripted: 3.0, 2.0 (the best), 2.5 -> early stop
+    at step 3. transformers' end-of-training cleanup deleted checkpoint-3, the newest; both survive,
+    checkpoint-1 goes, and the model in memory at the end is checkpoint-2's."""
+    from safetensors.torch import load_file
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    scripted = {1: 3.0, 2: 2.0, 3: 2.5}
+
+    class ScriptedEvalLoss(TrainerCallback):  # runs before EarlyStoppingCallback and the best-model choice
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_loss"] = scripted[state.global_step]
+
+    out = tmp_path / "run"
+    trainer = _trainer(out, rows, chatml_tokenizer, save_total_limit=1, eval_rows=rows.select(range(2)),
+                       callbacks=[ScriptedEvalLoss(), EarlyStoppingCallback(early_stopping_patience=1)],
+                       eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                       metric_for_best_model="loss", greater_is_better=False)
+    trainer.train()
+    assert trainer.state.global_step == 3 < MAX_STEPS  # stopped early
+    assert _names(out) == ["checkpoint-2", "checkpoint-3"]
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2")
+    assert find_resume_checkpoint(out) == out / "checkpoint-3"
+    trainer.save_model(str(tmp_path / "final"))
+    final, best = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "final", out / "checkpoint-2"))
+    newest = load_file(str(out / "checkpoint-3" / "adapter_model.safetensors"))
+    assert final.keys() == best.keys() and all(final[k].equal(best[k]) for k in final)
+    assert any(not final[k].equal(newest[k]) for k in final)  # the best really differs from the newest
 
 
 # --------------------------------------------------------------------------- helpers, no training

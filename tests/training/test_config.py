@@ -50,6 +50,23 @@ def test_unknown_keys_get_a_did_you_mean_and_override_typos_are_blamed_on_the_co
     ]
 
 
+def test_did_you_mean_weighs_known_synonyms_before_spelling(cfg_file):
+    """``enable_reasoning`` is spelt as near ``train_reasoning`` as ``enable_thinking`` (difflib ratio
+    0.71 each, and difflib offered ``train_reasoning``), but means the Qwen3 template's switch
+    ``enable_thinking``; ``lr`` is ``learning_rate`` in any trainer."""
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file(**{"data.enable_reasoning": False, "data.train_thinking": False}))
+    assert err.value.problems == [
+        "data.enable_reasoning: unknown key (did you mean 'enable_thinking'?)",
+        "data.train_thinking: unknown key (did you mean 'train_reasoning'?)",
+    ]
+    from packlora.training.preflight import load_and_check
+
+    with pytest.raises(ConfigError) as err:
+        load_and_check(cfg_file(**{"training.lr": 1e-4}))
+    assert err.value.problems == ["training.lr: not a transformers.TrainingArguments field (did you mean 'learning_rate'?)"]
+
+
 def test_missing_data_file_deepspeed_config_and_training_field_are_named_by_the_preflight(cfg_file, tmp_path):
     from packlora.training.preflight import load_and_check
 
@@ -59,7 +76,7 @@ def test_missing_data_file_deepspeed_config_and_training_field_are_named_by_the_
     with pytest.raises(ConfigError) as err:
         load_and_check(path)
     text = str(err.value)
-    assert "missing.jsonl' does not exist" in text
+    assert f"data.train[0]: {tmp_path / 'missing.jsonl'}: data file does not exist" in text
     assert "deepspeed: 'zero9.json' is neither a file nor one of ds_configs/ ['zero2.json', 'zero3.json']" in text
     assert "training.not_a_field: not a transformers.TrainingArguments field" in text
     assert "training.max_stpes: not a transformers.TrainingArguments field (did you mean 'max_steps'?)" in text
@@ -103,7 +120,7 @@ def test_warmup_at_least_as_long_as_the_run_is_flagged_not_refused(cfg_file):
 
 
 def test_early_stopping_ends_on_the_best_checkpoint_and_needs_an_evaluation_set(cfg_file):
-    from packlora.train import build_training_arguments
+    from packlora.training.recipe import build_training_arguments
 
     with pytest.raises(ConfigError, match="early_stopping_patience: needs an evaluation set"):
         load_config(cfg_file(early_stopping_patience=2))
@@ -126,3 +143,50 @@ def test_lm_head_positions_default_to_supervised_and_a_chunk_size_needs_them(cfg
     with pytest.raises(ConfigError, match="model.lm_head_chunk_tokens: only used with model.lm_head_positions: "
                                           "supervised"):
         load_config(cfg_file(**{"model.lm_head_positions": "all", "model.lm_head_chunk_tokens": 64}))
+
+
+# ------------------------------------------------------------------ rows within the model's positions
+
+
+@pytest.mark.parametrize("model, length, limit, how", [
+    ({"model_type": "qwen2", "max_position_embeddings": 64}, 128, 64, "max_position_embeddings 64"),
+    ({"model_type": "qwen2"}, 40000, 32768, "max_position_embeddings 32768"),  # Qwen2Config's default
+    ({"model_type": "qwen2", "max_position_embeddings": 64,
+      "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+     512, 256, "max_position_embeddings 64; rope scaling yarn: factor 4.0 x 64 = 256"),
+    ({"model_type": "llama", "max_position_embeddings": 256,  # Llama-3.1's shape: the scaling is inside the limit
+      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
+                       "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+     300, 256, "max_position_embeddings 256; rope scaling llama3: factor 8.0 x 16 = 128"),
+], ids=["max_position_embeddings", "model_type-default", "yarn", "llama3"])
+def test_rows_longer_than_the_models_positions_are_refused_with_both_numbers(cfg_file, model, length, limit, how):
+    from packlora.training.preflight import load_and_check
+
+    with pytest.raises(ConfigError) as err:
+        load_and_check(cfg_file(**{"model.config": model, "data.max_seq_length": length}), training_arguments=False)
+    [problem] = err.value.problems
+    assert problem.startswith(f"data.max_seq_length: {length} tokens per row, but the model (model.config")
+    assert f"has positions for {limit} tokens ({how})" in problem
+    assert f"Set data.max_seq_length <= {limit}" in problem
+    load_and_check(cfg_file(**{"model.config": model, "data.max_seq_length": limit}), training_arguments=False)
+
+
+def test_a_model_directorys_rope_scaling_is_read_from_its_config_json(cfg_file, tmp_path, chatml_tokenizer_dir):
+    """Qwen2.5's documented long-context setting: YaRN factor 4 over 32768 positions = 131072."""
+    import json
+
+    from packlora.training.preflight import load_and_check
+
+    model_dir = tmp_path / "qwen2.5"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "max_position_embeddings": 32768,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}))
+    changes = {"model.config": None, "model.name_or_path": str(model_dir), "model.tokenizer": str(chatml_tokenizer_dir)}
+    load_and_check(cfg_file(**changes, **{"data.max_seq_length": 131072}), training_arguments=False)
+    with pytest.raises(ConfigError) as err:
+        load_and_check(cfg_file(**changes, **{"data.max_seq_length": 131073}), training_arguments=False)
+    [problem] = err.value.problems
+    assert (f"data.max_seq_length: 131073 tokens per row, but the model (model.name_or_path {model_dir}) has "
+            "positions for 131072 tokens (max_position_embeddings 32768; rope scaling yarn: factor 4.0 x 32768 = "
+            "131072)") in problem

@@ -61,3 +61,18 @@ def test_missing_model_bad_key_and_bad_record_are_one_line_errors_without_traceb
         assert message in err, err
     with pytest.raises(ValueError, match="unknown key"):  # --debug lets the exception through
         main(["configs/shishuo_tiny.yaml", "data.max_seq_lenght=64", "--debug"])
+
+
+def test_counts_per_source_and_of_the_evaluation_set_are_shown(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    source = "../shared/data/shishuo/stage2_rewrite.jsonl"
+    base = ["configs/shishuo_tiny.yaml", f"data.cache_dir={tmp_path}", "data.max_seq_length=256"]
+    assert main([*base, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sources"] == {source: {"lines_read": 3434, "records": 3434, "in_mix": 3430}}  # 4 held out
+    assert report["evaluation"]["records"] == 0
+
+    assert main([*base, "data.eval_split=20", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"\nsource +{re.escape(source)}: lines_read 3434, records 3434, in_mix 3410\n", out)
+    assert re.search(r"\nevaluation +records 20, rows \d+, examples 20\n", out)

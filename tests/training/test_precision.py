@@ -25,7 +25,7 @@ def test_float16_without_cuda_is_refused_with_the_fix(cfg_path):
 def test_bfloat16_training_arguments_build_on_cpu_and_leave_transformers_check_alone(cfg_path):
     import transformers.training_args as training_args
 
-    from packlora.train import build_training_arguments
+    from packlora.training.recipe import build_training_arguments
 
     original = training_args.is_torch_bf16_gpu_available
     args = build_training_arguments(load_config(cfg_path, ["model.dtype=bfloat16"]))

@@ -112,11 +112,12 @@ def test_override_with_a_python_yaml_tag_is_refused():
 
 
 def test_checkpoint_config_is_read_with_safe_load(tmp_path):
-    from packlora.decoding.checkpoint import CONFIG_NAME, run_config
+    from packlora.core.checkpoint import MODEL_CONFIG, RUN_CONFIG, CheckpointInfo
 
-    (tmp_path / CONFIG_NAME).write_text("seed: !!python/name:os.system\n")
+    (tmp_path / MODEL_CONFIG).write_text("{}")
+    (tmp_path / RUN_CONFIG).write_text("seed: !!python/name:os.system\n")
     with pytest.raises(yaml.constructor.ConstructorError):
-        run_config(tmp_path)
+        CheckpointInfo.read(tmp_path)
 
 
 def test_trust_remote_code_is_off_by_default():

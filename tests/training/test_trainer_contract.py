@@ -16,6 +16,7 @@ from packlora.training.trainer import PackloraTrainer
 OVERRIDDEN = {
     "_get_output_dir": ["self", "trial"],
     "_save_checkpoint": ["self", "model", "trial"],
+    "_finalize_training": ["self", "trial", "num_train_samples", "start_time"],
     "_get_num_items_in_batch": ["self", "batch_samples", "device"],
     "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
     "training_step": ["self", "model", "inputs", "num_items_in_batch"],
@@ -43,3 +44,10 @@ def test_the_stock_checkpoint_save_still_asks_get_output_dir_and_records_the_bes
     source = inspect.getsource(Trainer._save_checkpoint)
     assert "self._get_output_dir(" in source, "Trainer._save_checkpoint no longer asks _get_output_dir"
     assert "self.state.best_model_checkpoint" in source, "Trainer._save_checkpoint no longer sets the best checkpoint"
+
+
+def test_the_stock_end_of_training_cleanup_still_runs_only_at_save_total_limit_1():
+    """``PackloraTrainer._finalize_training`` skips the cleanup by setting ``save_total_limit`` to None
+    for the call; that works only while the stock method tests for exactly 1."""
+    source = inspect.getsource(Trainer._finalize_training)
+    assert "self.args.save_total_limit == 1" in source

@@ -222,7 +222,7 @@ def test_packlora_launch_refuses_varlen_on_cpu_before_starting_any_process(run_c
     from packlora.launcher import cli
 
     monkeypatch.setattr(cli, "_cuda_device_count", lambda: 0)
-    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
+    monkeypatch.setattr(cli, "run_supervised", lambda *a, **k: pytest.fail("a process was started"))
     path = run_config(**{"model.attn_implementation": "varlen", "model.dtype": "bfloat16"})
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(path)])

@@ -186,6 +186,31 @@ def test_packlora_decode_uses_the_stop_ids_and_cuts_the_reply_at_im_end(run_dir,
     assert (row["stop_reason"], row["num_new_tokens"], row["reply"]) == ("stop_id", 3, "好。")
 
 
+# ------------------------------------------------------------- one run per output_dir (issue 24)
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_before_any_work(run_dir, capsys):
+    """The README's sequence, in-process: a run, then another into its output_dir without a resume."""
+    from packlora import train
+
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert train.main([str(run_dir.parent / "run.yaml"), "training.max_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert f"output_dir: {run_dir} already holds a run (checkpoint-{SAVE_STEPS}, checkpoint-{MAX_STEPS}, " \
+           "packlora_config.yaml)" in err
+    assert "Give a new output_dir" in err and "or add --overwrite to delete the old run first" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written, nothing deleted
+
+
+def test_a_resume_from_the_last_checkpoint_with_no_steps_left_is_refused_with_both_numbers(run_dir, capsys):
+    from packlora import train
+
+    argv = [str(run_dir.parent / "run.yaml"), "training.resume_from_checkpoint=auto"]
+    assert train.main(argv) == 1
+    assert (f"training.resume_from_checkpoint: {run_dir / f'checkpoint-{MAX_STEPS}'} is at step {MAX_STEPS} and "
+            f"training.max_steps is {MAX_STEPS}: nothing is left to train") in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- a run moved elsewhere
 
 

@@ -28,11 +28,13 @@ import types
 import typing
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
+from packlora.core.errors import InputError, MissingPathError
+
 OVERRIDE_RE = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*=.*", re.DOTALL)
 """``key.sub=value``: what ``parse_overrides`` accepts."""
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """One or more config problems; ``problems`` lists them, each starting with its key, and
     ``source`` says where they came from (a file, or the command line)."""
 
@@ -42,14 +44,46 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+SYNONYMS = {
+    # one word for another inside a key: a key spelt with the other word names the same setting
+    "words": (("reasoning", "thinking"), ("think", "thinking"), ("len", "length"), ("sequence", "seq")),
+    # whole keys that other trainers use for one of ours
+    "keys": {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+             "grad_accum": "gradient_accumulation_steps", "cutoff_len": "max_seq_length",
+             "max_length": "max_seq_length", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+             "lora_target": "target_modules"},
+}
+"""Known synonyms, weighed before spelling by ``did_you_mean``: ``enable_reasoning`` is
+``enable_thinking`` (the Qwen3 template's switch), not the nearer-spelt ``train_reasoning``."""
+
+
 def did_you_mean(key: str, valid) -> str:
-    """`` (did you mean 'x'?)`` for the closest valid key, or ``""``.
+    """`` (did you mean 'x'?)`` for the valid key ``key`` most likely means, or ``""``.
+
+    A key that becomes a valid one when a word is swapped for a known synonym (``SYNONYMS``) wins;
+    otherwise the closest spelling (``difflib``, cutoff 0.7).
 
     >>> did_you_mean("max_seq_lenght", ["max_seq_length", "train"])
     " (did you mean 'max_seq_length'?)"
+    >>> did_you_mean("enable_reasoning", ["enable_thinking", "train_reasoning"])
+    " (did you mean 'enable_thinking'?)"
     """
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.7)
+    valid = list(valid)
+    for candidate in _synonym_keys(key):
+        if candidate in valid:
+            return f" (did you mean {candidate!r}?)"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _synonym_keys(key: str) -> list[str]:
+    """``key`` with one known synonym swapped in (each word, either way round), and its whole-key synonym."""
+    out = [SYNONYMS["keys"][key]] if key in SYNONYMS["keys"] else []
+    words = key.split("_")
+    for a, b in SYNONYMS["words"]:
+        for src, dst in ((a, b), (b, a)):
+            out += ["_".join(dst if w == src else w for w in words)] if src in words else []
+    return out
 
 
 def unknown_key(key: str, valid) -> str:
@@ -143,7 +177,7 @@ def load_yaml_config(path, overrides, build):
     the command line is not blamed on the file.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingPathError: ``path`` does not exist.
         ConfigError: the YAML is not a mapping, an override is malformed, or ``build`` raised.
     """
     from pathlib import Path
@@ -152,7 +186,7 @@ def load_yaml_config(path, overrides, build):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingPathError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -160,16 +194,32 @@ def load_yaml_config(path, overrides, build):
     if not isinstance(raw, dict):
         raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], str(path))
     over = parse_overrides(list(overrides))
-    keys = [o.partition("=")[0] for o in overrides]
     try:
         return build(merge(raw, over), source=str(path))
     except ConfigError as e:
-        def from_cli(problem: str) -> bool:
-            head = problem.split(":", 1)[0]
-            return any(head == k or head.startswith(k + ".") or k.startswith(head + ".") for k in keys)
+        raise ConfigError(mark_command_line(e.problems, overrides), config_source(path, overrides)) from None
 
-        marked = [f"{p} (set on the command line)" if from_cli(p) else p for p in e.problems]
-        raise ConfigError(marked, str(path) + (" with the command-line overrides" if keys else "")) from None
+
+def config_source(path, overrides) -> str:
+    """Where a config's problems come from: ``path``, plus "with the command-line overrides" when any."""
+    return str(path) + (" with the command-line overrides" if overrides else "")
+
+
+def mark_command_line(problems, overrides) -> list[str]:
+    """``problems`` (each starting with its key, ``key: ...``) with "(set on the command line)" added
+    to each whose key an override set, so a typo on the command line is not blamed on the file.
+
+    >>> mark_command_line(["training.max_step: unknown key", "lora.r: must be >= 1"], ["training.max_step=8"])
+    ['training.max_step: unknown key (set on the command line)', 'lora.r: must be >= 1']
+    """
+    keys = [o.partition("=")[0] for o in overrides]
+
+    def from_cli(problem: str) -> bool:
+        head = problem.split(":", 1)[0]
+        return any(head == k or head.startswith(k + ".") or k.startswith(head + ".") for k in keys)
+
+    return [f"{p} (set on the command line)" if from_cli(p) and not p.endswith("(set on the command line)") else p
+            for p in problems]
 
 
 def build_config(cls, raw: dict, sections: dict, source: str, nullable=()):
@@ -309,44 +359,3 @@ def _describe(tp, meta=None) -> str:
     if origin is dict or tp is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-"""What a command reports in one line: bad configs, records, paths and settings (``ConfigError``,
-``RecordError``, ``LabelError``, ``PresetError``... are ``ValueError``s)."""
-
-
-def cli_entry(prog: str):
-    """Decorate a subcommand's ``main(argv) -> int``: a user error prints ``PROG: error: MESSAGE`` (its
-    fix included) on stderr and returns 1, with no traceback; ``--debug`` anywhere in ``argv`` (or
-    ``PACKLORA_DEBUG=1``) lets the traceback through instead.
-
-    >>> @cli_entry("packlora demo")
-    ... def main(argv):
-    ...     raise ValueError("data.train: give at least one data source")
-    >>> import contextlib, io
-    >>> err = io.StringIO()
-    >>> with contextlib.redirect_stderr(err):
-    ...     code = main(["x"])
-    >>> code, err.getvalue().splitlines()[0]
-    (1, 'packlora demo: error: data.train: give at least one data source')
-    """
-    import functools
-    import os
-    import sys
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def main(argv=None):
-            argv = list(sys.argv[1:] if argv is None else argv)
-            debug = "--debug" in argv or os.environ.get("PACKLORA_DEBUG") == "1"
-            try:
-                return fn([a for a in argv if a != "--debug"])
-            except USER_ERRORS as e:
-                if debug:
-                    raise
-                print(f"{prog}: error: {e}", file=sys.stderr)
-                print(f"{prog}: (add --debug to see where it was raised)", file=sys.stderr)
-                return 1
-        return main
-    return wrap
