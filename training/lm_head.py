@@ -54,10 +54,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from packlora.core.errors import InputError
 from packlora.data_utils.types import IGNORE_INDEX
 
 LmHeadPositions = Literal["supervised", "all"]
 LM_HEAD_POSITIONS = ("supervised", "all")
+
+
+
+class LmHeadError(InputError):
+    """This model cannot take ``model.lm_head_positions: supervised`` (it has no output embeddings,
+    its forward ignores a boolean ``logits_to_keep``, or it rescales its logits after the head); the
+    message names the model and the fix (``model.lm_head_positions: all``)."""
+
 
 CHUNK_BYTES = 64 * 2**20
 """Default size of one chunk's float32 logits (64 MiB: 110 positions at Qwen2's 151,936 ids,
@@ -211,14 +220,14 @@ def output_head(model) -> torch.nn.Module:
     DeepSpeed engine, DDP or a PEFT model (a LoRA on ``lm_head`` gives the LoRA layer).
 
     Raises:
-        ValueError: the model has no output embeddings.
+        LmHeadError: the model has no output embeddings.
     """
     inner = model
     while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
         inner = inner.module  # DeepSpeedEngine, DistributedDataParallel
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None:
-        raise ValueError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None); "
+        raise LmHeadError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None); "
                          "model.lm_head_positions: supervised needs a causal LM head: set it to all")
     return head
 
@@ -267,7 +276,7 @@ def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tok
         chunk_tokens: rows per chunk; None: ``auto_chunk_tokens`` of the head's ``out_features``.
 
     Raises:
-        RuntimeError (from the call): the head got other than ``[N, H]``, i.e. the model did not
+        LmHeadError (from the call): the head got other than ``[N, H]``, i.e. the model did not
             select the positions with a 2-D boolean ``logits_to_keep``.
     """
     if chunk_tokens is None:
@@ -280,7 +289,7 @@ def head_returns_token_ce(head: torch.nn.Module, target: torch.Tensor, chunk_tok
 
     def forward(hidden, *args, **kwargs):
         if hidden.dim() != 2 or hidden.shape[0] != target.shape[0]:
-            raise RuntimeError(
+            raise LmHeadError(
                 f"lm_head_positions: supervised: the LM head got hidden states of shape {tuple(hidden.shape)}, "
                 f"expected [{target.shape[0]}, hidden]; this model's forward does not select positions with a 2-D "
                 "boolean logits_to_keep (transformers' slice_logits_to_keep). Set model.lm_head_positions: all"
@@ -312,7 +321,12 @@ def supervised_token_ce(model, inputs: dict, labels: torch.Tensor, chunk_tokens:
     Returns:
         ``(ce, keep, outputs)``: ``ce`` ``[N]`` float32, the cross-entropy of each kept position in
         the order of ``supervised_positions``; ``keep`` ``[B, L]`` bool; ``outputs`` the model's
-        output, whose ``logits`` is ``ce``.
+        output, whose ``logits`` is ``ce`` (not ``[B, L, V]`` logits: a metric that wants logits
+        takes them from a forward without this function, as the runaway evaluation's ``generate`` does).
+
+    Raises:
+        LmHeadError: the model has no output embeddings, ignores the boolean ``logits_to_keep``, or
+            changes what its head returned; the fix is ``model.lm_head_positions: all``.
     """
     keep, target = supervised_positions(labels)
     with head_returns_token_ce(output_head(model), target, chunk_tokens) as returned:
@@ -322,7 +336,7 @@ def supervised_token_ce(model, inputs: dict, labels: torch.Tensor, chunk_tokens:
     # same storage): a model that rescales logits after its head (Gemma-2's final_logit_softcapping,
     # Cohere's logit_scale, Granite's logits_scaling) would otherwise rescale the cross-entropy.
     if len(returned) != 1 or ce.shape != returned[0].shape or ce.data_ptr() != returned[0].data_ptr():
-        raise RuntimeError(
+        raise LmHeadError(
             f"lm_head_positions: supervised: {type(output_head(model)).__name__} was called {len(returned)} time(s) "
             "and the model changed what it returned (it post-processes its logits, e.g. final_logit_softcapping, "
             "logit_scale or logits_scaling); packlora cannot score such a head in chunks. Set "

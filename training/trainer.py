@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
 from packlora.core.checkpoint import DATA_ORDER, TRAINER_STATE, verify_adapter, write_extras
+from packlora.core.errors import InputError
 from packlora.training.checkpoint import TMP_PREFIX, commit_checkpoint, rotate_checkpoints
 from packlora.training.lm_head import LM_HEAD_POSITIONS, prepare_head_for_zero3, supervised_token_ce
 from packlora.training.loss import LossNormalizationMixin, row_loss_stats, token_row_loss_stats
@@ -107,7 +108,7 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
     def __init__(self, *args, batch_digest_dir: Path | None = None, packing_stats: dict | None = None,
                  lm_head_positions: str = "supervised", lm_head_chunk_tokens: int | None = None, **kwargs):
         if lm_head_positions not in LM_HEAD_POSITIONS:
-            raise ValueError(f"lm_head_positions must be one of {LM_HEAD_POSITIONS}, got {lm_head_positions!r}")
+            raise InputError(f"model.lm_head_positions: {lm_head_positions!r} is not one of {list(LM_HEAD_POSITIONS)}")
         self.lm_head_positions, self.lm_head_chunk_tokens = lm_head_positions, lm_head_chunk_tokens
         super().__init__(*args, **kwargs)
         if lm_head_positions == "supervised":

@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config, TrainingArguments
 
 import packlora.training.packed_attention  # noqa: F401  (registers packed_sdpa)
 from packlora.data_utils.collator import PackedCollator
-from packlora.training.lm_head import (auto_chunk_tokens, chunked_token_ce, head_returns_token_ce, output_head,
-                                       prepare_head_for_zero3, supervised_positions, supervised_token_ce)
+from packlora.core.errors import InputError
+from packlora.training.lm_head import (LmHeadError, auto_chunk_tokens, chunked_token_ce, head_returns_token_ce,
+                                       output_head, prepare_head_for_zero3, supervised_positions, supervised_token_ce)
 from packlora.training.trainer import PackloraTrainer
 from tiny_assets import tiny_qwen2_config, trainable_grads
 
@@ -238,8 +239,18 @@ def test_a_model_that_ignores_a_boolean_logits_to_keep_is_refused_with_the_fix()
             return type("Out", (), {"logits": self.lm_head(self.embed(input_ids))})()
 
     labels = torch.tensor([[-100, 5, 6, 7]])
-    with pytest.raises(RuntimeError, match="lm_head_positions: all"):
+    with pytest.raises(LmHeadError, match="lm_head_positions: all"):
         supervised_token_ce(OldStyleLM(), {"input_ids": torch.tensor([[1, 2, 3, 4]])}, labels)
+
+
+def test_a_model_without_output_embeddings_is_refused_as_a_user_error_with_the_fix():
+    """A packlora InputError, so ``packlora train`` prints it in one line rather than as a bug."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    cfg = tiny_qwen2_config(VOCAB)
+    cfg.pop("model_type")
+    with pytest.raises(InputError, match="Qwen2Model has no output embeddings.*set it to all"):
+        output_head(Qwen2Model(Qwen2Config(**cfg)))
 
 
 def test_a_model_that_rescales_its_logits_after_the_head_is_refused_with_the_fix():
@@ -253,7 +264,7 @@ def test_a_model_that_rescales_its_logits_after_the_head_is_refused_with_the_fix
                                            final_logit_softcapping=30.0))
     batch = _batch("per_token")
     labels = batch.pop("labels")
-    with pytest.raises(RuntimeError, match="post-processes its logits.*model.lm_head_positions: all"):
+    with pytest.raises(LmHeadError, match="post-processes its logits.*model.lm_head_positions: all"):
         supervised_token_ce(model, batch, labels)
     model.config.final_logit_softcapping = None  # the same model without it is scored, exactly
     ce, keep, _ = supervised_token_ce(model, dict(batch), labels, chunk_tokens=4)
@@ -277,7 +288,7 @@ def test_under_zero3_only_a_head_with_submodules_becomes_a_deepspeed_leaf_module
 
 def test_head_forward_is_restored_after_an_error():
     head = torch.nn.Linear(4, 10)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LmHeadError):
         with head_returns_token_ce(head, torch.tensor([1, 2]), chunk_tokens=2):
             head(torch.randn(3, 4))  # 3 rows for 2 targets
     assert "forward" not in head.__dict__ and head(torch.randn(3, 4)).shape == (3, 10)
