@@ -64,6 +64,13 @@ class LossNormalizationMixin:
     processes (``average_tokens_across_devices``) to cancel DeepSpeed's gradient averaging, as
     ``Trainer.compute_loss`` does. A micro-batch without any trained label gives a loss of 0.
 
+    With ``supervised``, the ``outputs`` returned for ``return_outputs=True`` carry the ``[N]``
+    per-position cross-entropy as ``logits`` (``supervised_token_ce``), not ``[B, L, V]`` logits.
+    Nothing in packlora reads them: the evaluation loss comes from the kept positions
+    (``PackloraTrainer.prediction_step``, ``token_row_loss_stats``), the runaway evaluation
+    generates with the head's own forward, the label audit reads labels only, and there is no
+    token-accuracy metric.
+
     Attributes:
         lm_head_positions: ``"supervised"`` or ``"all"`` (``model.lm_head_positions``).
         lm_head_chunk_tokens: positions per head chunk (None: ``training.lm_head.auto_chunk_tokens``).

@@ -158,6 +158,23 @@ def test_head_module_is_called_once_on_the_supervised_positions_only(tmp_path):
     assert "forward" not in head.__dict__  # the module's own forward is back after the call
 
 
+def test_after_a_supervised_step_the_model_gives_full_logits_to_generate(tmp_path):
+    """What reads logits outside the loss (the runaway evaluation's ``generate`` between steps) gets
+    the head's ordinary ``[B, L, V]`` logits after a supervised training step, unchanged, also
+    through a LoRA on ``lm_head``: the head's forward is swapped for one model call only."""
+    model = _model("untied_lora_on_lm_head")
+    ids = torch.tensor([[5, 17, 42, 8, 63, 21]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        greedy = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    loss, grads = _loss_and_grads(model, tmp_path, "supervised", "per_token", chunk=4)
+    assert loss.item() > 0 and grads
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        assert torch.equal(model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0), greedy)
+    assert after.shape == (1, 6, VOCAB) and torch.equal(after, before)
+
+
 def _spied_head(trainable: bool):
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False).requires_grad_(trainable)
