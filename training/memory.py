@@ -13,9 +13,23 @@ pass (4), and, in the backward pass, the float32 gradients of the log-softmax an
 (4 + 4): transformers 5.24's ``ForCausalLMLoss`` upcasts the logits to float32 before
 ``cross_entropy``. Measured as the growth of the peak resident memory of one forward and backward
 pass on CPU (torch 2.13) with ``V`` = 151,936 and 2,048 or 4,096 positions: 16.0 bytes per element in
-float32 and 14.0 in bfloat16. With transformers' LM head every position is projected, ``P`` =
-rows x ``max_seq_length``; a head that projects only supervised positions, or projects them in
-chunks, passes its own ``P``.
+float32 and 14.0 in bfloat16. This is ``model.lm_head_positions: all`` (transformers' LM head):
+every position is projected, ``P`` = rows x ``max_seq_length``.
+
+With ``model.lm_head_positions: supervised`` (the default, ``training/lm_head.py``) the head projects
+the supervised positions one chunk of ``C`` positions at a time (``model.lm_head_chunk_tokens``, or
+``auto_chunk_tokens``: 110 at 151,936 ids) and frees each chunk's logits before the next, so only
+one chunk is alive: ``P`` = min(``C``, rows x (``max_seq_length`` - 1)), whatever the number of rows,
+and the bytes per element are those of the chunk's peak (``CHUNK_BYTES_PER_LOGIT``)::
+
+    P x V x CHUNK_BYTES_PER_LOGIT[b, head trains]
+
+Measured as the growth of the peak resident memory (``VmHWM`` after a reset) of one forward and
+backward pass of ``head_returns_token_ce`` on CPU (torch 2.13, one thread), ``V`` = 151,936, hidden
+128, the slope between chunks of 64 and 192 positions: a frozen head (the LoRA default) 8.0 bytes
+per element in float32 and 13.0 in bfloat16 (the chunk's logits, the float32 copy and softmax, the
+logit gradient in the model dtype), a head that trains (a LoRA on ``lm_head``, ``lora: null``; each
+chunk recomputed in the backward) 10.0 and 14.0. fp16 is taken as bfloat16 (the same code path).
 
 **Activations** (``activation_bytes``): what autograd keeps for the backward pass, per token and
 decoder layer of a Llama/Qwen2-style layer (RMSNorm, rotary positions, SwiGLU MLP of width ``I``,
@@ -50,6 +64,9 @@ from typing import Any
 GiB = 1024**3
 LOGITS_EXTRA_BYTES = 12
 """float32 log-softmax + its gradient + the logits' gradient, per logit element (see the module docstring)."""
+CHUNK_BYTES_PER_LOGIT = {(4, False): 8, (4, True): 10, (2, False): 13, (2, True): 14}
+"""``(dtype bytes, head trains) -> bytes`` per element of one chunk of the supervised head, at its
+peak (measured; see the module docstring)."""
 _QKV, _GATE_UP, _DOWN = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}
 
 
@@ -58,20 +75,27 @@ class MemoryEstimate:
     """Estimated bytes one rank needs for one micro-batch (see the module docstring)."""
 
     logits_bytes: int
-    """The LM head's logits, their float32 log-softmax and both gradients."""
+    """The LM head's logits, their float32 log-softmax and both gradients (of one chunk when
+    ``lm_head_positions`` is ``supervised``)."""
     activation_bytes: int
     """What autograd keeps between the forward and the backward pass in the decoder layers."""
     positions: int
-    """Positions the LM head projects per micro-batch."""
+    """Positions the LM head holds logits for at once: every token (``all``) or one chunk (``supervised``)."""
     tokens: int
     """Tokens per micro-batch (rows x ``max_seq_length``)."""
     vocab_size: int
     dtype_bytes: int
+    bytes_per_logit: int
+    """Bytes per logit element: ``dtype_bytes + 12`` (``all``) or ``CHUNK_BYTES_PER_LOGIT`` (``supervised``)."""
+    lm_head_positions: str = "all"
+    """``model.lm_head_positions``: ``all`` or ``supervised``."""
 
     def describe(self) -> str:
         """One log line, the figures in GiB with the numbers they come from."""
+        where = ("every position" if self.lm_head_positions == "all" else
+                 "model.lm_head_positions: supervised, one chunk at a time")
         return (f"estimated memory per rank for one micro-batch: logits {self.logits_bytes / GiB:.2f} GiB "
-                f"({self.positions} positions x {self.vocab_size} ids x {self.dtype_bytes + LOGITS_EXTRA_BYTES} "
+                f"({where}: {self.positions} positions x {self.vocab_size} ids x {self.bytes_per_logit} "
                 f"bytes), activations {self.activation_bytes / GiB:.2f} GiB ({self.tokens} tokens); weights, "
                 "gradients and optimizer states come on top (training/memory.py)")
 
@@ -118,20 +142,52 @@ def activation_bytes(model_config: Any, tokens: int, row_length: int, dtype_byte
     return layers * tokens * (per_token * dtype_bytes + dropped)
 
 
+def head_trains(lora: Any) -> bool:
+    """Whether the LM head has trainable parameters: full fine-tuning (``lora`` None) or a LoRA on ``lm_head``."""
+    return lora is None or "lm_head" in lora.target_modules
+
+
 def estimate_memory(model_config: Any, *, micro_batch: int, max_seq_length: int, dtype_bytes: int,
-                    attn_implementation: str, lora: Any = None, positions: int | None = None) -> MemoryEstimate:
+                    attn_implementation: str, lora: Any = None, lm_head_positions: str = "all",
+                    lm_head_chunk_tokens: int | None = None) -> MemoryEstimate:
     """Logits and activations of one micro-batch of ``micro_batch`` rows of ``max_seq_length`` tokens.
 
     Args:
         lora: the run's ``LoraConfig`` (``r``, ``target_modules``, ``dropout``), or None for full
             fine-tuning.
-        positions: positions the LM head projects per micro-batch; default every token
-            (transformers' head).
+        lm_head_positions: ``model.lm_head_positions``. ``all``: logits for every token, ``dtype_bytes
+            + 12`` bytes each. ``supervised``: logits for one chunk of at most ``lm_head_chunk_tokens``
+            positions (None: ``training.lm_head.auto_chunk_tokens`` of the vocabulary), and never more
+            than the micro-batch can supervise (``max_seq_length - 1`` per row), ``CHUNK_BYTES_PER_LOGIT``
+            bytes each.
+
+    Raises:
+        InputError: ``lm_head_positions`` is neither ``all`` nor ``supervised``.
+
+    >>> from types import SimpleNamespace
+    >>> qwen = SimpleNamespace(vocab_size=151936, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    >>> lora = SimpleNamespace(r=8, target_modules=["q_proj", "v_proj"], dropout=0.0)   # the head stays frozen
+    >>> e = estimate_memory(qwen, micro_batch=1, max_seq_length=1024, dtype_bytes=4, attn_implementation="packed_sdpa",
+    ...                     lora=lora, lm_head_positions="supervised")
+    >>> e.positions, e.bytes_per_logit, e.logits_bytes    # 110 x 151,936 x 8 bytes: 0.12 GiB, not 2.32
+    (110, 8, 133703680)
     """
+    from packlora.core.errors import InputError
+
     tokens = micro_batch * max_seq_length
-    positions = tokens if positions is None else positions
+    vocab = model_config.vocab_size
+    if lm_head_positions == "all":
+        positions, per_logit = tokens, dtype_bytes + LOGITS_EXTRA_BYTES
+    elif lm_head_positions == "supervised":
+        from packlora.training.lm_head import auto_chunk_tokens
+
+        chunk = lm_head_chunk_tokens or auto_chunk_tokens(vocab)
+        positions = min(chunk, micro_batch * (max_seq_length - 1))
+        per_logit = CHUNK_BYTES_PER_LOGIT[(4 if dtype_bytes >= 4 else 2, head_trains(lora))]
+    else:
+        raise InputError(f"model.lm_head_positions: {lm_head_positions!r} is not one of ['supervised', 'all']")
     act = activation_bytes(model_config, tokens, max_seq_length, dtype_bytes, attn_implementation,
                            None if lora is None else lora.r, () if lora is None else lora.target_modules,
                            0.0 if lora is None else lora.dropout)
-    return MemoryEstimate(logits_bytes(positions, model_config.vocab_size, dtype_bytes), act, positions, tokens,
-                          model_config.vocab_size, dtype_bytes)
+    return MemoryEstimate(positions * vocab * per_logit, act, positions, tokens, vocab, dtype_bytes, per_logit,
+                          lm_head_positions)

@@ -279,7 +279,9 @@ class TrainingRecipe:
         config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=cfg.model.trust_remote_code)
         return estimate_memory(config, micro_batch=micro, max_seq_length=cfg.data.max_seq_length,
                                dtype_bytes=resolve_dtype(cfg.model.dtype).itemsize,
-                               attn_implementation=cfg.model.attn_implementation, lora=cfg.lora)
+                               attn_implementation=cfg.model.attn_implementation, lora=cfg.lora,
+                               lm_head_positions=cfg.model.lm_head_positions,
+                               lm_head_chunk_tokens=cfg.model.lm_head_chunk_tokens)
 
     def _fault_injection(self) -> list:
         from packlora.training import distributed
@@ -333,8 +335,9 @@ def build_training_arguments(cfg: RunConfig):
 
     dtype = resolve_dtype(cfg.model.dtype)
     # One packed row per micro-batch unless the config says otherwise: a row already holds
-    # max_seq_length tokens, and transformers' default of 8 rows multiplies the logits' memory by 8
-    # (``training/memory.py``); raise gradient_accumulation_steps for a larger optimizer step.
+    # max_seq_length tokens, and transformers' default of 8 rows multiplies the activations' memory
+    # (and, with model.lm_head_positions: all, the logits') by 8 (``training/memory.py``); raise
+    # gradient_accumulation_steps for a larger optimizer step.
     kwargs = dict(report_to=["tensorboard"], logging_steps=1, save_strategy="steps", save_steps=500,
                   per_device_train_batch_size=DEFAULT_MICRO_BATCH, per_device_eval_batch_size=DEFAULT_MICRO_BATCH)
     if cfg.data.eval or cfg.data.eval_split is not None:  # an evaluation set: evaluate as often as we save

@@ -69,17 +69,75 @@ def test_activation_estimate_matches_what_autograd_saves_within_5_percent(attn, 
     assert estimated == pytest.approx(measured, rel=0.05), (estimated, measured)
 
 
-def test_logits_are_counted_per_projected_position_and_the_default_projects_every_token():
+def test_full_logits_are_counted_for_every_token_of_the_micro_batch():
     from types import SimpleNamespace
 
     from transformers import AutoConfig
 
     config = AutoConfig.for_model("qwen2", num_hidden_layers=2, **SHAPE)
     lora = SimpleNamespace(r=8, target_modules=["q_proj"], dropout=0.0)
-    full = estimate_memory(config, micro_batch=2, max_seq_length=512, dtype_bytes=2, attn_implementation="sdpa", lora=lora)
-    supervised = estimate_memory(config, micro_batch=2, max_seq_length=512, dtype_bytes=2, attn_implementation="sdpa",
-                                 lora=lora, positions=100)
+    full = estimate_memory(config, micro_batch=2, max_seq_length=512, dtype_bytes=2, attn_implementation="sdpa",
+                           lora=lora, lm_head_positions="all")
 
     assert full.logits_bytes == 2 * 512 * 300 * 14 == logits_bytes(1024, 300, 2)  # bf16: 2 + 12 bytes each
-    assert supervised.logits_bytes == 100 * 300 * 14 and supervised.activation_bytes == full.activation_bytes
-    assert "logits 0.00 GiB (1024 positions x 300 ids x 14 bytes)" in full.describe()
+    assert full.positions == 1024 and full.bytes_per_logit == 14
+    assert "logits 0.00 GiB (every position: 1024 positions x 300 ids x 14 bytes)" in full.describe()
+
+
+QWEN2 = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+             vocab_size=151936, num_hidden_layers=24)  # Qwen2.5-0.5B's shape
+
+
+@pytest.mark.parametrize(("dtype_bytes", "targets", "chunk", "positions", "per_logit"), [
+    (4, ["q_proj", "v_proj"], None, 110, 8),            # auto chunk: 64 MiB // (4 x 151,936) = 110; frozen head, fp32
+    (2, ["q_proj", "v_proj"], None, 110, 13),           # frozen head, bf16
+    (2, ["q_proj", "lm_head"], 512, 512, 14),           # a LoRA on lm_head trains the head
+    (4, None, 512, 512, 10),                            # lora: null, every parameter trains
+    (4, ["q_proj"], 100_000, 2 * (4096 - 1), 8),        # a chunk larger than the micro-batch can supervise
+])
+def test_supervised_head_logits_are_one_chunk_whatever_the_rows(dtype_bytes, targets, chunk, positions, per_logit):
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen2", **QWEN2)
+    lora = None if targets is None else SimpleNamespace(r=8, target_modules=targets, dropout=0.0)
+    kw = dict(max_seq_length=4096, dtype_bytes=dtype_bytes, attn_implementation="packed_sdpa", lora=lora,
+              lm_head_positions="supervised", lm_head_chunk_tokens=chunk)
+    one, two = (estimate_memory(config, micro_batch=m, **kw) for m in (1, 2))
+    full = estimate_memory(config, micro_batch=2, **{**kw, "lm_head_positions": "all"})
+
+    assert two.positions == positions and two.bytes_per_logit == per_logit
+    assert two.logits_bytes == positions * 151936 * per_logit
+    if positions < 4095:  # one chunk: a second row adds activations, not logits
+        assert one.logits_bytes == two.logits_bytes and two.activation_bytes == 2 * one.activation_bytes
+    assert two.activation_bytes == full.activation_bytes and full.logits_bytes == 2 * 4096 * 151936 * (dtype_bytes + 12)
+    assert (f"(model.lm_head_positions: supervised, one chunk at a time: {positions} positions x 151936 ids x "
+            f"{per_logit} bytes)") in two.describe()
+
+
+def test_the_start_up_estimate_of_the_bundled_shape_follows_the_switch():
+    """Demo shape, one 1,024-token row, fp32, tied frozen head: 110 x 151,936 x 8 bytes = 0.12 GiB
+    with the supervised head, 1,024 x 151,936 x 16 bytes = 2.32 GiB with full logits."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=151936, num_hidden_layers=2)
+    lora = SimpleNamespace(r=8, target_modules=["q_proj", "v_proj"], dropout=0.05)
+    kw = dict(micro_batch=1, max_seq_length=1024, dtype_bytes=4, attn_implementation="packed_sdpa", lora=lora)
+    assert "logits 0.12 GiB (model.lm_head_positions: supervised" in estimate_memory(
+        config, lm_head_positions="supervised", **kw).describe()
+    assert "logits 2.32 GiB (every position: 1024 positions" in estimate_memory(
+        config, lm_head_positions="all", **kw).describe()
+
+
+def test_an_unknown_head_setting_is_refused_naming_the_key():
+    from types import SimpleNamespace
+
+    from packlora.core.errors import InputError
+
+    with pytest.raises(InputError, match="model.lm_head_positions: 'some' is not one of"):
+        estimate_memory(SimpleNamespace(vocab_size=10), micro_batch=1, max_seq_length=8, dtype_bytes=4,
+                        attn_implementation="sdpa", lm_head_positions="some")
