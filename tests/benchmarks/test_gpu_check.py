@@ -87,7 +87,7 @@ def test_dry_run_checks_prints_and_runs_every_worker_on_cpu(tmp_path):
     assert "wheel list OK" in out
     assert ("install: python3 -m pip install --no-index --find-links .gpu/wheels --no-cache-dir --no-compile "
             "--disable-pip-version-check -q deepspeed==0.19.8 datasets==5.2.0 transformers==5.24.0 peft==0.21.2") in out
-    assert "-m packlora.cli launch configs/shishuo_tiny.yaml model.attn_implementation=varlen" in out
+    assert "-m packlora.cli launch configs/shishuo_tiny.yaml --overwrite model.attn_implementation=varlen" in out
     report = (tmp_path / "RESULTS.md").read_text()
     assert "**CPU dry run**" in report and '"throughput_zero3": 0' in report
     for backend in ("varlen", "sdpa", "packed_sdpa"):
