@@ -191,7 +191,7 @@ def decode(runs: dict[str, Run], heldout_file: Path, spec: Spec) -> dict[str, li
         rows = []
         for p, r in zip(prompts, replies, strict=True):
             row = dataclasses.asdict(score_reply(r, p.reference, ckpt.fmt, str(p.source)))
-            row.update(prompt=p.messages[-1]["content"], stop_ids=ckpt.fmt.format_ids(stop_ids),
+            row.update(prompt=p.messages[-1]["content"], stop_ids=", ".join(ckpt.tokenizer.convert_ids_to_tokens(stop_ids)),
                        stop_token=None if r.stop_id is None else ckpt.tokenizer.convert_ids_to_tokens(r.stop_id),
                        new_turn=f"{header}user" in r.text)
             rows.append(row)
@@ -239,11 +239,12 @@ def print_side_by_side(results: dict[str, list[dict]], show: int, columns: int) 
         print(f"held-out prompt {i + 1} ({left['source'].rsplit('/', 1)[-1]}):")
         print(textwrap.indent("\n".join(_wrap(left["prompt"], 2 * col)), "  "))
         print(f"reference answer: {left['reference']}")
-        heads = [[f"legacy labels, stop ids {left['stop_ids']} only", "(--no-stop-ids, the seed's decoder)"],
-                 [f"packlora, stop ids {right['stop_ids']}", "(assistant-only labels)"]]
+        heads = [["legacy: whole-chat labels,", f"stops at {left['stop_ids']} only (--no-stop-ids)"],
+                 ["packlora: assistant-only labels,", f"stops at {right['stop_ids']}"]]
         bodies = []
         for row, head in zip((left, right), heads):
-            body = [h[:col] for h in head] + ["─" * col] + _wrap(row["reply"], col) + _wrap(_ending(row), col)
+            body = [h[:col] for h in head] + ["─" * col] + _wrap(row["reply"].replace("\n", "↵\n"), col)
+            body += _wrap(_ending(row), col)
             if row is left and row["new_turn"]:
                 body += _wrap("⚠ ran on into a new user turn", col)
             bodies.append(body)
