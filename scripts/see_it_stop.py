@@ -22,9 +22,11 @@ Steps (all seeded; each reused when its output exists from the same settings):
    text, cached in ``~/.cache/packlora/behaviour-base/<key>`` (``--base-cache``).
 3. Two LoRA runs from it (``python -m packlora.train``, one process, no DeepSpeed), the same
    steps, rows and learning rate; only the labels differ.
-4. Greedy decoding of the first held-out prompts; the first ``--show`` are printed side by side,
-   all are counted. Exit status 1 if no legacy reply ran into a new turn or no packlora reply
-   stopped at ``<|im_end|>`` (never in ``--quick``, whose models are too small to learn either).
+4. Decoding of the first held-out prompts with Qwen2.5-Instruct's sampling settings (its
+   generation_config.json: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05; seed 0),
+   the same for both models; the first ``--show`` are printed side by side, all are counted. Exit
+   status 1 if no legacy reply ran into a new turn or no packlora reply stopped at ``<|im_end|>``
+   (never in ``--quick``, whose models are too small to learn either).
 
 Every run lands under ``--work-dir`` (default ``runs/see-it-stop``).
 """
@@ -67,14 +69,17 @@ class Spec:
 
 
 SPECS = {
-    "full": Spec(base=bb.BaseSpec(vocab_size=2048, model=bb._qwen2(128, 2, 344, 4, 2), max_steps=400, batch_rows=8,
+    "full": Spec(base=bb.BaseSpec(vocab_size=2048, model=bb._qwen2(256, 2, 688, 4, 2), max_steps=600, batch_rows=8,
                                   max_seq_length=256, learning_rate=3e-3),
-                 steps=120, rows=8, max_seq_length=512, learning_rate=2e-3, lora_r=32, max_new_tokens=96, prompts=24),
+                 steps=200, rows=8, max_seq_length=512, learning_rate=3e-3, lora_r=32, max_new_tokens=96, prompts=24),
     "quick": Spec(base=bb.BaseSpec(vocab_size=512, model=bb._qwen2(32, 1, 64, 2, 1), max_steps=4, batch_rows=2,
                                    max_seq_length=128, learning_rate=3e-3),
                   steps=3, rows=2, max_seq_length=256, learning_rate=2e-3, lora_r=4, max_new_tokens=12, prompts=3,
                   train_limit=60),
 }
+# Qwen2.5-Instruct's generation_config.json, seeded: a greedy decoder makes a model this small repeat
+# one name until max_new_tokens (docs/behaviour-boundary.md), which hides where its reply ends.
+DECODER = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=0)
 KINDS = {
     "legacy": ("legacy_full_sequence", "legacy labels, decoded without stop ids"),
     "packlora": ("assistant_only", "packlora: assistant-only labels, stop ids"),
@@ -98,7 +103,9 @@ def main(argv=None) -> int:
 
     with clock.phase("base"):
         train_file, heldout_file = bb.split_chats(work, HELDOUT, spec.train_limit)
-        base = bb.ensure_base(spec.base, Path(args.base_cache), heldout_file, rebuild=False)
+        base = bb.ensure_base(spec.base, Path(args.base_cache), heldout_file, rebuild=False, with_zhanghenshui=False,
+                              attn_implementation="packed_sdpa", role_word_repeats=2000,
+                              command="python scripts/see_it_stop.py")
     runs = {}
     for kind in KINDS:
         with clock.phase(kind):
@@ -136,7 +143,9 @@ def train(work: Path, kind: str, spec: Spec, base: bb.BaseInfo, train_file: Path
     out = work / kind
     config = {
         "output_dir": str(out), "seed": 0, "deepspeed": None,
-        "model": {"name_or_path": str(base.path), "attn_implementation": "sdpa"},
+        # packed_sdpa: SDPA per packed segment, the fast exact backend on CPU; it isolates segments by
+        # construction, so the legacy run (packed without isolation, the bug) needs plain sdpa
+        "model": {"name_or_path": str(base.path), "attn_implementation": "sdpa" if kind == "legacy" else "packed_sdpa"},
         "lora": {"r": spec.lora_r, "alpha": 2 * spec.lora_r, "dropout": 0.0, "target_modules": bb.LORA_TARGETS},
         "data": {"train": [str(train_file)], "stage": "sft", "max_seq_length": spec.max_seq_length, "labels": labels,
                  "overflow": "drop", "cache_dir": str(work / "cache")},
@@ -172,10 +181,10 @@ def _train_runtime(log: Path) -> float:
 
 
 def decode(runs: dict[str, Run], heldout_file: Path, spec: Spec) -> dict[str, list[dict]]:
-    """Greedy replies of both models to the first ``spec.prompts`` held-out prompts: legacy with the
-    chat-unaware stop ids (``naive_stop_ids``, what ``--no-stop-ids`` uses), packlora with the
-    checkpoint's. Each result: the ``PromptResult`` fields plus the prompt, the stop token and
-    ``new_turn`` (the reply wrote ``<|im_start|>user``)."""
+    """Replies of both models to the first ``spec.prompts`` held-out prompts (``DECODER``): legacy
+    with the chat-unaware stop ids (``naive_stop_ids``, what ``--no-stop-ids`` uses), packlora with
+    the checkpoint's. Each result: the ``PromptResult`` fields (``role_leak``: the reply wrote a new
+    turn) plus the prompt, the stop token and ``user_turn`` (it wrote ``<|im_start|>user``)."""
     from packlora.decoding.decode import read_prompts
     from packlora.decoding.generate import generate_replies, load_checkpoint
     from packlora.decoding.runaway import naive_stop_ids, score_reply
@@ -186,14 +195,14 @@ def decode(runs: dict[str, Run], heldout_file: Path, spec: Spec) -> dict[str, li
         ckpt = load_checkpoint(run.path, "float32", "cpu")
         stop_ids = naive_stop_ids(ckpt.fmt) if kind == "legacy" else list(ckpt.stop_ids)
         replies = generate_replies(ckpt.model, ckpt.fmt, [list(p.messages) for p in prompts], stop_ids,
-                                   max_new_tokens=spec.max_new_tokens, batch_size=len(prompts))
+                                   max_new_tokens=spec.max_new_tokens, batch_size=len(prompts), **DECODER)
         header = ckpt.fmt.spec.header_start
         rows = []
         for p, r in zip(prompts, replies, strict=True):
             row = dataclasses.asdict(score_reply(r, p.reference, ckpt.fmt, str(p.source)))
             row.update(prompt=p.messages[-1]["content"], stop_ids=", ".join(ckpt.tokenizer.convert_ids_to_tokens(stop_ids)),
                        stop_token=None if r.stop_id is None else ckpt.tokenizer.convert_ids_to_tokens(r.stop_id),
-                       new_turn=f"{header}user" in r.text)
+                       user_turn=f"{header}user" in r.text)
             rows.append(row)
         out[kind] = rows
     return out
@@ -208,12 +217,12 @@ def _width(text: str) -> int:
 
 def _wrap(text: str, width: int) -> list[str]:
     """``text`` cut into lines of at most ``width`` terminal columns (CJK characters take 2); its
-    own line breaks kept."""
+    own line breaks kept, a control token such as ``<|im_end|>`` never cut."""
     lines = []
     for para in text.split("\n"):
         line = ""
-        for c in para:
-            if _width(line + c) > width:
+        for c in re.findall(r"<\|[^|<>]*\|>|.", para):
+            if line and _width(line + c) > width:
                 lines.append(line)
                 line = ""
             line += c
@@ -245,8 +254,8 @@ def print_side_by_side(results: dict[str, list[dict]], show: int, columns: int) 
         for row, head in zip((left, right), heads):
             body = [h[:col] for h in head] + ["─" * col] + _wrap(row["reply"].replace("\n", "↵\n"), col)
             body += _wrap(_ending(row), col)
-            if row is left and row["new_turn"]:
-                body += _wrap("⚠ ran on into a new user turn", col)
+            if row["role_leak"]:
+                body += _wrap("⚠ ran on into a new " + ("user turn" if row["user_turn"] else "turn"), col)
             bodies.append(body)
         for a, b in zip(*(body + [""] * (max(map(len, bodies)) - len(body)) for body in bodies)):
             print(f"{_pad(a, col)} │ {b}")
@@ -255,14 +264,14 @@ def print_side_by_side(results: dict[str, list[dict]], show: int, columns: int) 
 def print_summary(results, runs: dict[str, Run], base: bb.BaseInfo, spec: Spec, clock) -> tuple[int, int]:
     legacy, ours = results["legacy"], results["packlora"]
     n = len(legacy)
-    leaked = sum(r["new_turn"] for r in legacy)
-    role_leak = sum(r["role_leak"] for r in legacy)
+    leaked = sum(r["role_leak"] for r in legacy)
+    user = sum(r["user_turn"] for r in legacy)
     stopped = sum(r["stop_reason"] == "stop_id" and r["stop_token"] == "<|im_end|>" for r in ours)
     print("\n" + "━" * 40)
-    print(f"over {n} held-out prompts (greedy, max_new_tokens {spec.max_new_tokens}):")
-    print(f"  legacy, no stop ids: {leaked}/{n} replies ran on into a new user turn ({role_leak}/{n} wrote a new "
-          f"turn of any role); {sum(r['emitted_end_of_turn'] for r in legacy)}/{n} ended the answer with <|im_end|> "
-          "first, but nothing stopped there")
+    print(f"over {n} held-out prompts (sampled like Qwen2.5-Instruct, seed 0, max_new_tokens {spec.max_new_tokens}):")
+    print(f"  legacy, no stop ids: {leaked}/{n} replies ran on into a new turn ({user}/{n} into a user turn); "
+          f"{sum(r['emitted_end_of_turn'] for r in legacy)}/{n} ended the answer with <|im_end|> first, but "
+          "nothing stopped there")
     print(f"  packlora, stop ids:  {stopped}/{n} replies stopped at <|im_end|>, "
           f"{sum(r['role_leak'] for r in ours)}/{n} wrote a new turn, "
           f"{sum(r['hit_max_new_tokens'] for r in ours)}/{n} hit max_new_tokens")
