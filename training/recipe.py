@@ -150,6 +150,7 @@ class TrainingRecipe:
             data_collator=collator, processing_class=self.tokenizer, callbacks=callbacks,
             batch_digest_dir=self.out if cfg.log_batch_digests else None,
             packing_stats={"packing_efficiency": report.packing_efficiency, "rows_per_epoch": report.rows},
+            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.lora else None,
         )
         if cfg.runaway_eval.every_steps:
             self._add_runaway_eval()
