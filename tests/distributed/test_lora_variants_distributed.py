@@ -14,7 +14,7 @@ the base layer's forward), the saved tensor set is exact (DoRA magnitudes, biase
 the merged export equals the reload (1e-4), LoRA+ moved B at 4x the rate and gaussian drew A with
 std 1/r. About 4 minutes on 2 cores.
 
-    python -m pytest -m distributed tests/distributed/test_lora_variants.py -q
+    python -m pytest -m distributed tests/distributed/test_lora_variants_distributed.py -q
 """
 from __future__ import annotations
 
