@@ -154,6 +154,13 @@ class CheckpointInfo:
         """The run's ``decoding.stop_tokens`` (None: the chat format's defaults)."""
         return (self.run_config.get("decoding") or {}).get("stop_tokens")
 
+    @property
+    def adapter_on_random_base(self) -> bool:
+        """An adapter whose base the run built at random from ``model.config`` (no ``init_from``): a
+        model that never learned language, let alone to end a turn (the demo's)."""
+        model = self.run_config.get("model") or {}
+        return self.is_adapter and bool(model.get("config")) and not self.run_config.get("init_from")
+
     def stop_ids(self, fmt) -> list[int]:
         """The stop ids: ``generation_config.json``'s ``eos_token_id``, the format's end of turn, the
         tokenizer's eos and ``decoding.stop_tokens`` (``ChatFormat.stop_ids``).

@@ -38,9 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         + f"{len(rows) - by_stop - by_string} hit max_new_tokens; wrote {args.output}"
     )
     if len(rows) - by_stop - by_string:
-        print("  (replies that hit max_new_tokens are cut mid-answer: raise --max-new-tokens, "
-              "or check that the checkpoint's stop ids are the ones it was trained to emit)")
+        print(max_new_tokens_hint(args.checkpoint))
     return 0
+
+
+def max_new_tokens_hint(checkpoint) -> str:
+    """What to do about replies that hit max_new_tokens. "Check the stop ids" only where it can be
+    right: an adapter on a base built at random from ``model.config`` (the demo's) never learned to
+    end a turn, whatever its stop ids."""
+    from packlora.core.checkpoint import CheckpointInfo
+
+    if CheckpointInfo.read(checkpoint).adapter_on_random_base:
+        return ("  (expected here: this adapter's base was built at random from model.config, so the model never "
+                "learned to end its turn and no stop id can end it. To see a model that learned to stop, run "
+                "`python scripts/see_it_stop.py` in the packlora repository)")
+    return ("  (replies that hit max_new_tokens are cut mid-answer: raise --max-new-tokens, "
+            "or check that the checkpoint's stop ids are the ones it was trained to emit)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -248,12 +248,13 @@ def split_chats(work: Path, n_heldout: int, n_train: int | None = None) -> tuple
     return train_file, heldout_file
 
 
-def base_text(heldout_file: Path) -> tuple[list[dict], dict[str, list[str]], dict]:
+def base_text(heldout_file: Path, with_zhanghenshui: bool = True) -> tuple[list[dict], dict[str, list[str]], dict]:
     """The base's training documents, its held-out texts by source, and the counts.
 
     Every assistant answer and user passage of the held-out chats is cut out of the 世说新语 text,
     and a pair whose classical or modern text is one of them is held out, so the base never saw
-    the held-out prompts or their answers.
+    the held-out prompts or their answers. ``with_zhanghenshui=False`` trains on the 世说新语 text
+    and pairs only (the Zhang Henshui chapters still give a held-out loss).
     """
     answers, passages = set(), set()
     for chat in _jsonl(heldout_file):
@@ -267,7 +268,7 @@ def base_text(heldout_file: Path) -> tuple[list[dict], dict[str, list[str]], dic
     for i, rec in enumerate(_jsonl(ZHANG_TEXT)):
         if i % ZHANG_HELDOUT_EVERY == ZHANG_HELDOUT_EVERY - 1:
             heldout["zhanghenshui"].append(rec["text"])
-        else:
+        elif with_zhanghenshui:
             train.append({"text": rec["text"]})
     counts["zhanghenshui chapters"] = len(train)
     for rec in _jsonl(SHISHUO_TEXT):
@@ -294,9 +295,12 @@ def base_text(heldout_file: Path) -> tuple[list[dict], dict[str, list[str]], dic
     return train, heldout, dict(counts)
 
 
-def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int) -> None:
+def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int, role_word_repeats: int = 0) -> None:
     """Byte-level BPE on the base's text; ``<|endoftext|>`` = 0 (eos and pad, as in Qwen2 base
-    tokenizers), ``<|im_start|>`` = 1, ``<|im_end|>`` = 2; the Qwen2 ChatML template."""
+    tokenizers), ``<|im_start|>`` = 1, ``<|im_end|>`` = 2; the Qwen2 ChatML template.
+    ``role_word_repeats``: the line ``system user assistant`` added that many more times, so that
+    each role name becomes one token, as in Qwen2's tokenizer (else a small vocabulary spells them
+    letter by letter)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -309,7 +313,7 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts + extra * 20, trainer=trainer)
+    tok.train_from_iterator(texts + extra * 20 + [extra[0]] * role_word_repeats, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     fast.chat_template = CHAT_TEMPLATE.read_text()
@@ -326,16 +330,25 @@ class BaseInfo:
     report: dict  # written once, when the base was built
 
 
-def ensure_base(spec: BaseSpec, cache_root: Path, heldout_file: Path, rebuild: bool) -> BaseInfo:
+def ensure_base(spec: BaseSpec, cache_root: Path, heldout_file: Path, rebuild: bool, *,
+                with_zhanghenshui: bool = True, attn_implementation: str = "sdpa", role_word_repeats: int = 0,
+                command: str = "python scripts/behaviour_boundary.py --rebuild-base") -> BaseInfo:
     """The cached base for ``spec`` and this held-out split, pre-training it first if needed.
 
     Built under ``<key>.partial`` and renamed when complete, so a cache entry is never half a base.
+    ``with_zhanghenshui`` (``base_text``), ``attn_implementation`` (of the pre-training run) and
+    ``role_word_repeats`` (``build_tokenizer``) are for ``scripts/see_it_stop.py``; the key names them
+    only when they differ from this script's.
     """
-    train, heldout, counts = base_text(heldout_file)
+    train, heldout, counts = base_text(heldout_file, with_zhanghenshui)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train)
     recipe = {"recipe": BASE_RECIPE, "spec": dataclasses.asdict(spec),
               "train_text_sha256": hashlib.sha256(text.encode()).hexdigest(),
               "chat_template_sha256": hashlib.sha256(CHAT_TEMPLATE.read_bytes()).hexdigest()}
+    if attn_implementation != "sdpa":
+        recipe["attn_implementation"] = attn_implementation
+    if role_word_repeats:
+        recipe["role_word_repeats"] = role_word_repeats
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     final = cache_root / key
     if rebuild and final.exists():
@@ -349,11 +362,11 @@ def ensure_base(spec: BaseSpec, cache_root: Path, heldout_file: Path, rebuild: b
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1))
     (tmp / "train_text.jsonl").write_text(text, encoding="utf-8")
     t0, cpu0 = time.time(), _cpu_seconds()
-    build_tokenizer(tmp / "tokenizer", [r["text"] for r in train], spec.vocab_size)
+    build_tokenizer(tmp / "tokenizer", [r["text"] for r in train], spec.vocab_size, role_word_repeats)
     steps = spec.max_steps
     config = {
         "output_dir": str(tmp / "stage1"), "seed": 0, "deepspeed": None,
-        "model": {"config": spec.model, "tokenizer": str(tmp / "tokenizer"), "attn_implementation": "sdpa"},
+        "model": {"config": spec.model, "tokenizer": str(tmp / "tokenizer"), "attn_implementation": attn_implementation},
         "lora": None,
         "data": {"train": [str(tmp / "train_text.jsonl")], "stage": "pretrain", "max_seq_length": spec.max_seq_length},
         "training": dict(max_steps=steps, per_device_train_batch_size=spec.batch_rows, learning_rate=spec.learning_rate,
@@ -369,7 +382,7 @@ def ensure_base(spec: BaseSpec, cache_root: Path, heldout_file: Path, rebuild: b
         "train_loss_last": _last_train_loss(tmp / "stage1.log"),
         "heldout": heldout_text_loss(tmp / "stage1", heldout, spec.max_seq_length),
         "params": _num_params(tmp / "stage1"),
-        "command": "python scripts/behaviour_boundary.py --rebuild-base",
+        "command": command,
     }
     (tmp / "base_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     shutil.rmtree(tmp / "stage1" / "base_model", ignore_errors=True)  # the random init training started from

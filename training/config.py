@@ -16,6 +16,7 @@ It has no side effects: files, the preset and ``training:`` keys are checked by
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,16 @@ from packlora.data_utils.config import DataConfig
 from packlora.training.backends import AttnImplementation, backend
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+INIT_LORA_WEIGHTS = ("gaussian", "pissa", "olora")  # besides true; see LoraConfig.init_lora_weights
+PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
+UNSUPPORTED_INITS = {  # PEFT's other init_lora_weights values, and why packlora does not pass them
+    "false": "random A and B, PEFT's debugging init: the model changes before training",
+    "loftq": "it quantises the base to 4 bits (QLoRA), which needs bitsandbytes and CUDA; packlora trains "
+             "unquantised bases",
+    "eva": "it needs a pass over the training data before training, which packlora does not run",
+    "corda": "it needs a pass over the training data before training, which packlora does not run",
+    "lora_ga": "it needs gradients of the training data before training, which packlora does not run",
+}
 OWNED_TRAINING_KEYS = {  # TrainingArguments keys packlora sets itself, and where the user sets them instead
     "output_dir": "output_dir", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
     "bf16": "model.dtype", "fp16": "model.dtype", "remove_unused_columns": "(packlora needs seq_lens kept)",
@@ -94,9 +105,49 @@ class LoraConfig(Section):
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names to adapt (Qwen2/Llama projection names by default)."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): a trained magnitude vector per output row on top of
+    the LoRA direction; the adapter gains one ``lora_magnitude_vector`` of shape (out,) per module."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski 2023, arXiv:2312.03732): scale by ``alpha / sqrt(r)``
+    instead of ``alpha / r``."""
+    init_lora_weights: bool | str = True
+    """``true``: A random, B zero (the update starts at zero). ``gaussian``: A Gaussian with std
+    ``1/r``. ``pissa`` (or ``pissa_niter_N``, fast SVD with N subspace iterations): A, B from the
+    top-r singular vectors of each base weight, which keeps the residual (arXiv:2404.02948).
+    ``olora``: A, B from a QR decomposition of each base weight (arXiv:2406.01775). pissa and olora
+    change the base weights; every saved adapter is converted to a plain LoRA of rank 2r on the
+    original base (PEFT's conversion, ``training/lora_variants.py``)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Also train biases: ``all`` every bias of the model, ``lora_only`` those of the adapted
+    modules. They are saved in the adapter (and change the base's output when the adapter is off)."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Module name or regex -> rank, for modules whose rank differs from ``r`` (PEFT's
+    ``rank_pattern``), e.g. ``{"layers\\.0\\.self_attn\\.q_proj": 4}``. Each must match an adapted module."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Module name or regex -> alpha, as ``rank_pattern``."""
+    loraplus_lr_ratio: float | None = field(default=None, metadata={"min": 1e-9})
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B matrices learn at ``learning_rate *
+    loraplus_lr_ratio`` (the paper suggests 16), the rest at ``learning_rate``; PEFT's
+    ``create_loraplus_optimizer`` builds the optimizer. null: one learning rate."""
 
     def rules(self) -> list[str]:
-        return [] if self.target_modules else ["lora.target_modules: give at least one module name"]
+        p = [] if self.target_modules else ["lora.target_modules: give at least one module name"]
+        init = self.init_lora_weights
+        if not (init is True or init in INIT_LORA_WEIGHTS or (isinstance(init, str) and PISSA_NITER.fullmatch(init))):
+            why = UNSUPPORTED_INITS.get(init if isinstance(init, str) else str(init).lower(), "")
+            p.append(f"lora.init_lora_weights: {init!r} is not supported{f' ({why})' if why else ''}; use true "
+                     "(the default), " + ", ".join(INIT_LORA_WEIGHTS) + " or pissa_niter_N (N >= 1)")
+        for key, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, float)):
+            for name, value in pattern.items():
+                if not isinstance(name, str) or not name:
+                    p.append(f"lora.{key}: key {name!r} must be a module name or regex (a non-empty string)")
+                ok = kind is int and isinstance(value, int) and value >= 1
+                ok |= kind is float and isinstance(value, (int, float)) and value > 0
+                if isinstance(value, bool) or not ok:
+                    p.append(f"lora.{key}.{name}: must be {'an integer >= 1' if kind is int else 'a number > 0'}, "
+                             f"got {value!r}")
+        return p
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +219,27 @@ class RunConfig(Section):
         p += [f"{k}: needs an evaluation set; set data.eval (sources) or data.eval_split" for k in wants if not evaluates]
         if self.init_mode == "continue" and self.lora is None:
             p.append("init_mode: continue keeps training a LoRA adapter; it cannot be combined with lora: null")
+        p += self._lora_variant_rules()
         if not self.output_dir:
             p.append("output_dir: required (where checkpoints and logs go)")
+        return p
+
+    def _lora_variant_rules(self) -> list[str]:
+        """The LoRA variants against the rest of the run (the DeepSpeed JSON is read in preflight)."""
+        lora, p = self.lora, []
+        if lora is None:
+            return p
+        init = lora.init_lora_weights
+        if self.init_from and self.init_mode == "continue" and init is not True:
+            p.append(f"lora.init_lora_weights: {init!r} initialises a fresh LoRA, but init_mode: continue keeps "
+                     "training the stage-1 adapter; remove it, or use init_mode: merge")
+        if isinstance(init, str) and init.startswith(("pissa", "olora")) and not self.deepspeed:
+            reloads = [f"training.{k}" for k in ("resume_from_checkpoint", "load_best_model_at_end") if self.training.get(k)]
+            reloads += ["early_stopping_patience"] if self.early_stopping_patience else []
+            p += [f"{k}: cannot reload a checkpoint of lora.init_lora_weights: {init} with deepspeed: null. Its "
+                  "checkpoints hold the adapter converted for the original base (rank 2r), which the Trainer cannot "
+                  "load back into the rank-r model it trains; use deepspeed: zero2.json or zero3.json (they reload "
+                  "DeepSpeed's own state)" for k in reloads]
         return p
 
     def to_dict(self) -> dict:

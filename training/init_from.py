@@ -62,14 +62,21 @@ def init_adapter(cfg) -> str | None:
     """The adapter directory to keep training (``init_mode: continue``), else None.
 
     Raises:
-        ValueError: ``lora:`` differs from the stage-1 adapter's r / alpha / target modules.
+        InputError: ``lora:`` differs from the stage-1 adapter's r / alpha / target modules / variant
+            (``use_dora``, ``use_rslora``, ``bias``, ``rank_pattern``, ``alpha_pattern``).
     """
     if not cfg.init_from or cfg.init_mode != "continue":
         return None
     ckpt = Path(cfg.init_from).resolve()
     saved = json.loads((ckpt / ADAPTER_CONFIG).read_text())
-    ours = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
-    theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": sorted(saved.get("target_modules") or [])}
+    lora = cfg.lora
+    ours = {"r": lora.r, "lora_alpha": lora.alpha, "target_modules": sorted(lora.target_modules),
+            "use_dora": lora.use_dora, "use_rslora": lora.use_rslora, "bias": lora.bias,
+            "rank_pattern": dict(lora.rank_pattern), "alpha_pattern": dict(lora.alpha_pattern)}
+    theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": sorted(saved.get("target_modules") or []),
+              "use_dora": bool(saved.get("use_dora")), "use_rslora": bool(saved.get("use_rslora")),
+              "bias": saved.get("bias", "none"), "rank_pattern": saved.get("rank_pattern") or {},
+              "alpha_pattern": saved.get("alpha_pattern") or {}}
     diff = [f"lora.{'alpha' if k == 'lora_alpha' else k}: {ours[k]!r} here, {theirs[k]!r} in stage 1" for k in ours if ours[k] != theirs[k]]
     if diff:
         raise InputError(

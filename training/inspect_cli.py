@@ -5,7 +5,8 @@ Tokenises and packs exactly as training would (same cache), then reports what is
     {"records": 3434, "heldout": 4, "examples": 3430, "dropped": {}, "rows": 370, "packing_efficiency": 0.982,
      "supervised_tokens": 75834, "role_markers_in_labels": 0, "control_tokens_in_labels": 0,
      "turns_with_end_of_turn_trained": 3919, "assistant_turns": 3919, "chat_format": "chatml", ...,
-     "sources": {"../shared/data/shishuo/stage2_rewrite.jsonl": {"lines_read": 3434, "records": 3434, "in_mix": 3430}},
+     "sources": {"../shared/data/shishuo/stage2_rewrite.jsonl":
+                 {"lines_read": 3434, "records": 3434, "skipped": {}, "in_mix": 3430}},
      "evaluation": {}}
 
 Without ``--json`` it prints the first packed rows with trained tokens in green (``--rows N``),
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in summary.items():
             if k == "sources":  # one line per source: its lines, unique records, records in the training mix
                 for name, counts in v.items():
-                    print(f"{'source':<{width}}  {name}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+                    print(f"{'source':<{width}}  {name}: " + ", ".join(_source_count(c, n) for c, n in counts.items()
+                                                                        if n != {}))
             elif k == "evaluation":
                 print(f"{k:<{width}}  " + (", ".join(f"{c} {n}" for c, n in v.items()) if v.get("records")
                                            else "none (no data.eval or data.eval_split)"))
@@ -82,3 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _source_count(name: str, n) -> str:
+    """One count of a source's line in the text report.
+
+    >>> _source_count("lines_read", 3434)
+    'lines_read 3434'
+    >>> _source_count("skipped", {"blank_line": 2, "invalid_json": 1})
+    'skipped 3 (blank_line 2, invalid_json 1)'
+    """
+    if isinstance(n, dict):
+        return f"{name} {sum(n.values())} (" + ", ".join(f"{reason} {k}" for reason, k in n.items()) + ")"
+    return f"{name} {n}"

@@ -135,12 +135,14 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | N
     of a fresh LoRA.
 
     Returns:
-        A ``peft.PeftModel``; only ``lora_`` parameters require grad. Or, without LoRA, the
+        A ``peft.PeftModel``; only the adapter's parameters require grad (LoRA A/B, DoRA magnitudes,
+        biases with ``lora.bias``). Or, without LoRA, the
         ``AutoModelForCausalLM`` with every parameter requiring grad.
     """
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
+
+    from packlora.training.lora_variants import check_patterns_matched, peft_lora_config
 
     check_runs_here(model_cfg)
     model = AutoModelForCausalLM.from_pretrained(
@@ -157,13 +159,6 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | N
         total = sum(_numel(p) for p in model.parameters())
         logger.info("full-parameter training (lora: null): all %d parameters trainable", total)
         return model
-    peft_cfg = PeftLoraConfig(
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
-        task_type="CAUSAL_LM",
-    )
     if init_adapter is not None:
         from peft import PeftModel
 
@@ -171,8 +166,10 @@ def build_model(base_path: str, model_cfg: ModelConfig, lora_cfg: LoraConfig | N
             model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
         logger.info("continuing the LoRA adapter of %s", init_adapter)
     else:
+        # PiSSA/OLoRA/DoRA read each base weight here; PEFT gathers it under ZeRO-3 (gather_params_ctx)
         with peft_wrapping():
-            model = get_peft_model(model, peft_cfg)
+            model = get_peft_model(model, peft_lora_config(lora_cfg))
+        check_patterns_matched(model, lora_cfg)
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -185,13 +182,11 @@ def _numel(p) -> int:
 
 
 def lora_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Full shapes of the LoRA tensors as they are named in a saved adapter file."""
-    shapes = {}
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            shapes[name.replace(".default", "")] = shape
-    return shapes
+    """Full shapes of the tensors a saved adapter must hold, as they are named in the file: every
+    trainable parameter of the adapter (``training.lora_variants.adapter_shapes``)."""
+    from packlora.training.lora_variants import adapter_shapes
+
+    return adapter_shapes(model)
 
 
 def align_special_tokens(model, tokenizer, stop_ids: list[int], pad_id: int) -> str:

@@ -32,7 +32,7 @@ def check_run(cfg: RunConfig, training_arguments: bool = True) -> list[str]:
     p += cfg.data.missing_files()
     if cfg.deepspeed:
         try:
-            resolve_deepspeed_config(cfg.deepspeed)
+            p += _check_loraplus(cfg, resolve_deepspeed_config(cfg.deepspeed))
         except FileNotFoundError as e:
             p.append(str(e))
     if cfg.preset is not None:
@@ -101,6 +101,23 @@ def run_dir_problems(cfg: RunConfig, overwrite: bool = False) -> list[str]:
         return []
     problem = finished_problem(ckpt, max_steps)
     return [problem] if problem else []
+
+
+def _check_loraplus(cfg: RunConfig, ds_json: str) -> list[str]:
+    """LoRA+ needs the Trainer to build the optimizer and scheduler: a DeepSpeed JSON with its own
+    ``optimizer`` would ignore it, one with its own ``scheduler`` would set every group to one rate."""
+    import json
+
+    if cfg.lora is None or cfg.lora.loraplus_lr_ratio is None:
+        return []
+    try:
+        sections = [k for k in ("optimizer", "scheduler") if k in json.loads(Path(ds_json).read_text())]
+    except (OSError, ValueError) as e:
+        return [f"deepspeed: cannot read {ds_json} ({e})"]
+    return [f"lora.loraplus_lr_ratio: {ds_json} has its own '{k}' section, which would "
+            + ("ignore LoRA+'s optimizer" if k == "optimizer" else "give every parameter group one learning rate")
+            + f"; remove '{k}' from it (the Trainer then builds it from training:) or drop loraplus_lr_ratio"
+            for k in sections]
 
 
 def _check_init_from(cfg: RunConfig) -> list[str]:

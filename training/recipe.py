@@ -151,6 +151,7 @@ class TrainingRecipe:
             batch_digest_dir=self.out if cfg.log_batch_digests else None,
             packing_stats={"packing_efficiency": report.packing_efficiency, "rows_per_epoch": report.rows},
             lm_head_positions=cfg.model.lm_head_positions, lm_head_chunk_tokens=cfg.model.lm_head_chunk_tokens,
+            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.lora else None,
         )
         if cfg.runaway_eval.every_steps:
             self._add_runaway_eval()

@@ -24,25 +24,43 @@ logger = logging.getLogger(__name__)
 
 class CheckpointExtrasCallback(TrainerCallback):
     """Holds what ``finish`` writes next to every adapter: tokenizer, stop IDs, resolved config and
-    (when given) the data order a resume checks, then it verifies the adapter holds every LoRA tensor at full shape. ``PackloraTrainer`` calls
-    ``finish`` on rank 0 inside each atomic save, before the checkpoint becomes visible."""
+    (when given) the data order a resume checks, then it verifies the adapter holds every trained
+    tensor at full shape. A PiSSA/OLoRA adapter is first converted to the plain LoRA that gives the
+    same model on the original base (``training.lora_variants``). ``PackloraTrainer`` calls ``finish``
+    on rank 0 inside each atomic save, before the checkpoint becomes visible.
+
+    Build it from the model before the Trainer (DeepSpeed) partitions the new LoRA tensors: it
+    keeps their full shapes and, for PiSSA/OLoRA, their initial values."""
 
     def __init__(self, tokenizer, config: dict, stop_ids: list[int], pad_id: int, max_new_tokens: int, model,
                  data_order: dict | None = None):
+        from packlora.training.lora_variants import converted_shapes, initial_adapter, mutates_base
+
         self.tokenizer, self.config, self.stop_ids, self.pad_id = tokenizer, config, stop_ids, pad_id
         self.max_new_tokens = max_new_tokens
-        self.expected = lora_shapes(model)
         self.data_order = data_order  # training.checkpoint.data_order: what a resume checks
+        self.expected = lora_shapes(model)
+        peft_config = getattr(model, "peft_config", {}).get("default")
+        self.initial = None
+        if peft_config is not None and mutates_base(peft_config.init_lora_weights):
+            self.initial = initial_adapter(model)  # A0, B0: the conversion subtracts them
+            self.expected = converted_shapes(self.expected)
 
     def finish(self, ckpt_dir: Path) -> None:
+        from packlora.training.lora_variants import convert_to_plain_lora
+
         write_extras(ckpt_dir, self.tokenizer, self.config, self.stop_ids, self.pad_id, self.max_new_tokens)
         if self.data_order is not None:
             (Path(ckpt_dir) / DATA_ORDER).write_text(json.dumps(self.data_order, indent=1) + "\n")
         if not self.expected:  # full-parameter training (lora: null): no adapter to verify
             logger.info("checkpoint %s: full model, stop ids %s", ckpt_dir, self.stop_ids)
             return
+        if self.initial is not None:
+            convert_to_plain_lora(ckpt_dir, self.initial)
         n = verify_adapter(ckpt_dir, self.expected)
-        logger.info("checkpoint %s: %d LoRA tensors at full shape, stop ids %s", ckpt_dir, n, self.stop_ids)
+        logger.info("checkpoint %s: %d adapter tensors at full shape%s, stop ids %s", ckpt_dir, n,
+                    " (PiSSA/OLoRA saved as a plain LoRA of rank 2r on the original base)" if self.initial else "",
+                    self.stop_ids)
 
 
 class StopOnRequestCallback(TrainerCallback):
@@ -106,11 +124,13 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
     """
 
     def __init__(self, *args, batch_digest_dir: Path | None = None, packing_stats: dict | None = None,
-                 lm_head_positions: str = "supervised", lm_head_chunk_tokens: int | None = None, **kwargs):
+                 lm_head_positions: str = "supervised", lm_head_chunk_tokens: int | None = None,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
         if lm_head_positions not in LM_HEAD_POSITIONS:
             raise InputError(f"model.lm_head_positions: {lm_head_positions!r} is not one of {list(LM_HEAD_POSITIONS)}")
         self.lm_head_positions, self.lm_head_chunk_tokens = lm_head_positions, lm_head_chunk_tokens
         super().__init__(*args, **kwargs)
+        self._loraplus_lr_ratio = loraplus_lr_ratio
         if lm_head_positions == "supervised":
             prepare_head_for_zero3(self.model)  # before the DeepSpeed engine is built (in train/evaluate)
         self._packing_stats = dict(packing_stats or {})  # constant figures logged with every loss
@@ -120,6 +140,20 @@ class PackloraTrainer(LossNormalizationMixin, Trainer):
         self._eval_sums = None
         if batch_digest_dir is not None:
             self._digest_file = Path(batch_digest_dir) / f"batches.rank{self.args.process_index}.jsonl"
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, or with ``lora.loraplus_lr_ratio`` PEFT's LoRA+ optimizer of the same
+        class and settings (``training.lora_variants.create_loraplus_optimizer``). DeepSpeed calls this
+        too when its JSON has no ``optimizer`` section (preflight refuses LoRA+ with one)."""
+        if self._loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from packlora.training.lora_variants import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = create_loraplus_optimizer(opt_model, self.args, self._loraplus_lr_ratio, optimizer_cls,
+                                                   optimizer_kwargs)
+        return self.optimizer
 
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is being written, point the stock save at the staging directory.

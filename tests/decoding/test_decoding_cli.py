@@ -109,3 +109,22 @@ def test_decode_preset_appends_its_guard_to_the_corpus_system_prompt(adapter_ckp
         {"role": "system", "content": "Be brief."},  # a foreign one is kept
         {"role": "system", "content": system + guard},  # none: the preset's whole message
     ]
+
+
+@pytest.mark.parametrize("run_config, random_base", [
+    ({"model": {"config": {"model_type": "qwen2"}, "tokenizer": "tok"}}, True),  # the demo: LoRA on a random base
+    ({"model": {"name_or_path": "base"}}, False),  # a real base: the stop ids may be at fault
+    ({"model": {"config": {"model_type": "qwen2"}}, "init_from": "stage1"}, False),  # stage 2 on a trained stage 1
+    ({}, False),  # no packlora_config.yaml: nothing known about the base
+])
+def test_the_check_the_stop_ids_hint_is_not_given_for_an_adapter_on_a_random_base(tmp_path, run_config, random_base):
+    import yaml
+
+    from packlora.decoding.cli import max_new_tokens_hint
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    if run_config:
+        (tmp_path / "packlora_config.yaml").write_text(yaml.safe_dump(run_config))
+    hint = max_new_tokens_hint(tmp_path)
+    assert ("check that the checkpoint's stop ids" in hint) is not random_base
+    assert ("built at random from model.config" in hint and "scripts/see_it_stop.py" in hint) is random_base

@@ -69,7 +69,7 @@ def test_counts_per_source_and_of_the_evaluation_set_are_shown(capsys, tmp_path,
     base = ["configs/shishuo_tiny.yaml", f"data.cache_dir={tmp_path}", "data.max_seq_length=256"]
     assert main([*base, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["sources"] == {source: {"lines_read": 3434, "records": 3434, "in_mix": 3430}}  # 4 held out
+    assert report["sources"] == {source: {"lines_read": 3434, "records": 3434, "skipped": {}, "in_mix": 3430}}  # 4 held out
     assert report["evaluation"]["records"] == 0
 
     assert main([*base, "data.eval_split=20", "--no-color"]) == 0
