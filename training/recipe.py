@@ -273,16 +273,8 @@ class TrainingRecipe:
         """The logits and activations one micro-batch needs on each rank (``training/memory.py``)."""
         from transformers import AutoConfig
 
-        from packlora.training.memory import estimate_memory
-        from packlora.training.model import resolve_dtype
-
-        cfg = self.cfg
-        config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=cfg.model.trust_remote_code)
-        return estimate_memory(config, micro_batch=micro, max_seq_length=cfg.data.max_seq_length,
-                               dtype_bytes=resolve_dtype(cfg.model.dtype).itemsize,
-                               attn_implementation=cfg.model.attn_implementation, lora=cfg.lora,
-                               lm_head_positions=cfg.model.lm_head_positions,
-                               lm_head_chunk_tokens=cfg.model.lm_head_chunk_tokens)
+        config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        return run_memory_estimate(self.cfg, config, micro)
 
     def _fault_injection(self) -> list:
         from packlora.training import distributed
@@ -314,6 +306,24 @@ class TrainingRecipe:
             if self.main_rank:
                 (self.out / "data_report.json").write_text(json.dumps(e.report, indent=1, ensure_ascii=False))
             raise
+
+
+def run_memory_estimate(cfg: RunConfig, model_config: Any, micro_batch: int):
+    """``training.memory.estimate_memory`` for this run: its rows, dtype, attention backend, LoRA and
+    LM head (``model.lm_head_positions``, ``model.lm_head_chunk_tokens``); what rank 0 logs at start-up.
+
+    Args:
+        model_config: the base model's ``transformers`` config (``vocab_size``, the layer shape).
+        micro_batch: rows per micro-batch (``per_device_train_batch_size``).
+    """
+    from packlora.training.memory import estimate_memory
+    from packlora.training.model import resolve_dtype
+
+    return estimate_memory(model_config, micro_batch=micro_batch, max_seq_length=cfg.data.max_seq_length,
+                           dtype_bytes=resolve_dtype(cfg.model.dtype).itemsize,
+                           attn_implementation=cfg.model.attn_implementation, lora=cfg.lora,
+                           lm_head_positions=cfg.model.lm_head_positions,
+                           lm_head_chunk_tokens=cfg.model.lm_head_chunk_tokens)
 
 
 def build_training_arguments(cfg: RunConfig):

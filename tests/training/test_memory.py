@@ -116,21 +116,27 @@ def test_supervised_head_logits_are_one_chunk_whatever_the_rows(dtype_bytes, tar
             f"{per_logit} bytes)") in two.describe()
 
 
-def test_the_start_up_estimate_of_the_bundled_shape_follows_the_switch():
-    """Demo shape, one 1,024-token row, fp32, tied frozen head: 110 x 151,936 x 8 bytes = 0.12 GiB
-    with the supervised head, 1,024 x 151,936 x 16 bytes = 2.32 GiB with full logits."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize(("positions", "line"), [
+    # 110 (= 64 MiB // (4 x 151,936)) positions x 151,936 ids x 8 bytes (fp32, frozen tied head) = 0.12 GiB
+    ("supervised", "logits 0.12 GiB (model.lm_head_positions: supervised, one chunk at a time: 110 positions x "
+                   "151936 ids x 8 bytes)"),
+    # 1 row x 1,024 tokens x 151,936 ids x (4 + 12) bytes = 2.32 GiB
+    ("all", "logits 2.32 GiB (every position: 1024 positions x 151936 ids x 16 bytes)"),
+])
+def test_the_start_up_estimate_of_the_bundled_run_follows_lm_head_positions(positions, line):
+    """What rank 0 logs for configs/shishuo_tiny.yaml (fp32 on CPU, one 1,024-token row, LoRA on the
+    layers only, so the tied head is frozen), its model shape over Qwen2.5's 151,936-id embedding."""
+    from pathlib import Path
 
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=151936, num_hidden_layers=2)
-    lora = SimpleNamespace(r=8, target_modules=["q_proj", "v_proj"], dropout=0.05)
-    kw = dict(micro_batch=1, max_seq_length=1024, dtype_bytes=4, attn_implementation="packed_sdpa", lora=lora)
-    assert "logits 0.12 GiB (model.lm_head_positions: supervised" in estimate_memory(
-        config, lm_head_positions="supervised", **kw).describe()
-    assert "logits 2.32 GiB (every position: 1024 positions" in estimate_memory(
-        config, lm_head_positions="all", **kw).describe()
+    from packlora.training.config import load_config
+    from packlora.training.recipe import run_memory_estimate
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "shishuo_tiny.yaml", [f"model.lm_head_positions={positions}", "model.dtype=float32"])
+    config = AutoConfig.for_model(**{**cfg.model.config, "vocab_size": 151936})
+    assert line in run_memory_estimate(cfg, config, micro_batch=1).describe()
 
 
 def test_an_unknown_head_setting_is_refused_naming_the_key():
