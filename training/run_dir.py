@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from packlora.core.checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_DIR, GENERATION_CONFIG,
+from packlora.core.checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_DIR, DATA_ORDER, GENERATION_CONFIG,
                                       MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE)
 from packlora.core.errors import StateError
 
@@ -32,7 +32,7 @@ with ``--overwrite``, cleared) ``output_dir`` already, so the processes do not c
 
 RUN_ENTRIES = (
     "checkpoint-*", "tmp-checkpoint-*", BASE_MODEL_DIR, "runs", "slurm",
-    RUN_CONFIG, "data_report.json", "heldout.jsonl", "decoded.jsonl", "runaway_eval.jsonl", "batches.rank*.jsonl",
+    RUN_CONFIG, DATA_ORDER, "data_report.json", "heldout.jsonl", "decoded.jsonl", "runaway_eval.jsonl", "batches.rank*.jsonl",
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, GENERATION_CONFIG, MODEL_CONFIG, "model*.safetensors",
     "model.safetensors.index.json", "training_args.bin", "README.md",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
