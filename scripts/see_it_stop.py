@@ -79,7 +79,7 @@ SPECS = {
 }
 # Qwen2.5-Instruct's generation_config.json, seeded: a greedy decoder makes a model this small repeat
 # one name until max_new_tokens (docs/behaviour-boundary.md), which hides where its reply ends.
-DECODER = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=0)
+DECODER = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=0)  # a Sampling
 KINDS = {
     "legacy": ("legacy_full_sequence", "legacy labels, decoded without stop ids"),
     "packlora": ("assistant_only", "packlora: assistant-only labels, stop ids"),
