@@ -26,10 +26,13 @@ and the bytes per element are those of the chunk's peak (``CHUNK_BYTES_PER_LOGIT
 
 Measured as the growth of the peak resident memory (``VmHWM`` after a reset) of one forward and
 backward pass of ``head_returns_token_ce`` on CPU (torch 2.13, one thread), ``V`` = 151,936, hidden
-128, the slope between chunks of 64 and 192 positions: a frozen head (the LoRA default) 8.0 bytes
-per element in float32 and 13.0 in bfloat16 (the chunk's logits, the float32 copy and softmax, the
-logit gradient in the model dtype), a head that trains (a LoRA on ``lm_head``, ``lora: null``; each
-chunk recomputed in the backward) 10.0 and 14.0. fp16 is taken as bfloat16 (the same code path).
+128, the slope between chunks of 64 and 192 positions (``benchmarks/lm_head_memory.py``, figures in
+``benchmarks/RESULTS.md``): a frozen head (the LoRA default) 8 bytes per element in float32 and 12-13
+in bfloat16 (the chunk's logits, the float32 copy and softmax, the logit gradient in the model
+dtype), a head that trains (a LoRA on ``lm_head``, ``lora: null``; each chunk recomputed in the
+backward) 10 and 10-14 (the allocator's reuse moves the bfloat16 figures between runs). The table
+holds the largest figure seen, so the estimate does not undercount. fp16 is taken as bfloat16 (the
+same code path).
 
 **Activations** (``activation_bytes``): what autograd keeps for the backward pass, per token and
 decoder layer of a Llama/Qwen2-style layer (RMSNorm, rotary positions, SwiGLU MLP of width ``I``,
@@ -66,7 +69,7 @@ LOGITS_EXTRA_BYTES = 12
 """float32 log-softmax + its gradient + the logits' gradient, per logit element (see the module docstring)."""
 CHUNK_BYTES_PER_LOGIT = {(4, False): 8, (4, True): 10, (2, False): 13, (2, True): 14}
 """``(dtype bytes, head trains) -> bytes`` per element of one chunk of the supervised head, at its
-peak (measured; see the module docstring)."""
+peak: the largest measured (``benchmarks/lm_head_memory.py``; see the module docstring)."""
 _QKV, _GATE_UP, _DOWN = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}
 
 
