@@ -10,17 +10,19 @@
 ``prepare_data`` runs them in order. Tokenised and packed datasets are cached as Arrow files
 under ``data.cache_dir``, keyed by one hashed ``CacheKey`` of everything they depend on (file
 contents, tokenizer and chat template, chat format, ``max_seq_length``, overflow policy, hold-out
-draw...), so a second run loads them instead of redoing the work, and a change to any of those
-rebuilds them. Nothing is lost silently: every dropped, skipped or split example is counted in
-the ``DataReport``.
+draw...; ``data_utils/cache.py``), so a second run loads them instead of redoing the work, and a
+change to any of those rebuilds them. The key is computed before any record is read: on a cache hit
+``prepare_data`` parses nothing (``load_prepared``). Each stage shows a progress bar and logs one
+line with its counts and seconds (logger ``packlora.data.prepare``). Nothing is lost silently:
+every dropped, skipped or split example is counted in the ``DataReport``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import random
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,23 +30,26 @@ from typing import Any
 
 from packlora.core.errors import InputError
 from packlora.data_utils.audit import audit_rows
+from packlora.data_utils.cache import (DEFAULT_CACHE_DIR, PIPELINE_VERSION, CacheKey, dataset_saved, read_json,
+                                       records_key, save_atomic, tokenizer_digest, write_json_atomic)
 from packlora.data_utils.chat_format import LABEL_REASONS, ChatFormat, EncodedChat, LabelError
 from packlora.data_utils.config import DataConfig
 from packlora.data_utils.packing import best_fit_decreasing, packing_efficiency
 from packlora.data_utils.records import REASONS, RecordError, SkipLog
 from packlora.data_utils.sources import iter_source, mix, parse_source
 from packlora.data_utils.tokenize_text import split_segment
-from packlora.data_utils.types import ChatRecord, Message, Segment, TextRecord
+from packlora.data_utils.types import ChatRecord, Message, Segment, Source, TextRecord
 from packlora.presets import GUARDED_ACTIONS, apply_preset
 
 logger = logging.getLogger(__name__)
+PREP_LOG = logging.getLogger("packlora.data.prepare")
+"""One line per process and ``prepare_data`` call: what it prepared, or that it loaded the cache
+(logged at INFO on every rank: ``training/process.py``)."""
 
 DROP_REASONS = (*REASONS, "duplicate", *LABEL_REASONS, "too_long", "no_trained_tokens")
 """Every reason the data report counts a line or example under (``DataReport.dropped``): a bad line
 (``records.REASONS``), a duplicate record, a chat that cannot be labelled (``chat_format.LABEL_REASONS``),
 an example over ``max_seq_length`` under ``overflow: drop``, an example with nothing to train."""
-PIPELINE_VERSION = "2"  # bump when tokenisation or packing output changes, to invalidate caches
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packlora" / "datasets"
 
 
 class OverflowError_(InputError):
@@ -174,25 +179,6 @@ class Packed:
     cache_file: str
 
 
-@dataclass(frozen=True)
-class CacheKey:
-    """Everything the tokenised and packed datasets depend on, hashed once (``digest``): the sources
-    (contents and specs), the tokenizer and template, the chat format, the ``data:`` settings that
-    change a token, the preset and the hold-out draw. Not ``num_proc``: it changes no token."""
-
-    pipeline_version: str
-    sources: tuple[str, ...]
-    tokenizer: str
-    chat_format: tuple
-    data: tuple
-    preset: str
-    heldout_idx: tuple[int, ...]
-    seed: int
-
-    def digest(self, part: str = "train") -> str:
-        return hashlib.sha256(json.dumps([asdict(self), part], sort_keys=True).encode()).hexdigest()[:16]
-
-
 def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=None,
                  preset_overrides_system: bool = False) -> PreparedData:
     """Read, label, pack and audit the data of ``cfg`` (see the module docstring for the stages).
@@ -211,19 +197,26 @@ def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=Non
         NoExampleError: no example left (every record bad, duplicate, too long or untrained).
         ValueError: a record of the wrong kind for ``data.stage``, or too few records for the draws.
     """
+    t0 = time.perf_counter()
+    cache = Path(cfg.cache_dir or DEFAULT_CACHE_DIR)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = data_cache_key(cfg, fmt, seed, preset, preset_overrides_system, cache)
+    manifest = cache / f"prepared-{key.digest()}.json"
+    loaded = load_prepared(manifest)
+    if loaded is not None:
+        _warn_dropped(loaded.report)
+        PREP_LOG.info("data %s: loaded from the cache in %.2f s, nothing prepared (%d rows of %d examples; %s)",
+                      key.digest(), time.perf_counter() - t0, loaded.report.rows, loaded.report.examples, manifest)
+        return loaded
     specs = cfg.sources("train")
     records = read_stage(specs, cfg.format, cfg.on_error)
     split = split_stage(records, cfg, seed, preset, preset_overrides_system)
     if cfg.eval:
         extra = read_stage(cfg.sources("eval"), cfg.format, cfg.on_error)
         split = replace(split, eval=tuple(_stage_and_preset(extra.records, cfg, preset, preset_overrides_system)[0]))
-    key = CacheKey(PIPELINE_VERSION, tuple(s.digest() for s in (*specs, *cfg.sources("eval"))),
-                   _tokenizer_digest(fmt.tokenizer), (fmt.name, fmt.enable_thinking, fmt.train_reasoning),
-                   (cfg.format, cfg.max_seq_length, cfg.overflow, cfg.stage, cfg.text_eos, cfg.labels, cfg.on_error,
-                    cfg.packing, [(s.weight, s.max_records) for s in specs], cfg.eval_split),
-                   f"{preset!r}/{preset_overrides_system}", split.heldout_idx, seed)
-    cache = Path(cfg.cache_dir or DEFAULT_CACHE_DIR)
-    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "eval"):  # the pre-flight of a later launch need not read them again
+        if cfg.sources(name):
+            mark_records_checked(cfg.sources(name), cfg.format, cfg.on_error, cache)
     tokenized = tokenize_stage(split.train, fmt, cfg, key.digest(), cache, records)
     packed = pack_stage(tokenized, cfg, key.digest(), cache)
     eval_packed = None
@@ -231,11 +224,85 @@ def prepare_data(cfg: DataConfig, fmt: ChatFormat, *, seed: int = 42, preset=Non
         eval_tokenized = tokenize_stage(split.eval, fmt, cfg, key.digest("eval"), cache, None, part="evaluation")
         eval_packed = pack_stage(eval_tokenized, cfg, key.digest("eval"), cache)
     report = build_report(records, split, tokenized, packed, audit_rows(packed.rows, fmt), cfg, fmt, eval_packed)
+    _warn_dropped(report)
+    prepared = PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None,
+                            cache_key=key.digest())
+    store_prepared(manifest, prepared, packed.cache_file, eval_packed.cache_file if eval_packed else None,
+                   records.first_skipped)
+    PREP_LOG.info("data %s: prepared in %.1f s: %d lines read, %d records, %d held out, %d examples tokenised, "
+                  "%d rows packed (%s)", key.digest(), time.perf_counter() - t0, report.lines_read, report.records,
+                  report.heldout, report.examples, report.rows, manifest)
+    return prepared
+
+
+def data_cache_key(cfg: DataConfig, fmt: ChatFormat, seed: int, preset=None, override: bool = False,
+                   cache: Path | None = None) -> CacheKey:
+    """The ``CacheKey`` of ``prepare_data``'s arguments, from the sources' bytes and the settings,
+    without parsing a record (file digests remembered under ``cache/digests``)."""
+    specs = cfg.sources("train")
+    memo = cache / "digests" if cache is not None else None
+    return CacheKey(PIPELINE_VERSION, tuple(s.digest(memo) for s in (*specs, *cfg.sources("eval"))),
+                    tokenizer_digest(fmt.tokenizer), (fmt.name, fmt.enable_thinking, fmt.train_reasoning),
+                    (cfg.format, cfg.max_seq_length, cfg.overflow, cfg.stage, cfg.text_eos, cfg.labels, cfg.on_error,
+                     cfg.packing, [(s.weight, s.max_records) for s in specs], cfg.eval_split, cfg.eval_holdout),
+                    f"{preset!r}/{override}", seed)
+
+
+def store_prepared(manifest: Path, data: PreparedData, rows_dir: str, eval_rows_dir: str | None,
+                   first_skipped=()) -> None:
+    """Write what ``load_prepared`` needs besides the Arrow rows: the report, the held-out chats, the
+    row directories and the first skipped lines (logged again on a cache hit)."""
+    heldout = [{"messages": r.as_dicts(), "source": [r.source.path, r.source.line]} for r in data.heldout]
+    write_json_atomic({"report": data.report.to_dict(), "heldout": heldout, "rows": rows_dir,
+                       "eval_rows": eval_rows_dir, "cache_key": data.cache_key,
+                       "first_skipped": [str(e) for e in first_skipped]}, manifest)
+
+
+def load_prepared(manifest: Path) -> PreparedData | None:
+    """The ``PreparedData`` that ``store_prepared`` wrote, or None when it or a row directory is missing."""
+    saved = read_json(manifest)
+    if not isinstance(saved, dict) or not all(dataset_saved(d) for d in (saved["rows"], saved["eval_rows"]) if d):
+        return None
+    import datasets
+
+    heldout = [ChatRecord(tuple(Message(m["role"], m["content"], m.get("reasoning_content")) for m in h["messages"]),
+                          Source(*h["source"])) for h in saved["heldout"]]
+    for line in saved["first_skipped"]:
+        logger.warning("skipped (data.on_error=skip): %s", line)
+    eval_rows = datasets.load_from_disk(saved["eval_rows"]) if saved["eval_rows"] else None
+    return PreparedData(datasets.load_from_disk(saved["rows"]), heldout, DataReport(**saved["report"]), eval_rows,
+                        cache_key=saved["cache_key"])
+
+
+def progress(items, desc: str, unit: str):
+    """``items`` behind a progress bar (``datasets``' tqdm: hidden when ``datasets.disable_progress_bars()``
+    was called). Only the process that prepares the data iterates, so only it shows bars."""
+    from datasets.utils.logging import tqdm
+
+    return tqdm(items, desc=desc, unit=f" {unit}", total=len(items) if hasattr(items, "__len__") else None)
+
+
+def _warn_dropped(report: DataReport) -> None:
     for reason, n in report.dropped.items():
-        hint = "data.on_error" if reason in records.skipped else "data.overflow / data.max_seq_length"
+        hint = "data.on_error" if reason in (*REASONS, "duplicate") else "data.overflow / data.max_seq_length"
         logger.warning("dropped %d example(s): %s (see %s)", n, reason, hint)
-    return PreparedData(packed.rows, list(split.heldout), report, eval_packed.rows if eval_packed else None,
-                        cache_key=key.digest())
+
+
+def records_checked(sources, format: str = "auto", on_error: str = "error", cache: Path | None = None) -> bool:
+    """Whether ``read_stage`` already read these sources (same bytes) without error: the launcher's
+    pre-flight then need not read them again (``mark_records_checked``)."""
+    cache = Path(cache or DEFAULT_CACHE_DIR)
+    specs = [parse_source(s) for s in sources]
+    key = records_key([s.digest(cache / "digests") for s in specs], format, on_error)
+    return (cache / f"records-{key}.json").is_file()
+
+
+def mark_records_checked(sources, format: str, on_error: str, cache: Path | None = None) -> None:
+    """Remember that ``read_stage(sources, format, on_error)`` read them without error."""
+    cache = Path(cache or DEFAULT_CACHE_DIR)
+    specs = [parse_source(s) for s in sources]
+    key = records_key([s.digest(cache / "digests") for s in specs], format, on_error)
+    write_json_atomic({"sources": [s.name for s in specs]}, cache / f"records-{key}.json")
 
 
 def read_stage(sources, format: str = "auto", on_error: str = "error") -> RecordSet:
@@ -246,6 +313,7 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
         RecordError: a bad or duplicate line under ``on_error: error``.
         NoExampleError: every line was skipped.
     """
+    t0 = time.perf_counter()
     specs = [parse_source(s) for s in sources]
     skipped = SkipLog()
     first: dict[str, ChatRecord | TextRecord] = {}
@@ -253,7 +321,7 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
     per_source = {s.name: {"lines_read": 0, "records": 0} for s in specs}
     yielded = Counter()
     for k, spec in enumerate(specs):
-        for r in iter_source(spec, format, on_error, skipped):
+        for r in progress(iter_source(spec, format, on_error, skipped), f"Reading {Path(spec.path).name}", "records"):
             yielded[spec.name] += 1
             key = record_key(r)
             if key in first:
@@ -281,6 +349,8 @@ def read_stage(sources, format: str = "auto", on_error: str = "error") -> Record
             f"no example left to train on: {drops} dropped of {lines} lines in {names}. Every line was skipped; "
             "set data.on_error=error to stop at the first bad line and see why",
             {"lines_read": lines, "records": 0, "examples": 0, "dropped": drops})
+    PREP_LOG.info("read %d lines of %d source(s) in %.1f s: %d records, %d skipped %s", lines, len(specs),
+                  time.perf_counter() - t0, len(unique), len(skipped), drops or "")
     return RecordSet(tuple(unique), lines, drops, tuple(source_of), per_source, tuple(skipped.first))
 
 
@@ -293,6 +363,7 @@ def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, ove
         ValueError: a chat under ``stage: pretrain``, a text record under ``stage: sft``, or too few
             records for the draws.
     """
+    t0 = time.perf_counter()
     out, actions = _stage_and_preset(records.records, cfg, preset, override)
     held = _draw_heldout(out, cfg.eval_holdout, seed)
     rest = [i for i in range(len(out)) if i not in set(held)]
@@ -301,6 +372,8 @@ def split_stage(records: RecordSet, cfg: DataConfig, seed: int, preset=None, ove
     by_source = [(spec, [out[i] for i in rest if i not in evals and records.source_of[i] == k])
                  for k, spec in enumerate(specs)]
     train, in_mix = mix(by_source, seed) if specs else ([out[i] for i in rest if i not in evals], {})
+    PREP_LOG.info("split %d records in %.1f s: %d to train (after weights), %d held out, %d for the evaluation loss",
+                  len(out), time.perf_counter() - t0, len(train), len(held), len(evals))
     return Split(tuple(train), tuple(out[i] for i in held), tuple(held), dict(sorted(actions.items())),
                  tuple(out[i] for i in sorted(evals)), in_mix)
 
@@ -309,7 +382,7 @@ def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
     wrong = {"pretrain": ChatRecord, "sft": TextRecord}.get(cfg.stage)
     actions: Counter = Counter()
     out = []
-    for r in records:
+    for r in progress(records, "Splitting (stage check, preset)", "records"):
         if wrong is not None and isinstance(r, wrong):
             kind = "a chat" if wrong is ChatRecord else "a {'text'} record"
             raise InputError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
@@ -339,8 +412,9 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
     """
     import datasets
 
+    t0 = time.perf_counter()
     tok_dir = cache / f"tokenized-{key}"
-    if (tok_dir / "state.json").is_file():
+    if dataset_saved(tok_dir):
         out = datasets.load_from_disk(str(tok_dir))
     else:
         cut = [_certainly_too_long(r, fmt, cfg) for r in train]  # huge records: never copied into Arrow
@@ -364,7 +438,7 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
                           desc=f"Tokenising ({num_proc} process{'es' if num_proc > 1 else ''})")
         finally:
             _FORMATS.pop(key, None)
-        _save(out, tok_dir)
+        save_atomic(out, tok_dir)
     reasons = out.data.column("drop_reason").to_pylist()
     dropped = Counter(r for r in reasons if r)
     kept = [i for i, r in enumerate(reasons) if not r]
@@ -378,6 +452,8 @@ def tokenize_stage(train, fmt: ChatFormat, cfg: DataConfig, key: str, cache: Pat
              "examples": 0, "dropped": dict(sorted((dropped + earlier).items()))})
     counts = {c: sum(out.data.column(c).to_pylist())
               for c in ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")}
+    PREP_LOG.info("tokenised %d %s records in %.1f s: %d examples, %d dropped %s", len(train), part,
+                  time.perf_counter() - t0, len(kept), sum(dropped.values()), dict(dropped) or "")
     return Tokenized(out.select(kept), dict(dropped), counts, str(tok_dir))
 
 
@@ -385,34 +461,22 @@ def pack_stage(tokenized: Tokenized, cfg: DataConfig, key: str, cache: Path) -> 
     """Best-fit-decreasing bins of the examples (or one per row without packing), as cached rows."""
     import datasets
 
+    t0 = time.perf_counter()
     lengths = tokenized.examples.with_format("arrow")["length"].to_pylist()
     L = cfg.max_seq_length
     pack_dir = cache / (f"packed-{key}" if cfg.packing else f"unpacked-{key}")
-    if (pack_dir / "state.json").is_file():
+    if dataset_saved(pack_dir):
         rows = datasets.load_from_disk(str(pack_dir))
     else:
         bins = best_fit_decreasing(lengths, L) if cfg.packing else [[i] for i in range(len(lengths))]
         rows = datasets.Dataset.from_dict({"members": bins}).map(
             _pack_batch, batched=True, remove_columns=["members"], fn_kwargs=dict(kept=tokenized.examples),
             new_fingerprint=f"packed-{key}", desc="Packing")
-        _save(rows, pack_dir)
-    return Packed(rows, round(packing_efficiency(lengths, len(rows), L), 6), str(pack_dir))
-
-
-def _save(ds, path: Path):
-    """Write ``ds`` to ``path`` atomically (a temporary directory renamed), for later runs to load."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        ds.save_to_disk(str(tmp))
-        os.replace(tmp, path)
-    except OSError:
-        if not (path / "state.json").is_file():  # not another process that got there first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_atomic(rows, pack_dir)
+    efficiency = round(packing_efficiency(lengths, len(rows), L), 6)
+    PREP_LOG.info("packed %d examples in %.1f s: %d rows of %d tokens, %.1f%% full", len(lengths),
+                  time.perf_counter() - t0, len(rows), L, 100 * efficiency)
+    return Packed(rows, efficiency, str(pack_dir))
 
 
 def build_report(records: RecordSet, split: Split, tokenized: Tokenized, packed: Packed, audit, cfg: DataConfig,
@@ -650,12 +714,3 @@ def _pack_batch(batch, kept):
         "labels": pa.ListArray.from_arrays(row_offsets, sub.column("labels").combine_chunks().flatten()),
         "seq_lens": pa.ListArray.from_arrays(pa.array(item_offsets, type=pa.int32()), pa.array(lengths, type=pa.int64())),
     })
-
-
-def _tokenizer_digest(tokenizer) -> str:
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer).encode())
-    h.update(str(tokenizer.chat_template).encode())
-    h.update(json.dumps([tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
-    return h.hexdigest()[:16]
