@@ -196,17 +196,20 @@ def store_prepared(manifest: Path, data: PreparedData, rows_dir: str, eval_rows_
 def load_prepared(manifest: Path) -> PreparedData | None:
     """The ``PreparedData`` that ``store_prepared`` wrote, or None when it or a row directory is missing."""
     saved = read_json(manifest)
-    if not isinstance(saved, dict) or not all(dataset_saved(d) for d in (saved["rows"], saved["eval_rows"]) if d):
+    try:
+        if not all(dataset_saved(d) for d in (saved["rows"], saved["eval_rows"]) if d):
+            return None
+        heldout = [ChatRecord(tuple(Message(m["role"], m["content"], m.get("reasoning_content")) for m in h["messages"]),
+                              Source(*h["source"])) for h in saved["heldout"]]
+        report = DataReport(**saved["report"])
+    except (KeyError, TypeError):  # missing, or written by another version: prepare again
         return None
     import datasets
 
-    heldout = [ChatRecord(tuple(Message(m["role"], m["content"], m.get("reasoning_content")) for m in h["messages"]),
-                          Source(*h["source"])) for h in saved["heldout"]]
-    for line in saved["first_skipped"]:
+    for line in saved.get("first_skipped", ()):
         logger.warning("skipped (data.on_error=skip): %s", line)
     eval_rows = datasets.load_from_disk(saved["eval_rows"]) if saved["eval_rows"] else None
-    return PreparedData(datasets.load_from_disk(saved["rows"]), heldout, DataReport(**saved["report"]), eval_rows,
-                        cache_key=saved["cache_key"])
+    return PreparedData(datasets.load_from_disk(saved["rows"]), heldout, report, eval_rows, cache_key=saved["cache_key"])
 
 
 def progress(items, desc: str, unit: str):

@@ -149,6 +149,19 @@ def test_each_stage_shows_a_bar_and_logs_its_counts_and_seconds(chats, chatml_to
     assert "Reading" not in capsys.readouterr().err
 
 
+def test_a_cache_entry_from_another_version_or_missing_its_rows_is_prepared_again(chats, chatml_tokenizer, tmp_path):
+    import shutil
+
+    first = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    (manifest,) = (tmp_path / "c").glob("prepared-*.json")
+    manifest.write_text(json.dumps({"rows": first.report.cache_files[1]}))  # no report, no held-out chats
+    again = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert again.rows[:] == first.rows[:] and again.report == first.report
+    shutil.rmtree(first.report.cache_files[1])  # the packed rows deleted by hand
+    again = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert again.rows[:] == first.rows[:] and again.report == first.report
+
+
 def test_preflight_reads_the_records_once_per_content(chats, tmp_path):
     from packlora.data_utils.dataset import mark_records_checked, records_checked
 
