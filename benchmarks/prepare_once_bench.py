@@ -15,6 +15,7 @@ workers are not counted). Runs, in order:
 
     python benchmarks/prepare_once_bench.py                    # 100k chats: ~5 min on 2 shared cores; updates RESULTS.md
     python benchmarks/prepare_once_bench.py --chats 5000 --no-write   # a quick look
+    python benchmarks/prepare_once_bench.py --profile 20000           # cProfile of one cold run, num_proc 1: ~1 min
 """
 from __future__ import annotations
 
@@ -60,6 +61,34 @@ def worker(corpus: Path, cache: Path) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def profile(chats: int) -> None:
+    """Print the top items of a cProfile of one cold ``prepare_data`` over ``chats`` chats, ``num_proc: 1``
+    (the tokenising runs in this process, so the profile sees it)."""
+    import cProfile
+    import io
+    import pstats
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    from data_prep_bench import TOKENIZER, make_chats
+    from packlora.data_utils.chat_format import ChatFormat
+    from packlora.data_utils.config import DataConfig
+    from packlora.data_utils.dataset import prepare_data
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="prepare-profile-") as tmp:
+        corpus = make_chats(chats, Path(tmp) / "chats.jsonl")
+        fmt = ChatFormat(AutoTokenizer.from_pretrained(TOKENIZER))
+        cfg = DataConfig(train=[str(corpus)], max_seq_length=2048, cache_dir=str(Path(tmp) / "cache"), num_proc=1)
+        prof = cProfile.Profile()
+        prof.runcall(prepare_data, cfg, fmt)
+    for order, n in (("tottime", 18), ("cumulative", 30)):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(order).print_stats(n)
+        print(out.getvalue())
+
+
 def _run(corpus: Path, cache: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", str(corpus), str(cache)], capture_output=True,
                          text=True, check=True)
@@ -73,8 +102,12 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md as it is")
+    ap.add_argument("--profile", type=int, metavar="CHATS", help="print a cProfile of one cold run instead")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        profile(args.profile)
+        return
     if args.worker:
         print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]))))
         return
