@@ -53,6 +53,7 @@ PREP_LOG = logging.getLogger("packlora.data.prepare")
 """One line per process and ``prepare_data`` call: what it prepared, or that it loaded the cache
 (logged at INFO on every rank: ``training/process.py``)."""
 
+
 @dataclass(frozen=True)
 class PreparedData:
     """Output of ``prepare_data``: packed training rows, evaluation rows, held-out chats, the report."""
