@@ -79,7 +79,7 @@ SPECS = {
 }
 # Qwen2.5-Instruct's generation_config.json, seeded: a greedy decoder makes a model this small repeat
 # one name until max_new_tokens (docs/behaviour-boundary.md), which hides where its reply ends.
-DECODER = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=0)
+DECODER = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=0)  # a Sampling
 KINDS = {
     "legacy": ("legacy_full_sequence", "legacy labels, decoded without stop ids"),
     "packlora": ("assistant_only", "packlora: assistant-only labels, stop ids"),
@@ -186,7 +186,7 @@ def decode(runs: dict[str, Run], heldout_file: Path, spec: Spec) -> dict[str, li
     the checkpoint's. Each result: the ``PromptResult`` fields (``role_leak``: the reply wrote a new
     turn) plus the prompt, the stop token and ``user_turn`` (it wrote ``<|im_start|>user``)."""
     from packlora.decoding.decode import read_prompts
-    from packlora.decoding.generate import generate_replies, load_checkpoint
+    from packlora.decoding.generate import Sampling, generate_replies, load_checkpoint
     from packlora.decoding.runaway import naive_stop_ids, score_reply
 
     prompts = read_prompts(heldout_file, spec.prompts)
@@ -195,7 +195,8 @@ def decode(runs: dict[str, Run], heldout_file: Path, spec: Spec) -> dict[str, li
         ckpt = load_checkpoint(run.path, "float32", "cpu")
         stop_ids = naive_stop_ids(ckpt.fmt) if kind == "legacy" else list(ckpt.stop_ids)
         replies = generate_replies(ckpt.model, ckpt.fmt, [list(p.messages) for p in prompts], stop_ids,
-                                   max_new_tokens=spec.max_new_tokens, batch_size=len(prompts), **DECODER)
+                                   max_new_tokens=spec.max_new_tokens, batch_size=len(prompts),
+                                   sampling=Sampling(**DECODER))
         header = ckpt.fmt.spec.header_start
         rows = []
         for p, r in zip(prompts, replies, strict=True):

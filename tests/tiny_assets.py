@@ -62,6 +62,30 @@ def build_chatml_tokenizer(out_dir: str | Path, vocab_size: int = 400):
     return fast
 
 
+def tiny_chat_run(ws: Path, output_dir: str, training: dict, chats: int = 32) -> Path:
+    """Write ``ws/run.yaml``: a tiny 2-process ZeRO-2 LoRA run (``tiny_qwen2_config(400)``, a
+    ``build_chatml_tokenizer`` in ``ws/tokenizer``) on the first ``chats`` real 世说新语 chats, its data
+    cache in ``ws/cache``, writing to ``ws/output_dir``, with these ``training:`` keys. Returns the path."""
+    import yaml
+
+    build_chatml_tokenizer(ws / "tokenizer", vocab_size=400)
+    lines = SHISHUO_CHATS.read_text(encoding="utf-8").splitlines()[:chats]
+    (ws / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = {
+        "output_dir": str(ws / output_dir),
+        "seed": 0,
+        "deepspeed": "zero2.json",
+        "model": {"config": tiny_qwen2_config(400), "tokenizer": str(ws / "tokenizer")},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": [str(ws / "chats.jsonl")], "max_seq_length": 512, "overflow": "drop",
+                 "cache_dir": str(ws / "cache")},
+        "training": training,
+    }
+    path = ws / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def tiny_qwen2_config(vocab_size: int, **overrides) -> dict:
     """A Qwen2 config dict (``model_type: qwen2``) with 2 layers and hidden size 64."""
     cfg = dict(

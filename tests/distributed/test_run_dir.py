@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launching import REPO_ROOT, launch, launch_env
-from tiny_assets import SHISHUO_CHATS, build_chatml_tokenizer, tiny_qwen2_config
+from tiny_assets import tiny_chat_run
 
 pytestmark = pytest.mark.distributed
 
@@ -29,24 +28,8 @@ FIRST_STEPS, SECOND_STEPS, SAVE_STEPS = 4, 2, 2
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     """A tiny run without any batch size: 32 real chats, checkpoints every 2 steps, at most 2 kept."""
-    ws = tmp_path_factory.mktemp("run_dir")
-    build_chatml_tokenizer(ws / "tokenizer", vocab_size=400)
-    lines = SHISHUO_CHATS.read_text(encoding="utf-8").splitlines()[:32]
-    (ws / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = {
-        "output_dir": str(ws / "run"),
-        "seed": 0,
-        "deepspeed": "zero2.json",
-        "model": {"config": tiny_qwen2_config(400), "tokenizer": str(ws / "tokenizer")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": [str(ws / "chats.jsonl")], "max_seq_length": 512, "overflow": "drop",
-                 "cache_dir": str(ws / "cache")},
-        "training": {"max_steps": FIRST_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 2,
-                     "learning_rate": 1.0e-3},
-    }  # fmt: skip
-    path = ws / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return path
+    return tiny_chat_run(tmp_path_factory.mktemp("run_dir"), "run", {
+        "max_steps": FIRST_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 2, "learning_rate": 1.0e-3})
 
 
 def _checkpoints(run: Path) -> dict[str, int]:

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tiny_assets import SHISHUO_CHATS, build_chatml_tokenizer, tiny_qwen2_config
+from tiny_assets import tiny_chat_run
 
 pytestmark = pytest.mark.distributed
 
@@ -38,24 +37,9 @@ MAX_STEPS = 50  # far more than the fault step: a run that ends without the faul
 
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("rank_failure")
-    build_chatml_tokenizer(ws / "tokenizer", vocab_size=400)
-    lines = SHISHUO_CHATS.read_text(encoding="utf-8").splitlines()[:32]
-    (ws / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    config = {
-        "output_dir": str(ws / "out"),
-        "seed": 0,
-        "deepspeed": "zero2.json",
-        "model": {"config": tiny_qwen2_config(400), "tokenizer": str(ws / "tokenizer")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": [str(ws / "chats.jsonl")], "max_seq_length": 512, "overflow": "drop",
-                 "cache_dir": str(ws / "cache")},
-        "training": {"max_steps": MAX_STEPS, "save_steps": 1000, "logging_steps": 1, "learning_rate": 1.0e-3,
-                     "per_device_train_batch_size": 1, "ddp_timeout": COLLECTIVE_TIMEOUT_S},
-    }  # fmt: skip
-    path = ws / "run.yaml"
-    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return path
+    return tiny_chat_run(tmp_path_factory.mktemp("rank_failure"), "out", {
+        "max_steps": MAX_STEPS, "save_steps": 1000, "logging_steps": 1, "learning_rate": 1.0e-3,
+        "per_device_train_batch_size": 1, "ddp_timeout": COLLECTIVE_TIMEOUT_S})
 
 
 def _run(config: Path, launcher: str, fault: str) -> tuple[int, float, str]:
