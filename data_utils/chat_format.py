@@ -71,6 +71,7 @@ Example (the real Qwen2 tokenizer)::
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -973,3 +974,61 @@ def _control_tokens(tokenizer: Any, template: str) -> tuple[str, ...]:
         tok.content for tok in tokenizer.added_tokens_decoder.values()
         if tok.special or tok.content in listed or (tok.content in template and not tok.content.isspace())
     )
+
+
+@dataclass(frozen=True, slots=True)
+class FormatRef:
+    """A ``ChatFormat`` by reference, for the tokenising worker processes: the directory its tokenizer
+    loads from, the pad token set after loading, the format's settings and the tokenizer's digest
+    (``cache.tokenizer_digest``). A few hundred bytes to send where the format itself pickles to
+    ~10 MB for a Qwen2 tokenizer (seconds per worker with dill). ``build()`` loads it once per
+    process; ``format_ref`` makes one only when that load gives the very same tokenizer."""
+
+    tokenizer_dir: str
+    pad_token: str | None
+    name: str
+    enable_thinking: bool | None
+    train_reasoning: bool
+    digest: str
+
+    def build(self) -> ChatFormat:
+        """The format (loaded on first use in this process, then remembered).
+
+        Raises:
+            StateError: the tokenizer in ``tokenizer_dir`` changed since the reference was made.
+        """
+        return _build_format(self)
+
+
+@functools.lru_cache(maxsize=4)  # a memo of loads: a forked worker inherits the parent's, a spawned one loads
+def _build_format(ref: FormatRef) -> ChatFormat:
+    from transformers import AutoTokenizer
+
+    from packlora.core.errors import StateError
+    from packlora.data_utils.cache import tokenizer_digest
+
+    tok = AutoTokenizer.from_pretrained(ref.tokenizer_dir)
+    if tok.pad_token is None and ref.pad_token is not None:
+        tok.pad_token = ref.pad_token
+    if tokenizer_digest(tok) != ref.digest:
+        raise StateError(f"{ref.tokenizer_dir}: the tokenizer changed while the data was being tokenised; run again")
+    return ChatFormat(tok, ref.name, enable_thinking=ref.enable_thinking, train_reasoning=ref.train_reasoning)
+
+
+def format_ref(fmt: ChatFormat) -> FormatRef | None:
+    """``fmt`` by reference, when its tokenizer loads from its ``name_or_path`` directory exactly as
+    it is (checked by loading it once in this process); None when it does not (a tokenizer built or
+    changed in memory, one that needs remote code): then send ``fmt`` itself."""
+    from packlora.core.errors import PackloraError
+    from packlora.data_utils.cache import tokenizer_digest
+
+    tok = fmt.tokenizer
+    path = getattr(tok, "name_or_path", "") or ""
+    if not path or not os.path.isdir(path):
+        return None
+    ref = FormatRef(path, tok.pad_token, fmt.name, fmt.enable_thinking, fmt.train_reasoning, tokenizer_digest(tok))
+    try:
+        ref.build()
+    except (PackloraError, OSError, ValueError):  # not loadable as it is: fall back to sending the format
+        return None
+    return ref

@@ -129,15 +129,17 @@ class SourceSpec:
                                  "is_directory")
         return None
 
-    def digest(self) -> str:
-        """sha256 of what this source reads: the file, the directory's files, or the dataset's fingerprint."""
+    def digest(self, memo_dir: Path | None = None) -> str:
+        """sha256 of what this source reads: the file, the directory's files, or the dataset's
+        fingerprint. ``memo_dir``: remember each file's digest there (``cache.file_digest``)."""
+        from packlora.data_utils.cache import file_digest
+
         h = hashlib.sha256(json.dumps([self.path, self.format, self.split, self.columns, self.max_records]
                                       + ([self.field] if self.field else [])).encode())
         p = Path(self.path)
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
         for f in files:
-            with open(f, "rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
+            h.update(file_digest(f, memo_dir))
         if self.kind == "name":
             h.update(getattr(self._load(), "_fingerprint", "").encode())
         return h.hexdigest()

@@ -35,7 +35,8 @@ def _validate_config(args, parser):
     """Load and check the config with its overrides here, once, before any process starts, so a bad
     key fails in seconds instead of in every rank after start-up; ``--dry-run`` checks exactly the
     same. Checked: every key and type (``training:`` against ``transformers.TrainingArguments``),
-    every path, every record of the data (a bad line is an error naming ``file:line``), and, on node
+    every path, every record of the data (a bad line is an error naming ``file:line``; skipped when
+``data.cache_dir`` says these very bytes were already read without error), and, on node
     0, ``output_dir`` (``training/run_dir.py``: no second run into a directory holding one, unless
     ``--overwrite``; no resume from a checkpoint with no steps left). When the training processes will
     run on this machine (not Slurm, no hostfile), also what this machine cannot run (an attention
@@ -44,7 +45,7 @@ def _validate_config(args, parser):
     command line says "(set on the command line)". Returns the loaded ``RunConfig``."""
     from packlora.core.config import config_source, mark_command_line
     from packlora.core.errors import InputError, PackloraError
-    from packlora.data_utils.dataset import read_stage
+    from packlora.data_utils.dataset import mark_records_checked, read_stage, records_checked
     from packlora.training.config import ConfigError
     from packlora.training.preflight import load_and_check
 
@@ -52,8 +53,10 @@ def _validate_config(args, parser):
     try:
         cfg = load_and_check(args.config, args.overrides, run_dir=args.node_rank == 0, overwrite=args.overwrite)
         for name in ("train", "eval"):  # every record parsed here, in seconds, not after every rank has started
-            if cfg.data.sources(name):
-                read_stage(cfg.data.sources(name), cfg.data.format, cfg.data.on_error)
+            sources, d = cfg.data.sources(name), cfg.data
+            if sources and not records_checked(sources, d.format, d.on_error, d.cache_dir):  # read once per content
+                read_stage(sources, d.format, d.on_error)
+                mark_records_checked(sources, d.format, d.on_error, d.cache_dir)
         if runs_here:
             from packlora.training.model import check_runs_here
 

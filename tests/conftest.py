@@ -110,7 +110,7 @@ def one_node_reference(multinode_config) -> Path:
 
 class RunConfigFactory:
     """Tiny run configs: a base built from ``{model_type: qwen2}``, the tiny ChatML tokenizer, one
-    ``{"text"}`` record, no DeepSpeed. ``changes`` are dotted keys (``**{"lora.r": 0}``).
+    ``{"text"}`` record, no DeepSpeed, a data cache of its own. ``changes`` are dotted keys (``**{"lora.r": 0}``).
 
     ``factory(**changes)`` writes ``run.yaml`` (or ``name=``) and returns its path;
     ``factory.dict(**changes)`` returns the mapping, for ``config_from_dict``.
@@ -124,7 +124,7 @@ class RunConfigFactory:
         cfg = {
             "output_dir": str(self.root / "out"), "deepspeed": None,
             "model": {"config": {"model_type": "qwen2"}, "tokenizer": str(self.tokenizer_dir)},
-            "data": {"train": [str(self.root / "d.jsonl")], "max_seq_length": 64},
+            "data": {"train": [str(self.root / "d.jsonl")], "max_seq_length": 64, "cache_dir": str(self.root / "cache")},
             "training": {"max_steps": 3, "report_to": []},
         }
         for key, value in changes.items():

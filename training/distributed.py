@@ -293,3 +293,33 @@ def without_zero3_init(args):
     finally:
         if ds is not None:
             set_hf_deepspeed_config(ds)
+
+
+def shared_by_all_ranks(directory: str | os.PathLike) -> bool:
+    """Whether every process of the run sees the same ``directory`` (a shared file system): rank 0
+    writes a probe file there, every rank looks for it. True for a single process.
+
+    Decides who prepares the data (``TrainingRecipe.prepare_data``): global rank 0 when the cache is
+    shared, else local rank 0 of each node. A file system that shows a new file late (NFS attribute
+    caching) reads as not shared: each node then prepares its own copy, which is slower, never wrong
+    (cache writes are atomic). Call on every rank: it is a collective."""
+    import uuid
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = [f".shared-probe-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    probe = directory / name[0]
+    if dist.get_rank() == 0:
+        probe.touch()
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, probe.exists())
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    return all(seen)

@@ -30,8 +30,10 @@ def quiet_known_noise() -> None:
 
 
 def setup_logging() -> None:
-    """INFO on rank 0, WARNING elsewhere, the rank in every line; call after ``distributed.configure``."""
+    """INFO on rank 0, WARNING elsewhere, the rank in every line; call after ``distributed.configure``.
+    Each rank's one data line (``packlora.data.prepare``: prepared, or loaded the cache) at INFO everywhere."""
     rank = distributed.rank()
+    logging.getLogger("packlora.data.prepare").setLevel(logging.INFO)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",

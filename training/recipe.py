@@ -92,10 +92,13 @@ class TrainingRecipe:
             self._log_start()
 
     def prepare_data(self) -> None:
-        """Tokenizer, chat format, stop ids; tokenise and pack (node-local rank first); refuse a resume
+        """Tokenizer, chat format, stop ids; tokenise and pack (global rank 0 first when every rank sees
+        the same ``data.cache_dir``, else local rank 0 of each node; the others load its cache); refuse a resume
         whose settings map rows to steps differently (``check_resume_settings``); build or merge the
         base (global rank first); audit the labels; log the batch arithmetic."""
+        from packlora.data_utils.cache import DEFAULT_CACHE_DIR
         from packlora.training.checkpoint import check_resume_settings, data_order
+        from packlora.training.distributed import shared_by_all_ranks
         from packlora.training.data import load_run_preset, prepare_run_data, run_stop_ids
         from packlora.training.init_from import materialize_init_base
         from packlora.training.model import load_tokenizer, materialize_base
@@ -106,7 +109,9 @@ class TrainingRecipe:
         preset = load_run_preset(cfg.preset)
         self.stop_ids = run_stop_ids(cfg, self.fmt, preset)
         self.pad_id = self.fmt.pad_id(self.stop_ids)
-        with args.main_process_first(local=True, desc="tokenise and pack (node-local cache)"), self._report_if_no_data():
+        shared = shared_by_all_ranks(cfg.data.cache_dir or DEFAULT_CACHE_DIR)  # one preparer per job, or per node
+        with args.main_process_first(local=not shared, desc=f"prepare the data ({'shared' if shared else 'node-local'} "
+                                     "cache)"), self._report_if_no_data():
             self.data = prepare_run_data(cfg, self.fmt, preset)
         self.data_order = data_order(args, cfg.data.max_seq_length, self.data.cache_key, cfg.seed)
         if self.resume:  # before any base is built or merged: a resume that would re-train rows is refused

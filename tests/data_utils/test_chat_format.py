@@ -336,3 +336,21 @@ def test_a_stop_token_that_is_not_one_token_has_one_error_everywhere(qwen2):
     with pytest.raises(StopTokenError, match="got the string"):
         qwen2.stop_ids("<|im_end|>")
     assert qwen2.token_id("\n\n") == NLNL  # a single token is a stop token, special or not
+
+
+def test_workers_get_the_format_by_reference_when_its_tokenizer_loads_as_it_is(chatml_tokenizer_dir):
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    from packlora.data_utils.chat_format import FormatRef, format_ref
+
+    tok = AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
+    fmt = ChatFormat(tok)
+    ref = format_ref(fmt)
+    assert isinstance(ref, FormatRef) and len(pickle.dumps(ref)) < 1000  # not the tokenizer
+    chat = [{"role": "user", "content": "Hello Ann!"}, {"role": "assistant", "content": "Hi."}]
+    built = pickle.loads(pickle.dumps(ref)).build()
+    assert built is not fmt and built.encode_chat(chat) == fmt.encode_chat(chat)
+    tok.add_tokens(["<extra>"])  # changed in memory: its directory no longer gives it, so send the format itself
+    assert format_ref(ChatFormat(tok)) is None

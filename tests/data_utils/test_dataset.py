@@ -96,6 +96,85 @@ def test_second_run_loads_tokenised_and_packed_data_from_cache(chats, chatml_tok
         prepare([str(chats)], chatml_tokenizer, max_seq_length=128, cache_dir=tmp_path / "c")
 
 
+def test_a_cache_hit_parses_no_record_and_gives_the_same_rows_heldout_and_report(chats, chatml_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    from packlora.data_utils import dataset
+
+    first = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, eval_holdout=2, cache_dir=tmp_path / "c")
+
+    def boom(*a, **k):
+        raise AssertionError("records parsed again despite the cache")
+
+    monkeypatch.setattr(dataset, "read_stage", boom)
+    monkeypatch.setattr(dataset, "parse_line", boom, raising=False)
+    monkeypatch.setattr("packlora.data_utils.records.parse_line", boom)
+    second = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, eval_holdout=2, cache_dir=tmp_path / "c")
+    assert second.rows[:] == first.rows[:] and second.report == first.report
+    assert second.heldout == first.heldout and len(second.heldout) == 2
+    assert second.cache_key == first.cache_key
+    # another hold-out draw is another key: the records are read again
+    with pytest.raises(AssertionError, match="parsed again"):
+        prepare([str(chats)], chatml_tokenizer, max_seq_length=64, eval_holdout=3, cache_dir=tmp_path / "c")
+    # so is a changed byte of the data, even at the same size and modification time
+    import os
+
+    st = chats.stat()
+    chats.write_bytes(chats.read_bytes().replace(b"Hello Ann", b"Hello Amm"))
+    os.utime(chats, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(AssertionError, match="parsed again"):
+        prepare([str(chats)], chatml_tokenizer, max_seq_length=64, eval_holdout=2, cache_dir=tmp_path / "c")
+
+
+def test_each_stage_shows_a_bar_and_logs_its_counts_and_seconds(chats, chatml_tokenizer, tmp_path, caplog, capsys):
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="packlora.data.prepare"):
+        prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    lines = [r.getMessage() for r in caplog.records if r.name == "packlora.data.prepare"]
+    patterns = [r"read 7 lines of 1 source\(s\) in [\d.]+ s: 7 records, 0 skipped $",
+                r"split 7 records in [\d.]+ s: 7 to train \(after weights\), 0 held out, 0 for the evaluation loss",
+                r"tokenised 7 training records in [\d.]+ s: 6 examples, 1 dropped \{'too_long': 1\}",  # line 6
+                r"packed 6 examples in [\d.]+ s: \d+ rows of 64 tokens, [\d.]+% full",
+                r"data \w{16}: prepared in [\d.]+ s: 7 lines read, 7 records, 0 held out, 6 examples tokenised"]
+    assert len(lines) == len(patterns) and all(re.match(p, line) for p, line in zip(patterns, lines)), lines
+    bars = capsys.readouterr().err
+    for desc in ("Reading chats.jsonl", "Splitting (stage check, preset)", "Tokenising (1 process)", "Packing"):
+        assert desc in bars
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="packlora.data.prepare"):  # the cache: one line, no bar
+        prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert [r.getMessage().split(": ")[1][:16] for r in caplog.records if r.name == "packlora.data.prepare"] == [
+        "loaded from the "]
+    assert "Reading" not in capsys.readouterr().err
+
+
+def test_a_cache_entry_from_another_version_or_missing_its_rows_is_prepared_again(chats, chatml_tokenizer, tmp_path):
+    import shutil
+
+    first = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    (manifest,) = (tmp_path / "c").glob("prepared-*.json")
+    manifest.write_text(json.dumps({"rows": first.report.cache_files[1]}))  # no report, no held-out chats
+    again = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert again.rows[:] == first.rows[:] and again.report == first.report
+    shutil.rmtree(first.report.cache_files[1])  # the packed rows deleted by hand
+    again = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
+    assert again.rows[:] == first.rows[:] and again.report == first.report
+
+
+def test_preflight_reads_the_records_once_per_content(chats, tmp_path):
+    from packlora.data_utils.dataset import mark_records_checked, records_checked
+
+    c = tmp_path / "c"
+    assert not records_checked([str(chats)], "auto", "error", c)
+    mark_records_checked([str(chats)], "auto", "error", c)
+    assert records_checked([str(chats)], "auto", "error", c)
+    assert not records_checked([str(chats)], "auto", "skip", c)  # another policy is another read
+    with open(chats, "a") as f:
+        f.write(json.dumps(_chat("Hello Flo", "Hi.")) + "\n")
+    assert not records_checked([str(chats)], "auto", "error", c)
+
+
 def test_no_example_left_stops_with_a_clear_error(tmp_path, chatml_tokenizer):
     f = _write(tmp_path / "long.jsonl", [_chat("Hello! " * 40, "Hi.")])
     with pytest.raises(ValueError, match=r"no example left to train on: \{'too_long': 1\}"):

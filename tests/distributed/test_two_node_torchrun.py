@@ -1,7 +1,8 @@
 """Two nodes without Slurm: ``packlora launch --launcher torchrun --nnodes 2 --node-rank {0,1}`` started
 as two separate process trees (as on two machines, one command each), one process per node, train
 with the per-step losses of the one-node, two-process run (``tests/multinode.py``): bit-identical
-under gloo on CPU.
+under gloo on CPU. The two trees share one data cache (one machine's file system), so only global
+rank 0 prepares the data and the other node loads it (issue 22).
 
     python -m pytest -m distributed tests/distributed/test_two_node_torchrun.py -q
 """
@@ -37,7 +38,8 @@ def two_trees(multinode_config, tmp_path_factory):
     for r in (0, 1):
         cmd = [sys.executable, "-m", "packlora.cli", "launch", str(multinode_config), f"output_dir={out}",
                "--launcher", "torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(r),
-               "--master-addr", host, "--master-port", str(port)]  # fmt: skip
+               "--master-addr", host, "--master-port", str(port),
+               f"data.cache_dir={out.parent / 'cache'}"]  # fmt: skip  # a cold cache: someone must prepare
         with open(logs[r], "w", encoding="utf-8") as log:
             procs[r] = subprocess.Popen(cmd, cwd=REPO_ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # fmt: skip
@@ -68,3 +70,10 @@ def test_each_tree_ran_one_rank_of_two(two_trees):
         place = placements(text[r])
         assert list(place) == [r], f"node {r} logged ranks {sorted(place)}"
         assert (place[r]["world"], place[r]["local"]) == (2, 0)
+
+
+def test_with_a_cache_both_nodes_see_only_global_rank_0_prepares_the_data(two_trees):
+    _, text = two_trees
+    assert "INFO packlora.data.prepare: data " in text[0] and ": prepared in " in text[0], text[0][-3000:]
+    assert ": prepared in " not in text[1] and "rank1] INFO packlora.data.prepare: data " in text[1], text[1][-3000:]
+    assert ": loaded from the cache in " in text[1]

@@ -1,0 +1,194 @@
+"""The batch functions ``datasets.map`` runs over Arrow, in the worker processes too: labelling a batch
+of records (``tokenize_batch``) and gathering a batch of bins into rows (``pack_batch``).
+
+The records come in as Arrow columns (``record_table``): a chat's messages as a list of
+``{role, content, reasoning_content}`` structs, a document's text as a string, each record's
+``file:line``; no JSON in between. The chat format comes in as an argument: the ``ChatFormat``
+itself, or a ``FormatRef`` that a worker loads once (a few hundred bytes to send instead of a
+~10 MB tokenizer).
+"""
+from __future__ import annotations
+
+from packlora.core.errors import InputError
+from packlora.data_utils.chat_format import ChatFormat, EncodedChat, FormatRef, LabelError
+from packlora.data_utils.config import DataConfig
+from packlora.data_utils.tokenize_text import split_segment
+from packlora.data_utils.types import ChatRecord, Segment, TextRecord
+
+COLUMNS = ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks", "per_turn",
+           "render_mismatch", "control_text")
+"""The tokenised dataset's columns: one row per example, or per drop (``drop_reason`` set)."""
+COUNT_COLUMNS = ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")
+"""The columns summed into the data report."""
+CHECK_CHARS = 1_000_000  # a record with more characters is checked for length before it is tokenised
+
+
+class OverflowError_(InputError):
+    """An example is longer than ``max_seq_length`` under ``overflow: error``."""
+
+
+def tokenized_schema():
+    """The tokenised dataset's columns (what ``datasets`` inferred when the batches were Python lists)."""
+    import pyarrow as pa
+
+    return pa.schema([("source", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64())),
+                      ("length", pa.int64()), ("drop_reason", pa.string()), *((c, pa.int64()) for c in COUNT_COLUMNS)])
+
+
+def record_table(records, cut):
+    """The records as an Arrow table for ``tokenize_batch``: ``messages`` (a list of structs, null
+    for a text record or one ``cut``), ``text`` (null for a chat or one ``cut``), ``source``
+    (``file:line``) and ``too_long`` (``cut[i]``, or -1 when None: see ``certainly_too_long``)."""
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning_content", pa.string())])
+    return pa.table({
+        "messages": pa.array([[(m.role, m.content, m.reasoning) for m in r.messages]
+                              if isinstance(r, ChatRecord) and c is None else None for r, c in zip(records, cut)],
+                             type=pa.list_(message)),
+        "text": pa.array([r.text if isinstance(r, TextRecord) and c is None else None for r, c in zip(records, cut)],
+                         type=pa.string()),
+        "source": pa.array([str(r.source) for r in records], type=pa.string()),
+        "too_long": pa.array([-1 if c is None else c for c in cut], type=pa.int64()),
+    })
+
+
+def _as_dicts(messages) -> list[dict]:
+    """Arrow's message structs as ``ChatRecord.as_dicts`` gives them: no ``reasoning_content`` key
+    when a message has none (a template may test whether the key is defined)."""
+    return [{"role": m["role"], "content": m["content"]} if m["reasoning_content"] is None else m for m in messages]
+
+
+def tokenize_batch(batch, fmt: ChatFormat | FormatRef, cfg: DataConfig):
+    """Label a batch of ``record_table`` rows: one output row per example (a chat split per turn, a
+    text split into chunks, give several), or one per dropped record with its ``drop_reason``;
+    columns ``COLUMNS`` (``tokenized_schema``).
+
+    Raises:
+        LabelError: a chat that cannot be labelled, under ``on_error: error``.
+        OverflowError_: an over-long example under ``overflow: error``.
+        InputError: ``overflow: split`` with a chat.
+    """
+    import pyarrow as pa
+
+    if isinstance(fmt, FormatRef):
+        fmt = fmt.build()
+    out: dict[str, list] = {k: [] for k in COLUMNS}
+
+    def emit(seg: Segment | None, source: str, reason: str = "", **counts):
+        for k, v in (("input_ids", seg.input_ids if seg else ()), ("labels", seg.labels if seg else ()),
+                     ("length", len(seg) if seg else 0), ("source", source), ("drop_reason", reason)):
+            out[k].append(v)
+        for k in COUNT_COLUMNS:
+            out[k].append(counts.get(k, 0))
+
+    for messages, text, source, too_long in zip(batch["messages"], batch["text"], batch["source"], batch["too_long"]):
+        if too_long >= 0:  # found certainly too long before tokenising (``certainly_too_long``, overflow: drop)
+            emit(None, source, "too_long", control_text=too_long)
+            continue
+        if not messages:
+            _emit_text(emit, text, source, fmt, cfg)
+            continue
+        policy = "drop" if cfg.overflow == "auto" else cfg.overflow
+        if policy == "split":
+            raise InputError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
+        msgs = _as_dicts(messages)
+        try:
+            if cfg.labels == "legacy_full_sequence":
+                ids = tuple(fmt.encode_full(msgs))
+                chat = EncodedChat((Segment(ids, ids),), turns_per_example=(_turns(msgs),))
+            else:
+                chat = fmt.encode_chat(msgs, example=source, max_length=cfg.max_seq_length)
+        except LabelError as e:
+            if cfg.on_error == "error":
+                raise
+            emit(None, source, e.reason)
+            continue
+        first = True
+        for seg, turns in zip(chat.examples, chat.turns_per_example):
+            head = dict(per_turn=int(chat.per_turn), render_mismatch=chat.render_mismatch,
+                        control_text=chat.control_text_messages) if first else {}
+            first = False
+            if seg is None or len(seg) > cfg.max_seq_length:  # None: certainly too long, so never tokenised
+                if policy == "error":
+                    raise OverflowError_(f"{source}: example has {'more than' if seg is None else len(seg)} tokens > "
+                                         f"data.max_seq_length={cfg.max_seq_length}; raise max_seq_length, or set "
+                                         "data.overflow=drop (counted)")
+                emit(None, source, "too_long", **head)
+            elif seg.num_trained == 0:
+                emit(None, source, "no_trained_tokens", **head)
+            else:
+                emit(seg, source, assistant_turns=turns, **head)
+    # an Arrow table (pyarrow converts the id tuples in C), not lists that datasets would scan and convert
+    return pa.Table.from_pydict(out, schema=tokenized_schema())
+
+
+def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -> None:
+    """A ``{"text"}`` record: every token trained, EOS at the end (``fmt.encode_text``: control-token
+    strings in the text stay text), under the overflow policy; a document certainly over
+    ``max_seq_length`` (``fmt.min_tokens``) is dropped or refused without being tokenised."""
+    eos = fmt.tokenizer.eos_token_id
+    policy = "split" if cfg.overflow == "auto" else cfg.overflow
+    if policy != "split" and fmt.min_tokens(text) + 1 > cfg.max_seq_length:
+        seg = None
+    else:
+        ids = (*fmt.encode_text(text), eos)
+        seg = Segment(ids, ids)
+    if seg is not None and len(seg) <= cfg.max_seq_length:
+        emit(seg, source)
+    elif policy == "error":
+        raise OverflowError_(f"{source}: example has {'more than' if seg is None else len(seg)} tokens > "
+                             f"data.max_seq_length={cfg.max_seq_length}; raise max_seq_length, or set "
+                             "data.overflow=drop (counted) or split (text only)")
+    elif policy == "drop":
+        emit(None, source, "too_long")
+    else:
+        for k, piece in enumerate(split_segment(seg, cfg.max_seq_length, eos if cfg.text_eos == "chunk" else None)):
+            emit(piece, source, chunks=1 if k else 0)
+
+
+def certainly_too_long(record, fmt: ChatFormat, cfg: DataConfig) -> int | None:
+    """For a record of more than ``CHECK_CHARS`` characters under ``overflow: drop`` (or ``auto``
+    for chats), the number of its messages that spell control tokens when it is certainly over
+    ``max_seq_length`` (``ChatFormat.certainly_longer`` / ``min_tokens``, no tokenising), else
+    None. Such a record is counted as ``too_long`` without its text ever being copied into the Arrow
+    table or a tokenising worker: a 50 MB line costs one rendering of memory."""
+    if cfg.labels != "assistant_only" or cfg.overflow not in ("auto", "drop"):
+        return None
+    if isinstance(record, TextRecord):
+        if cfg.overflow == "auto" or len(record.text) <= CHECK_CHARS:
+            return None
+        return 0 if fmt.min_tokens(record.text) + 1 > cfg.max_seq_length else None
+    if sum(len(m.content) + len(m.reasoning or "") for m in record.messages) <= CHECK_CHARS:
+        return None
+    msgs = record.as_dicts()
+    if not fmt.certainly_longer(msgs, cfg.max_seq_length):
+        return None
+    return sum(fmt.spells_control_token(m["content"]) or fmt.spells_control_token(m.get("reasoning_content") or "")
+               for m in msgs)
+
+
+def _turns(msgs) -> int:
+    return sum(m["role"] == "assistant" for m in msgs)
+
+
+def pack_batch(batch, kept):
+    """The rows of a batch of bins: each row the concatenation of its members' ids and labels,
+    gathered as Arrow arrays (no Python loop over tokens)."""
+    import numpy as np
+    import pyarrow as pa
+
+    members = batch["members"]
+    sub = kept.with_format("arrow")[[i for m in members for i in m]]  # the members, in row order
+    per_row = np.fromiter((len(m) for m in members), dtype=np.int64, count=len(members))
+    item_offsets = np.zeros(len(members) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=item_offsets[1:])
+    lengths = sub.column("length").to_numpy()
+    token_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=token_offsets[1:])
+    row_offsets = pa.array(token_offsets[item_offsets], type=pa.int32())
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(row_offsets, sub.column("input_ids").combine_chunks().flatten()),
+        "labels": pa.ListArray.from_arrays(row_offsets, sub.column("labels").combine_chunks().flatten()),
+        "seq_lens": pa.ListArray.from_arrays(pa.array(item_offsets, type=pa.int32()), pa.array(lengths, type=pa.int64())),
+    })
