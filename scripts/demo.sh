@@ -18,4 +18,4 @@ for line in open(sys.argv[1], encoding="utf-8"):
     print(f"[{r['stop_reason']}, {r['num_new_tokens']} tokens] {r['reply'][:80]!r}")
 PY
 echo "== a random model never learns to stop; to see a trained one stop at <|im_end|> (and the legacy bug run on): =="
-echo "   .venv/bin/python scripts/see_it_stop.py    # about 10 min the first time on 2 CPU cores (README: See it stop)"
+echo "   .venv/bin/python scripts/see_it_stop.py    # 7 min the first time on 2 idle CPU cores (README: See it stop)"

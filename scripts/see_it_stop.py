@@ -1,6 +1,6 @@
 """See it stop: the runaway bug and packlora's fix, side by side, on 2 CPU cores.
 
-    .venv/bin/python scripts/see_it_stop.py            # about 6 min the first time on 2 idle cores (README)
+    .venv/bin/python scripts/see_it_stop.py            # 7.0 min the first time on 2 idle cores (README)
     .venv/bin/python scripts/see_it_stop.py --quick    # 1-2 min smoke run of every step, tiny models
 
 The demo's tiny random model never learns to stop, so it shows nothing of what packlora is for.
