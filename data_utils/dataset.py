@@ -46,7 +46,7 @@ from packlora.data_utils.report import (DROP_REASONS, ON_ERROR_REASONS, DataRepo
                                         NoExampleError, build_report)
 from packlora.data_utils.sources import iter_source, mix, parse_source
 from packlora.data_utils.types import ChatRecord, Message, Source, TextRecord
-from packlora.presets import GUARDED_ACTIONS, apply_preset
+from packlora.presets import GUARDED_ACTIONS, preset_edit, splice_system
 
 logger = logging.getLogger(__name__)
 PREP_LOG = logging.getLogger("packlora.data.prepare")
@@ -327,9 +327,11 @@ def _stage_and_preset(records, cfg: DataConfig, preset, override: bool):
             raise InputError(f"{r.source}: {kind} under data.stage={cfg.stage}; stage 1 (pretrain) trains on {{'text'}} "
                              "records, stage 2 (sft) on chats. Fix data.train or set data.stage: auto")
         if preset is not None and isinstance(r, ChatRecord):
-            messages, action = apply_preset(r.as_dicts(), preset, override)
+            first = r.messages[0]
+            action, system = preset_edit((first.role, first.content), preset, override)
             actions[action] += 1
-            r = ChatRecord(tuple(Message(m["role"], m["content"], m.get("reasoning_content")) for m in messages), r.source)
+            if system is not None:  # the Message tuples stay: no round trip through dicts
+                r = ChatRecord(tuple(splice_system(r.messages, action, Message("system", system))), r.source)
         out.append(r)
     if preset is not None:
         logger.info("preset %s: %d of %d chats now carry its guard (%s); a chat with a system message of its own keeps "

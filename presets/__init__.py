@@ -47,7 +47,7 @@ import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 
@@ -57,6 +57,7 @@ _FIELDS = ("name", "description", "system_prompt", "guard", "known_system_prompt
 
 PresetAction = Literal["added", "guard_appended", "already_guarded", "kept_own", "replaced", "unchanged"]
 """What ``apply_preset`` did to one chat (see the module docstring's table)."""
+M = TypeVar("M")  # a message: a dict, or data_utils.types.Message
 GUARDED_ACTIONS = ("added", "guard_appended", "already_guarded", "replaced")
 """Actions after which the chat's system message ends with the preset's guard."""
 
@@ -149,23 +150,52 @@ def load_preset(name_or_path: str) -> Preset:
 def apply_preset(
     messages: Sequence[dict], preset: Preset | None, override: bool = False
 ) -> tuple[list[dict], PresetAction]:
-    """``messages`` with the preset's system message and guard, as a new list, and what was done.
+    """``messages`` (``{"role", "content"}`` dicts) with the preset's system message and guard, as a
+    new list, and what was done (``preset_edit``; the input is not modified).
 
-    See the module docstring's table. The input is not modified. A preset with an empty system
-    message and guard (``none``), or no preset, changes nothing (``unchanged``). System prompts are
-    compared after stripping surrounding whitespace.
+    Messages of another type (``data_utils.types.Message`` tuples) use ``preset_edit`` and
+    ``splice_system`` directly and never become dicts.
     """
     messages = [dict(m) for m in messages]
+    first = (messages[0].get("role"), messages[0]["content"]) if messages else None
+    action, system = preset_edit(first, preset, override)
+    return splice_system(messages, action, {"role": "system", "content": system}), action
+
+
+def preset_edit(first: tuple[str, str] | None, preset: Preset | None,
+                override: bool = False) -> tuple[PresetAction, str | None]:
+    """What the preset does to a chat whose first turn is ``first`` (``(role, content)``; None for no
+    turn): the action (see the module docstring's table) and the system message's new content
+    (None when the chat stays as it is). A preset with an empty system message and guard
+    (``none``), or no preset, changes nothing (``unchanged``). System prompts are compared after
+    stripping surrounding whitespace.
+
+    >>> p = load_preset("shishuo")
+    >>> preset_edit(("system", "mine"), p)
+    ('kept_own', None)
+    >>> preset_edit(("system", "mine"), p, override=True) == ("replaced", p.system_message())
+    True
+    """
     if preset is None or not preset.system_message():
-        return messages, "unchanged"
-    system = {"role": "system", "content": preset.system_message()}
-    if not messages or messages[0].get("role") != "system":
-        return [system, *messages], "added"
-    own = messages[0]["content"].strip()
+        return "unchanged", None
+    if first is None or first[0] != "system":
+        return "added", preset.system_message()
+    own = first[1].strip()
     if preset.guard and own.endswith(preset.guard.strip()):
-        return messages, "already_guarded"
+        return "already_guarded", None
     if override:
-        return [system, *messages[1:]], "replaced"
+        return "replaced", preset.system_message()
     if own in {p.strip() for p in (preset.system_prompt, *preset.known_system_prompts) if p.strip()}:
-        return [{"role": "system", "content": messages[0]["content"] + preset.guard}, *messages[1:]], "guard_appended"
-    return messages, "kept_own"
+        return "guard_appended", first[1] + preset.guard
+    return "kept_own", None
+
+
+def splice_system(messages: Sequence[M], action: PresetAction, system: M) -> list[M]:
+    """``messages`` with ``system`` (the new system turn, of the messages' own type) put in as
+    ``action`` says: before them (``added``), in place of the first (``guard_appended``,
+    ``replaced``), or not at all."""
+    if action == "added":
+        return [system, *messages]
+    if action in ("guard_appended", "replaced"):
+        return [system, *messages[1:]]
+    return list(messages)

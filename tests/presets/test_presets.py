@@ -140,3 +140,21 @@ def test_presets_load_by_name_outside_the_source_tree(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "你是一个文学创作助手，擅长张恨水的章回小说文风。"
+
+
+def test_message_tuples_get_the_preset_without_becoming_dicts():
+    """What ``split_stage`` does: the records' ``Message`` tuples (reasoning included) go through the
+    preset as they are."""
+    from packlora.data_utils.types import Message
+    from packlora.presets import preset_edit, splice_system
+
+    p = load_preset("shishuo")
+    chat = (Message("user", "hi"), Message("assistant", "ok", "think first"))
+    action, system = preset_edit(("user", "hi"), p)
+    assert action == "added"
+    assert splice_system(chat, action, Message("system", system)) == [
+        Message("system", p.system_prompt + p.guard), Message("user", "hi"), Message("assistant", "ok", "think first")]
+    own = (Message("system", p.system_prompt), *chat)
+    action, system = preset_edit(("system", p.system_prompt), p)
+    assert splice_system(own, action, Message("system", system)) == [Message("system", p.system_prompt + p.guard), *chat]
+    assert preset_edit(("system", "mine"), p) == ("kept_own", None)
