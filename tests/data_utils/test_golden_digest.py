@@ -6,7 +6,9 @@ Each case runs ``prepare_data`` with the real Qwen2 tokenizer on one bundled cor
 here so that editing a config does not move the golden values) and the default ``num_proc``.
 The digest of a column is sha256 over its values as little-endian int64 and its list offsets (so
 int32 or int64 storage, chunking and the cache layout do not matter); the tokenised digest covers
-every example, dropped ones included (``source``, ``drop_reason``), in order.
+every example, dropped ones included (``source``, ``drop_reason``), in order. Sources are stored
+relative to ``shared/data`` (``shishuo/stage2_rewrite.jsonl:103``), so the digests do not depend on
+where the checkout sits (CI clones to another directory than a developer's tree).
 
 When a change of ids or labels is intended, bump ``dataset.PIPELINE_VERSION`` and replace the
 values in ``golden_digests.json`` with the ones the failure prints, saying why in the commit.
@@ -44,12 +46,24 @@ CASES = {
 }
 
 
-def column_digest(column) -> str:
-    """sha256 of a list<int> column's values (int64, little-endian) and offsets, or of a string column."""
+def relative_source(source: str) -> str:
+    """``/any/checkout/shared/data/shishuo/x.jsonl:3`` -> ``shishuo/x.jsonl:3``; the digests must not
+    depend on the checkout's location."""
+    prefix = str(DATA) + "/"
+    assert source.startswith(prefix), f"source {source!r} is not under {prefix}"
+    return source[len(prefix):]
+
+
+def column_digest(column, transform=None) -> str:
+    """sha256 of a list<int> column's values (int64, little-endian) and offsets, or of a string column
+    (each value passed through ``transform`` first, when given)."""
     col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     h = hashlib.sha256()
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        h.update(json.dumps(col.to_pylist(), ensure_ascii=False).encode())
+        values = col.to_pylist()
+        if transform is not None:
+            values = [transform(v) for v in values]
+        h.update(json.dumps(values, ensure_ascii=False).encode())
         return h.hexdigest()
     col = col.cast(pa.list_(pa.int64()))
     offsets = np.asarray(col.offsets.to_numpy(zero_copy_only=False), dtype="<i8")
@@ -72,8 +86,9 @@ def digests(case: str, tokenizer, tmp_path) -> dict:
         "counts": {"lines_read": r.lines_read, "records": r.records, "heldout": r.heldout, "examples": r.examples,
                    "rows": r.rows, "dropped": r.dropped, "split_chunks": r.split_chunks,
                    "supervised_tokens": r.supervised_tokens},
-        "heldout_sources": [str(c.source) for c in data.heldout],
-        "tokenized": {c: column_digest(tokenized.column(c)) for c in ("input_ids", "labels", "source", "drop_reason")},
+        "heldout_sources": [relative_source(str(c.source)) for c in data.heldout],
+        "tokenized": {c: column_digest(tokenized.column(c), relative_source if c == "source" else None)
+                      for c in ("input_ids", "labels", "source", "drop_reason")},
         "rows": {c: column_digest(rows.column(c)) for c in ("input_ids", "labels", "seq_lens")},
     }
 
@@ -92,3 +107,10 @@ def test_column_digest_depends_on_values_and_boundaries_not_storage():
     assert column_digest(a) == column_digest(pa.chunked_array([pa.array([[1, 2]]), pa.array([[3]])]))
     assert column_digest(a) != column_digest(pa.array([[1], [2, 3]]))
     assert column_digest(a) != column_digest(pa.array([[1, 2], [4]]))
+
+
+def test_source_digest_does_not_depend_on_where_the_checkout_sits():
+    here = pa.array([f"{DATA}/shishuo/a.jsonl:1", f"{DATA}/shishuo/a.jsonl:2"])
+    assert column_digest(here, relative_source) == column_digest(pa.array(["shishuo/a.jsonl:1", "shishuo/a.jsonl:2"]))
+    with pytest.raises(AssertionError, match="is not under"):
+        relative_source("/elsewhere/shishuo/a.jsonl:1")
