@@ -1,7 +1,7 @@
 """The batch functions ``datasets.map`` runs over Arrow, in the worker processes too: labelling a batch
 of records (``tokenize_batch``) and gathering a batch of bins into rows (``pack_batch``).
 
-The records come in as Arrow columns (``record_table``): a chat's messages as a list of
+The records come in as Arrow columns (``record_schema``): a chat's messages as a list of
 ``{role, content, reasoning_content}`` structs, a document's text as a string, each record's
 ``file:line``; no JSON in between. The chat format comes in as an argument: the ``ChatFormat``
 itself, or a ``FormatRef`` that a worker loads once (a few hundred bytes to send instead of a
@@ -13,7 +13,7 @@ from packlora.core.errors import InputError
 from packlora.data_utils.chat_format import ChatFormat, EncodedChat, FormatRef, LabelError
 from packlora.data_utils.config import DataConfig
 from packlora.data_utils.tokenize_text import split_segment
-from packlora.data_utils.types import ChatRecord, Segment, TextRecord
+from packlora.data_utils.types import ChatRecord, Segment
 
 COLUMNS = ("input_ids", "labels", "length", "source", "drop_reason", "assistant_turns", "chunks", "per_turn",
            "render_mismatch", "control_text")
@@ -35,22 +35,43 @@ def tokenized_schema():
                       ("length", pa.int64()), ("drop_reason", pa.string()), *((c, pa.int64()) for c in COUNT_COLUMNS)])
 
 
-def record_table(records, cut):
-    """The records as an Arrow table for ``tokenize_batch``: ``messages`` (a list of structs, null
-    for a text record or one ``cut``), ``text`` (null for a chat or one ``cut``), ``source``
-    (``file:line``) and ``too_long`` (``cut[i]``, or -1 when None: see ``certainly_too_long``)."""
+def record_schema():
+    """The records' Arrow columns (``read_stage`` writes them, ``tokenize_batch`` reads them):
+    ``messages`` (a list of ``{role, content, reasoning_content}`` structs, null for a text record),
+    ``text`` (null for a chat), ``source`` (``file:line``), ``source_index`` (the record's source in
+    ``data.train`` / ``data.eval``, int32) and ``too_long`` (-1, or for a record found certainly too
+    long while it was read, ``record_too_long``'s count: its text is then left out, ``messages`` an
+    empty list or ``text`` empty)."""
     import pyarrow as pa
 
     message = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning_content", pa.string())])
-    return pa.table({
-        "messages": pa.array([[(m.role, m.content, m.reasoning) for m in r.messages]
-                              if isinstance(r, ChatRecord) and c is None else None for r, c in zip(records, cut)],
-                             type=pa.list_(message)),
-        "text": pa.array([r.text if isinstance(r, TextRecord) and c is None else None for r, c in zip(records, cut)],
-                         type=pa.string()),
-        "source": pa.array([str(r.source) for r in records], type=pa.string()),
-        "too_long": pa.array([-1 if c is None else c for c in cut], type=pa.int64()),
-    })
+    return pa.schema([("messages", pa.list_(message)), ("text", pa.string()), ("source", pa.string()),
+                      ("source_index", pa.int32()), ("too_long", pa.int64())])
+
+
+def record_columns(record, too_long: int | None = None) -> tuple:
+    """One record's ``messages``, ``text`` and ``source`` in ``record_schema`` order; its text left out
+    when ``too_long`` is not None.
+
+    >>> from packlora.data_utils.types import Message, Source
+    >>> record_columns(ChatRecord((Message("user", "Hi"), Message("assistant", "Yes.")), Source("a.jsonl", 3)))
+    ([('user', 'Hi', None), ('assistant', 'Yes.', None)], None, 'a.jsonl:3')
+    """
+    if isinstance(record, ChatRecord):
+        return ([(m.role, m.content, m.reasoning) for m in record.messages] if too_long is None else [], None,
+                str(record.source))
+    return None, record.text if too_long is None else "", str(record.source)
+
+
+def record_too_long(record, fmt: ChatFormat, cfg: DataConfig) -> int | None:
+    """``certainly_too_long`` of a ``ChatRecord`` / ``TextRecord`` of more than ``CHECK_CHARS``
+    characters, else None (cheap: a sum of lengths). ``read_stage`` calls it on each record as it is
+    read, so a huge record's text never reaches the Arrow file or a tokenising worker."""
+    if isinstance(record, ChatRecord):
+        if sum(len(m.content) + len(m.reasoning or "") for m in record.messages) <= CHECK_CHARS:
+            return None
+        return certainly_too_long(record.as_dicts(), None, fmt, cfg)
+    return certainly_too_long(None, record.text, fmt, cfg) if len(record.text) > CHECK_CHARS else None
 
 
 def _as_dicts(messages) -> list[dict]:
@@ -60,7 +81,7 @@ def _as_dicts(messages) -> list[dict]:
 
 
 def tokenize_batch(batch, fmt: ChatFormat | FormatRef, cfg: DataConfig):
-    """Label a batch of ``record_table`` rows: one output row per example (a chat split per turn, a
+    """Label a batch of ``record_schema`` rows: one output row per example (a chat split per turn, a
     text split into chunks, give several), or one per dropped record with its ``drop_reason``;
     columns ``COLUMNS`` (``tokenized_schema``).
 
@@ -83,10 +104,10 @@ def tokenize_batch(batch, fmt: ChatFormat | FormatRef, cfg: DataConfig):
             out[k].append(counts.get(k, 0))
 
     for messages, text, source, too_long in zip(batch["messages"], batch["text"], batch["source"], batch["too_long"]):
-        if too_long >= 0:  # found certainly too long before tokenising (``certainly_too_long``, overflow: drop)
+        if too_long >= 0:  # found certainly too long as it was read (``record_too_long``, overflow: drop)
             emit(None, source, "too_long", control_text=too_long)
             continue
-        if not messages:
+        if messages is None:
             _emit_text(emit, text, source, fmt, cfg)
             continue
         policy = "drop" if cfg.overflow == "auto" else cfg.overflow
@@ -147,21 +168,21 @@ def _emit_text(emit, text: str, source: str, fmt: ChatFormat, cfg: DataConfig) -
             emit(piece, source, chunks=1 if k else 0)
 
 
-def certainly_too_long(record, fmt: ChatFormat, cfg: DataConfig) -> int | None:
-    """For a record of more than ``CHECK_CHARS`` characters under ``overflow: drop`` (or ``auto``
-    for chats), the number of its messages that spell control tokens when it is certainly over
-    ``max_seq_length`` (``ChatFormat.certainly_longer`` / ``min_tokens``, no tokenising), else
-    None. Such a record is counted as ``too_long`` without its text ever being copied into the Arrow
-    table or a tokenising worker: a 50 MB line costs one rendering of memory."""
+def certainly_too_long(messages: list[dict] | None, text: str | None, fmt: ChatFormat, cfg: DataConfig) -> int | None:
+    """For a record (its ``messages`` as dicts, or a document's ``text``) of more than
+    ``CHECK_CHARS`` characters under ``overflow: drop`` (or ``auto`` for chats), the number of its
+    messages that spell control tokens when it is certainly over ``max_seq_length``
+    (``ChatFormat.certainly_longer`` / ``min_tokens``, no tokenising), else None. Such a record is
+    counted as ``too_long`` without being tokenised: a 50 MB line costs one rendering of memory."""
     if cfg.labels != "assistant_only" or cfg.overflow not in ("auto", "drop"):
         return None
-    if isinstance(record, TextRecord):
-        if cfg.overflow == "auto" or len(record.text) <= CHECK_CHARS:
+    if messages is None:
+        if cfg.overflow == "auto" or len(text) <= CHECK_CHARS:
             return None
-        return 0 if fmt.min_tokens(record.text) + 1 > cfg.max_seq_length else None
-    if sum(len(m.content) + len(m.reasoning or "") for m in record.messages) <= CHECK_CHARS:
+        return 0 if fmt.min_tokens(text) + 1 > cfg.max_seq_length else None
+    if sum(len(m["content"]) + len(m.get("reasoning_content") or "") for m in messages) <= CHECK_CHARS:
         return None
-    msgs = record.as_dicts()
+    msgs = messages
     if not fmt.certainly_longer(msgs, cfg.max_seq_length):
         return None
     return sum(fmt.spells_control_token(m["content"]) or fmt.spells_control_token(m.get("reasoning_content") or "")

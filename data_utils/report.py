@@ -92,10 +92,10 @@ def build_report(records, split, tokenized, packed, audit, cfg: DataConfig, fmt:
     ``Split``, ``Tokenized``, ``Packed``, the evaluation set's ``Packed`` or None) and the label audit."""
     c = tokenized.counts
     sources = {name: {**counts, "in_mix": split.in_mix.get(name, 0)} for name, counts in records.per_source.items()}
-    evaluation = {"records": len(split.eval), "rows": len(eval_packed.rows) if eval_packed else 0,
+    evaluation = {"records": len(split.eval) if split.eval is not None else 0, "rows": len(eval_packed.rows) if eval_packed else 0,
                   "examples": sum(len(r) for r in eval_packed.rows["seq_lens"]) if eval_packed else 0}
     return DataReport(
-        records=len(records.records), heldout=len(split.heldout), examples=len(tokenized.examples),
+        records=records.count, heldout=len(split.heldout), examples=len(tokenized.examples),
         dropped=dict(sorted((Counter(tokenized.dropped) + Counter(records.skipped)).items())),
         split_chunks=c["chunks"], rows=len(packed.rows), packing_efficiency=packed.efficiency,
         supervised_tokens=audit.supervised_tokens, role_markers_in_labels=audit.role_markers_in_labels,

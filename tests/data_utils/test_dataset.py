@@ -2,6 +2,7 @@
 cache reuse, the audit, and odd input (BOM, CRLF, unlabelable chats) handled by count."""
 import itertools
 import json
+import re
 
 import pytest
 
@@ -9,6 +10,8 @@ from packlora.data_utils.audit import LabelAudit, audit_rows
 from packlora.data_utils.chat_format import ChatFormat, LabelError
 from packlora.data_utils.config import DataConfig
 from packlora.data_utils.dataset import OverflowError_, pack_stage, read_stage, split_stage, tokenize_stage
+from packlora.data_utils.records import RecordError
+from packlora.data_utils.types import ChatRecord, Message, Source
 from tiny_assets import prepare
 
 IM_START, IM_END = 151644, 151645
@@ -226,17 +229,32 @@ def test_read_stage_counts_lines_and_drops_duplicates_under_skip(tmp_path):
     f = _write(tmp_path / "d.jsonl", [_chat("a", "b"), _chat("a ", "b"), _chat("c", "d")])
     with open(f, "a") as fh:
         fh.write("not json\n")
-    got = read_stage([str(f)], on_error="skip")
-    assert (len(got.records), got.lines_read, got.skipped) == (2, 4, {"duplicate": 1, "invalid_json": 1})
-    assert [r.source.line for r in got.records] == [1, 3]
+    got = read_stage([str(f)], on_error="skip", into=tmp_path / "records")
+    assert (got.count, len(got.records), got.lines_read, got.skipped) == (2, 2, 4, {"duplicate": 1, "invalid_json": 1})
+    assert got.records["source"] == [f"{f}:1", f"{f}:3"] and got.records["source_index"] == [0, 0]
+    assert got.record(1) == ChatRecord((Message("user", "c"), Message("assistant", "d")), Source(str(f), 3))
+    # the records are a memory-mapped Arrow file, not Python objects
+    assert got.records.cache_files == [{"filename": str(tmp_path / "records.arrow")}]
+    checked = read_stage([str(f)], on_error="skip")  # the pre-flight: counted, nothing written
+    assert (checked.records, checked.count, checked.lines_read) == (None, 2, 4)
+
+
+def test_read_stage_names_the_first_copy_of_a_duplicate(tmp_path):
+    a = _write(tmp_path / "a.jsonl", [_chat("x", "y"), _chat("p", "q")])
+    b = _write(tmp_path / "b.jsonl", [_chat("z", "w"), _chat("p  ", "q")])
+    with pytest.raises(RecordError, match=rf"b\.jsonl:2: duplicate record: same content as {re.escape(str(a))}:2 "):
+        read_stage([str(a), str(b)], into=tmp_path / "records")
 
 
 def test_split_stage_holds_out_seeded_chats_and_refuses_the_wrong_kind(tmp_path):
     f = _write(tmp_path / "d.jsonl", [_chat(f"q{i}", "a") for i in range(6)] + [{"text": "doc"}])
-    records = read_stage([str(f)])
+    records = read_stage([str(f)], into=tmp_path / "records")
     split = split_stage(records, DataConfig(train=[str(f)], eval_holdout=2), seed=3)
     assert len(split.train) == 5 and [r.source.line for r in split.heldout] == [split.heldout_idx[0] + 1,
                                                                                   split.heldout_idx[1] + 1]
+    assert split.heldout == tuple(records.record(i) for i in split.heldout_idx)
+    lines = [int(s.rpartition(":")[2]) for s in split.train["source"]]  # the rest, in order, the document too
+    assert lines == [i for i in range(1, 8) if i - 1 not in split.heldout_idx]
     assert split.heldout_idx == split_stage(records, DataConfig(train=[str(f)], eval_holdout=2), seed=3).heldout_idx
     with pytest.raises(ValueError, match=r"d\.jsonl:7: a \{'text'\} record under data.stage=sft"):
         split_stage(records, DataConfig(train=[str(f)], stage="sft"), seed=0)
@@ -244,7 +262,7 @@ def test_split_stage_holds_out_seeded_chats_and_refuses_the_wrong_kind(tmp_path)
 
 def test_tokenize_and_pack_stages_label_drop_and_bin_examples(tmp_path, chatml_tokenizer, chats):
     cfg = DataConfig(train=[str(chats)], max_seq_length=64)
-    records = read_stage(cfg.train)
+    records = read_stage(cfg.train, into=tmp_path / "records")
     split = split_stage(records, cfg, seed=0)
     tokenized = tokenize_stage(split.train, ChatFormat(chatml_tokenizer), cfg, "k1", tmp_path, records)
     assert tokenized.dropped == {"too_long": 1}
