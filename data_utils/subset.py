@@ -20,6 +20,10 @@ How records are drawn (``--stratify length``, the default):
 ``--stratify none`` draws ``round(ratio * N)`` records uniformly instead. A manifest goes next to
 the output (``OUT.manifest.json`` for ``OUT.jsonl``): source path and sha256, ratio, seed, length
 unit, counts (total and by turns) and length quantiles before and after.
+
+The input streams: a first pass keeps two integers a record (length, assistant turns), a second
+pass copies the chosen lines; no pass holds every line or record, so a corpus of millions of chats
+is drawn in a few MB.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from pathlib import Path
 
 from packlora.core.cli import add_debug_flag, cli_entry, description
 from packlora.core.errors import InputError, MissingPathError, PathError
-from packlora.data_utils.records import RecordError, data_file_error, iter_lines, parse_line
+from packlora.data_utils.records import DataFileError, RecordError, data_file_error, iter_lines, parse_line
 from packlora.data_utils.types import ChatRecord
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -111,6 +115,9 @@ def draw_subset(lengths: list[int], turns: list[int], ratio: float, seed: int,
     return sorted(chosen)
 
 
+SCAN_BATCH = 1000  # records tokenised per tokenizer call (the ids of a text do not depend on its batch)
+
+
 def record_lengths(records, tokenizer=None) -> list[int]:
     """Length of each record: tokens of its contents with ``tokenizer``, else characters."""
     texts = [
@@ -171,42 +178,28 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         except (OSError, ValueError) as e:
             raise InputError(f"--tokenizer {tokenizer_dir} cannot be loaded as a tokenizer ({e})") from None
-    lines, records = [], []
-    reader = iter_lines(input_path, "--input file")
-    for _, line, src in reader:  # the reader's own lines (split at \n only), so line i is record i
-        try:
-            records.append(parse_line(line, src))
-        except RecordError as err:
-            reader.throw(err)  # raises err, or a DataFileError when the file was cut while being read
-        lines.append(line)  # line 1 without its byte-order mark: the subset's first line may be any line
-    if not records:
+    before = input_path.stat()
+    lengths, turns = _scan(input_path, tokenizer)
+    if not lengths:
         raise InputError(f"--input {input_path} holds no records; give a JSONL file of chats or {{'text'}} records")
-    if round(ratio * len(records)) < 1:
+    if round(ratio * len(lengths)) < 1:
         raise InputError(
-            f"--ratio {ratio} of {len(records)} records rounds to 0; raise the ratio to at least {0.5 / len(records):.4g}"
+            f"--ratio {ratio} of {len(lengths)} records rounds to 0; raise the ratio to at least {0.5 / len(lengths):.4g}"
         )
-    lengths = record_lengths(records, tokenizer)
-    turns = [sum(m.role == "assistant" for m in r.messages) if isinstance(r, ChatRecord) else 0 for r in records]
     chosen = draw_subset(lengths, turns, ratio, seed, stratify, bins)
-
-    body = b"".join(lines[i] if lines[i].endswith(b"\n") else lines[i] + b"\n" for i in chosen)
-    try:
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_bytes(body)
-    except OSError as e:
-        raise PathError(f"--output {output_path} cannot be written ({e.strerror})") from None
+    digest = _copy_lines(input_path, output_path, chosen, before)
     manifest = {
         "source": str(input_path),
         "source_sha256": _sha256(input_path),
         "output": str(output_path),
-        "output_sha256": hashlib.sha256(body).hexdigest(),
+        "output_sha256": digest,
         "ratio": ratio,
         "seed": seed,
         "stratify": stratify,
         "bins": bins,
         "length_unit": f"tokens ({tokenizer_dir})" if tokenizer is not None else "characters",
         "counts": {
-            "source": len(records),
+            "source": len(lengths),
             "subset": len(chosen),
             "source_by_assistant_turns": _by_turns(turns),
             "subset_by_assistant_turns": _by_turns([turns[i] for i in chosen]),
@@ -215,6 +208,69 @@ def make_subset(input_path: str | Path, output_path: str | Path, ratio: float, s
     }
     manifest_path(output_path).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
+
+
+def _scan(input_path: Path, tokenizer) -> tuple[list[int], list[int]]:
+    """First pass: each record's length (``record_lengths``, ``SCAN_BATCH`` records a call) and
+    assistant turns, every line validated (``RecordError`` at the first bad one)."""
+    lengths: list[int] = []
+    turns: list[int] = []
+    batch: list = []
+
+    def flush():
+        lengths.extend(record_lengths(batch, tokenizer))
+        turns.extend(sum(m.role == "assistant" for m in r.messages) if isinstance(r, ChatRecord) else 0 for r in batch)
+        batch.clear()
+
+    reader = iter_lines(input_path, "--input file")
+    for _, line, src in reader:  # the reader's own lines (split at \n only), so line i is record i
+        try:
+            batch.append(parse_line(line, src))
+        except RecordError as err:
+            reader.throw(err)  # raises err, or a DataFileError when the file was cut while being read
+        if len(batch) >= SCAN_BATCH:
+            flush()
+    flush()
+    return lengths, turns
+
+
+def _copy_lines(input_path: Path, output_path: Path, chosen: list[int], before) -> str:
+    """Second pass: write lines ``chosen`` (sorted) byte for byte, each ending with ``\n`` (line 1
+    without its byte-order mark: the subset's first line may be any line); their sha256.
+
+    Raises:
+        DataFileError: the input changed since the first pass (``before``: its ``os.stat``).
+        PathError: the output cannot be written.
+    """
+    def changed() -> bool:
+        now = input_path.stat()
+        return (now.st_size, now.st_mtime_ns, now.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
+
+    h, want = hashlib.sha256(), iter(chosen)
+    nxt = next(want, None)
+    tmp = output_path.with_name(f".{output_path.name}.partial")  # renamed when whole: no half-written subset
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:
+            for i, (_, line, _src) in enumerate(iter_lines(input_path, "--input file")):
+                if i == nxt:
+                    line = line if line.endswith(b"\n") else line + b"\n"
+                    out.write(line)
+                    h.update(line)
+                    nxt = next(want, None)
+                    if nxt is None:
+                        break
+        if changed():
+            raise DataFileError(input_path, "--input file changed while the subset was drawn; run it again on a "
+                                "file that stays put", "changed_while_read")
+        tmp.replace(output_path)
+    except PathError:  # the input's own error (an OSError too), not the output's
+        raise
+    except OSError as e:
+        raise PathError(f"--output {output_path} cannot be written ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -71,3 +71,37 @@ def test_missing_input_and_tiny_ratio_are_clear_errors(tmp_path, capsys):
     small.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"--ratio 0.1 of 2 records rounds to 0; raise the ratio to at least 0.25"):
         make_subset(small, tmp_path / "o.jsonl", 0.1, seed=1)
+
+
+def test_streamed_subset_gives_the_bytes_of_the_whole_file_version(tmp_path, monkeypatch):
+    """The subset streams (two passes, ``SCAN_BATCH`` records per tokenizer call): its output is the
+    one the earlier whole-file version wrote (sha256 stored from commit 7b05488), whatever the batch."""
+    from packlora.data_utils import subset
+
+    before = "d1f7e3a872696a007a9405df192593d3f4cbfecd2368b6602f38454f664192ce"
+    m = make_subset(ZHS, tmp_path / "a.jsonl", 0.2, seed=1, tokenizer_dir=str(QWEN2_TOKENIZER))
+    monkeypatch.setattr(subset, "SCAN_BATCH", 7)  # 3146 records: many batches, the last one partial
+    n = make_subset(ZHS, tmp_path / "b.jsonl", 0.2, seed=1, tokenizer_dir=str(QWEN2_TOKENIZER))
+    assert m["output_sha256"] == n["output_sha256"] == before
+    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    assert m["length_quantiles"] == n["length_quantiles"]
+
+
+def test_input_changed_between_the_two_passes_is_refused_and_writes_nothing(tmp_path, monkeypatch):
+    from packlora.data_utils import subset
+    from packlora.data_utils.records import DataFileError
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(SHISHUO.read_bytes())
+    real_scan = subset._scan
+
+    def scan_then_append(path, tokenizer):
+        out = real_scan(path, tokenizer)
+        with open(path, "ab") as f:  # another writer appends after the first pass
+            f.write(SHISHUO.read_bytes().splitlines(keepends=True)[0])
+        return out
+
+    monkeypatch.setattr(subset, "_scan", scan_then_append)
+    with pytest.raises(DataFileError, match=r"in\.jsonl.*changed while the subset was drawn"):
+        make_subset(src, tmp_path / "out.jsonl", 0.2, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
