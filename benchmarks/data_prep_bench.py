@@ -24,7 +24,15 @@ packlora's ``ChatFormat.encode_chat`` on every chat of the set and counts the ch
 work.
 
 Each run is a fresh process (no tokenizer cache, no warm ``datasets`` cache); the time excludes
-imports and loading the tokenizer. Every variant runs ``--rounds`` times in alternating order
+imports and loading the tokenizer. Peak memory is over all of a run's processes: the sum of the
+proportional set sizes (PSS: resident memory, a page shared by n processes counted 1/n in each, so
+the forked ``num_proc`` workers' copy-on-write pages are not counted twice as a sum of RSS would)
+of the run's process and its children, read from ``/proc/PID/smaps_rollup`` every 50 ms, its
+highest value (imports, torch and the tokenizer included: compare growth, not the level). Two
+figures: all of it, and the anonymous part (``Pss_Anon``: the heap, what the process owns). The
+difference is file pages: the memory-mapped Arrow files both libraries read, resident while
+touched and given back by the kernel under pressure (page cache), so they grow with the corpus
+without being memory the process holds. Every variant runs ``--rounds`` times in alternating order
 (ABCD, DCBA, ...); each packlora/TRL ratio is taken per round (the two runs closest in time) and
 reported as the median with min-max. The load average (``os.getloadavg``) is recorded before and
 after every run: the machine is shared.
@@ -39,6 +47,15 @@ packlora's num_proc 2; a run takes 2-3 minutes, so the others are left out to ke
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py              # ~30 min on 2 shared cores; updates RESULTS.md
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --chats 0    # the real chats only: ~8 min
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --rounds 1 --chats 20000 --no-write   # a quick look
+
+``--scale 20000,80000`` instead measures how packlora's default (num_proc 2) grows with the corpus:
+one run per size (sizes in alternating order over ``--rounds``), seconds per 1,000 chats and peak
+RSS, and the growth from the smallest size to each larger one (section ``data-prep-scale``). With
+``--baseline DIR`` (a checkout of another packlora commit, e.g. ``git worktree add DIR COMMIT``),
+each run is repeated with that commit's code, alternating, so a change lands with before/after
+figures from one run. packlora only: any environment with packlora and psutil will do.
+
+    python benchmarks/data_prep_bench.py --scale 20000,80000 --rounds 1 --baseline ../packlora-before
 """
 from __future__ import annotations
 
@@ -140,7 +157,29 @@ def _cpu() -> float:
                for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
+def use_source(root: Path) -> None:
+    """Import ``packlora`` (and ``packlora.<folder>``, as setup.cfg maps them) from the checkout ``root``
+    instead of the installed one: the ``--baseline`` runs."""
+    import importlib.util
+
+    class Finder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            parts = name.split(".")
+            if parts[0] != "packlora" or len(parts) > 2:
+                return None
+            folder = root / ("packlora" if len(parts) == 1 else parts[1])
+            init = folder / "__init__.py"
+            if not folder.is_dir():
+                return None
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+
+    sys.meta_path.insert(0, Finder)
+
+
 def worker(variant: str, files: list[Path], max_seq_length: int) -> dict:
+    if os.environ.get("PACKLORA_BASELINE"):
+        use_source(Path(os.environ["PACKLORA_BASELINE"]))
     _quiet()
     import pyarrow.compute as pc
     from transformers import AutoTokenizer
@@ -209,11 +248,36 @@ def check_same_work(files: list[Path]) -> dict:
 # ---------------------------------------------------------------------------------------- driver
 
 
-def _spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def _spawn(args: list[str], baseline: Path | None = None) -> dict:
+    """Run this script with ``args`` in a fresh process (packlora from ``baseline`` when given); its
+    last stdout line (JSON), plus ``peak_rss_mb`` and ``peak_anon_mb``: the highest sums of PSS and of
+    its anonymous part over the process and its children, sampled every 50 ms."""
+    import psutil
+
+    def pss(pid: int) -> tuple[int, int]:
+        """(Pss, Pss_Anon) of ``pid`` in bytes."""
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if line[:4] == "Pss:" or line.startswith("Pss_Anon:"))
+        return int(fields["Pss"].split()[0]) * 1024, int(fields["Pss_Anon"].split()[0]) * 1024
+
+    env = {**os.environ, "PACKLORA_BASELINE": str(baseline.resolve())} if baseline else None
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=err, text=True, env=env)
+        peak = peak_anon = 0
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                sizes = [pss(p.pid) for p in (ps, *ps.children(recursive=True))]
+                peak = max(peak, sum(t for t, _ in sizes))
+                peak_anon = max(peak_anon, sum(a for _, a in sizes))
+            except (psutil.Error, OSError, KeyError):  # a worker ended between listing and reading it
+                pass
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{(stdout + stderr)[-4000:]}")
+    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss_mb": peak / 2**20, "peak_anon_mb": peak_anon / 2**20}
 
 
 def run_set(name: str, files: list[Path], variants: list[str], rounds: int, max_seq_length: int) -> dict:
@@ -223,7 +287,8 @@ def run_set(name: str, files: list[Path], variants: list[str], rounds: int, max_
             res = _spawn(["--worker", v, "--max-seq-length", str(max_seq_length), *map(str, files)])
             runs[v].append(res)
             print(f"{name} round {r + 1} {v}: {res['chats_per_s']:.0f} chats/s ({res['seconds']:.1f} s, {res['rows']} rows, "
-                  f"load {res['load_before']:.1f} -> {res['load_after']:.1f})", flush=True)
+                  f"peak PSS {res['peak_rss_mb']:.0f} MB, load {res['load_before']:.1f} -> {res['load_after']:.1f})",
+                  flush=True)
     return runs
 
 
@@ -232,13 +297,14 @@ def _spread(xs: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def tables(sets: list[tuple[str, dict, dict | None]]) -> str:
-    out = ["| set | chats | variant | chats/s, median (min–max) | rows | labelled tokens | load avg during runs |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| set | chats | variant | chats/s, median (min–max) | peak memory MB (PSS, all processes), max | rows | "
+           "labelled tokens | load avg during runs |", "|---|---|---|---|---|---|---|---|"]
     for name, runs, _ in sets:
         for v, rs in runs.items():
             loads = [x for r in rs for x in (r["load_before"], r["load_after"])]
             out.append(f"| {name} | {rs[0]['chats']:,} | {v} | {_spread([r['chats_per_s'] for r in rs])} | "
-                       f"{rs[0]['rows']:,} | {rs[0]['labelled_tokens']:,} | {min(loads):.1f}–{max(loads):.1f} |")
+                       f"{max(r['peak_rss_mb'] for r in rs):.0f} | {rs[0]['rows']:,} | {rs[0]['labelled_tokens']:,} | "
+                       f"{min(loads):.1f}–{max(loads):.1f} |")
     out += ["", "| set | ratio (per round: the two runs closest in time) | median (min–max) | goal |", "|---|---|---|---|"]
     for name, runs, _ in sets:
         for label, a, b in PAIRS:
@@ -256,6 +322,43 @@ def tables(sets: list[tuple[str, dict, dict | None]]) -> str:
     return "\n".join(out)
 
 
+def scale(sizes: list[int], rounds: int, max_seq_length: int, baseline: Path | None = None,
+          variant: str = "packlora_np2") -> str:
+    """Run ``variant`` on made-up sets of each size (sizes alternating per round; with ``baseline``,
+    each run followed or preceded by the same run on that checkout's code); the markdown table."""
+    codes = ["this commit", "baseline"] if baseline else ["this commit"]
+    runs: dict[tuple[str, int], list[dict]] = {(c, n): [] for c in codes for n in sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {n: make_chats(n, Path(tmp) / f"chats-{n}.jsonl") for n in sizes}
+        for r in range(rounds):
+            order = [(c, n) for n in sizes for c in codes]
+            for c, n in order if r % 2 == 0 else order[::-1]:
+                res = _spawn(["--worker", variant, "--max-seq-length", str(max_seq_length), str(files[n])],
+                             baseline if c == "baseline" else None)
+                runs[c, n].append(res)
+                print(f"scale {c} {n:,} round {r + 1}: {res['seconds']:.1f} s, {1000 * res['seconds'] / n:.2f} s per "
+                      f"1k chats, peak PSS {res['peak_rss_mb']:.0f} MB (anonymous {res['peak_anon_mb']:.0f} MB), load {res['load_before']:.1f} -> "
+                      f"{res['load_after']:.1f}", flush=True)
+    base = sizes[0]
+    med = {k: (statistics.median(1000 * r["seconds"] / k[1] for r in rs), max(r["peak_rss_mb"] for r in rs),
+               max(r["peak_anon_mb"] for r in rs)) for k, rs in runs.items()}
+    out = [f"| code | chats | runs | s per 1,000 chats, median | time per chat vs {base:,} | peak memory MB (PSS, all "
+           f"processes), max | vs {base:,} | of it anonymous (heap) MB | vs {base:,} | load avg during runs |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (c, n), rs in runs.items():
+        loads = [x for r in rs for x in (r["load_before"], r["load_after"])]
+        t, m, a = med[c, n]
+        t0, m0, a0 = med[c, base]
+        out.append(f"| {c} | {n:,} | {len(rs)} | {t:.2f} | {t / t0:.2f}x | {m:.0f} | {m - m0:+.0f} MB | {a:.0f} | "
+                   f"{a - a0:+.0f} MB | {min(loads):.1f}–{max(loads):.1f} |")
+    return "\n".join(out)
+
+
+def _commit(root: Path) -> str:
+    return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -264,10 +367,36 @@ def main() -> None:
     ap.add_argument("--big-variants", default="trl,packlora_np2",
                     help="variants on the --chats set (each run takes 2-3 minutes): the two defaults")
     ap.add_argument("--max-seq-length", type=int, default=2048, help="row length (every real chat fits in 2,048)")
+    ap.add_argument("--scale", default="", help="comma-separated sizes: measure growth with the corpus instead")
+    ap.add_argument("--baseline", type=Path, help="with --scale: a checkout of another commit, run alternately")
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     ns = ap.parse_args()
     started, load0 = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()
     t0 = time.perf_counter()
+    if ns.scale:
+        sizes = [int(x) for x in ns.scale.split(",")]
+        md = scale(sizes, ns.rounds, ns.max_seq_length, ns.baseline)
+        print(md)
+        if not ns.no_write:
+            from packing_bench import write_section
+
+            minutes, load1 = (time.perf_counter() - t0) / 60, os.getloadavg()
+            body = ("## Data preparation as the corpus grows: time per chat and peak memory (packlora default)\n\n"
+                    f"`python benchmarks/data_prep_bench.py --scale {ns.scale} --rounds {ns.rounds}"
+                    + (f" --baseline {ns.baseline.name}` (baseline: commit {_commit(ns.baseline)}) " if ns.baseline else "` ")
+                    + f"(this commit: {_commit(REPO)}) "
+                    f"— {started}, {minutes:.0f} min, {os.cpu_count()} CPU cores shared with other work (load average "
+                    f"{load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at the start, {load1[0]:.1f} / {load1[1]:.1f} / "
+                    f"{load1[2]:.1f} at the end). `prepare_data` with `num_proc` 2 (the default here) on made-up sets "
+                    "of unique chats (the script's docstring), rows of "
+                    f"{ns.max_seq_length} tokens, a fresh process and cache per run. Peak memory: the highest sum of PSS "
+                    "(resident memory, shared pages split between the processes sharing them) over the run's process "
+                    "and its tokenising workers, sampled every 50 ms. Goals (issue 22): peak RSS "
+                    "grows by at most 150 MB from 20k to 80k chats; from 100k to 1M chats time per chat within 15% "
+                    "and peak RSS at most 2.5 GB.\n\n" + md + "\n")
+            write_section(REPO / "benchmarks" / "RESULTS.md", "data-prep-scale", body)
+            print(f"\nwrote {REPO / 'benchmarks' / 'RESULTS.md'}")
+        return
     check = _spawn(["--check", *map(str, REAL)])
     print("same work:", check, flush=True)
     sets = [("real chats", run_set("real", REAL, ns.variants.split(","), ns.rounds, ns.max_seq_length), check)]
