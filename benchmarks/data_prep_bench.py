@@ -14,8 +14,9 @@ tokenizer's own template, tokenise it, build assistant-only labels (each reply a
   ``{% generation %}`` tags in the template to find the assistant spans; the Qwen2 template has
   none and TRL ships no training copy of it, so ``GENERATION_TEMPLATE`` below is the same template
   with the tags around each reply and its ``<|im_end|>``. The timed span is reading the files into
-  a ``datasets.Dataset`` plus ``SFTTrainer._prepare_dataset`` (TRL's whole preparation: render +
-  tokenise with the assistant mask, labels, BFD packing), which ``SFTTrainer.__init__`` calls; the
+  a ``datasets.Dataset`` (``load_dataset("json")``: Arrow, a fresh cache) plus
+  ``SFTTrainer._prepare_dataset`` (TRL's whole preparation: render + tokenise with the assistant
+  mask, labels, BFD packing), which ``SFTTrainer.__init__`` calls; the
   trainer itself (a tiny model) is built before the clock starts, with ``skip_prepare_dataset``.
 
 Before the timed rounds, a check (not timed) runs TRL's tokenisation without packing and
@@ -46,6 +47,8 @@ packlora's num_proc 2; a run takes 2-3 minutes, so the others are left out to ke
     bash benchmarks/setup.sh
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py              # ~30 min on 2 shared cores; updates RESULTS.md
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --chats 0    # the real chats only: ~8 min
+    benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --rounds 1 --variants trl,packlora_np2 \\
+        --chats 100000,1000000     # + growth from 100k to 1M chats: ~75 min on 2 cores
     benchmarks/.venv/bin/python benchmarks/data_prep_bench.py --rounds 1 --chats 20000 --no-write   # a quick look
 
 ``--scale 20000,80000`` instead measures how packlora's default (num_proc 2) grows with the corpus:
@@ -192,10 +195,12 @@ def worker(variant: str, files: list[Path], max_seq_length: int) -> dict:
         trainer, args = _trl_trainer(tok, max_seq_length, num_proc)
         load, cpu0 = os.getloadavg()[0], _cpu()
         t0 = time.perf_counter()
-        ds = datasets.Dataset.from_list([{"messages": m} for m in read_chats(files)])
-        rows = trainer._prepare_dataset(ds, tok, args, True, None, "train")
+        with tempfile.TemporaryDirectory() as cache:  # datasets' JSON reader into Arrow, a cold cache
+            ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train", cache_dir=cache)
+            rows = trainer._prepare_dataset(ds, tok, args, True, None, "train")
+            labels_col = rows.data.column("labels")
         seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
-        chats, labels = len(ds), rows.data.column("labels")
+        chats, labels = len(ds), labels_col
     else:
         from packlora.data_utils.chat_format import ChatFormat
         from packlora.data_utils.config import DataConfig
@@ -297,13 +302,13 @@ def _spread(xs: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def tables(sets: list[tuple[str, dict, dict | None]]) -> str:
-    out = ["| set | chats | variant | chats/s, median (min–max) | peak memory MB (PSS, all processes), max | rows | "
+    out = ["| set | chats | variant | chats/s, median (min–max) | peak memory MB (PSS, all processes; anonymous), max | rows | "
            "labelled tokens | load avg during runs |", "|---|---|---|---|---|---|---|---|"]
     for name, runs, _ in sets:
         for v, rs in runs.items():
             loads = [x for r in rs for x in (r["load_before"], r["load_after"])]
             out.append(f"| {name} | {rs[0]['chats']:,} | {v} | {_spread([r['chats_per_s'] for r in rs])} | "
-                       f"{max(r['peak_rss_mb'] for r in rs):.0f} | {rs[0]['rows']:,} | {rs[0]['labelled_tokens']:,} | "
+                       f"{max(r['peak_rss_mb'] for r in rs):.0f} ({max(r['peak_anon_mb'] for r in rs):.0f}) | {rs[0]['rows']:,} | {rs[0]['labelled_tokens']:,} | "
                        f"{min(loads):.1f}–{max(loads):.1f} |")
     out += ["", "| set | ratio (per round: the two runs closest in time) | median (min–max) | goal |", "|---|---|---|---|"]
     for name, runs, _ in sets:
@@ -319,6 +324,22 @@ def tables(sets: list[tuple[str, dict, dict | None]]) -> str:
                        f"identically with the {{% generation %}} copy of the template; TRL's unpacked examples and "
                        f"packlora's `encode_chat` have identical `input_ids` for {c['same_ids']:,} and identical "
                        f"`input_ids` and labels for {c['same_labels']:,} of {c['chats']:,} chats.")
+    return "\n".join(out)
+
+
+def growth(sets: list[tuple[str, dict, dict | None]]) -> str:
+    """How each variant's time per chat and peak memory grow from the first made-up set to the others."""
+    (name0, runs0, _), out = sets[0], []
+    out += [f"| variant | set | time per chat vs {name0} (median) | peak memory MB (PSS, all processes), max | "
+            f"vs {name0} | of it anonymous MB | vs {name0} |", "|---|---|---|---|---|---|---|"]
+    for v in runs0:
+        t0 = statistics.median(r["seconds"] / r["chats"] for r in runs0[v])
+        m0, a0 = max(r["peak_rss_mb"] for r in runs0[v]), max(r["peak_anon_mb"] for r in runs0[v])
+        for name, runs, _ in sets:
+            if v in runs:
+                t = statistics.median(r["seconds"] / r["chats"] for r in runs[v])
+                m, a = max(r["peak_rss_mb"] for r in runs[v]), max(r["peak_anon_mb"] for r in runs[v])
+                out.append(f"| {v} | {name} | {t / t0:.2f}x | {m:.0f} | {m / m0:.2f}x | {a:.0f} | {a / a0:.2f}x |")
     return "\n".join(out)
 
 
@@ -362,7 +383,9 @@ def _commit(root: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--chats", type=int, default=100_000, help="size of the made-up set (0: leave it out)")
+    ap.add_argument("--chats", default="100000",
+                    help="sizes of the made-up sets, comma-separated, e.g. 100000,1000000 (0: leave them out); with "
+                         "two or more, a table of how time per chat and peak memory grow from the first")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="variants on the real chats")
     ap.add_argument("--big-variants", default="trl,packlora_np2",
                     help="variants on the --chats set (each run takes 2-3 minutes): the two defaults")
@@ -400,13 +423,17 @@ def main() -> None:
     check = _spawn(["--check", *map(str, REAL)])
     print("same work:", check, flush=True)
     sets = [("real chats", run_set("real", REAL, ns.variants.split(","), ns.rounds, ns.max_seq_length), check)]
+    sizes = [int(x) for x in ns.chats.split(",") if int(x)]
     with tempfile.TemporaryDirectory() as tmp:
-        if ns.chats:
-            big = make_chats(ns.chats, Path(tmp) / f"chats-{ns.chats}.jsonl")
-            name = f"{ns.chats // 1000}k chats" if ns.chats % 1000 == 0 else f"{ns.chats:,} chats"
+        for n in sizes:
+            big = make_chats(n, Path(tmp) / f"chats-{n}.jsonl")
+            name = f"{n // 1000}k chats" if n % 1000 == 0 else f"{n:,} chats"
             sets.append((name, run_set(name, [big], ns.big_variants.split(","), ns.rounds, ns.max_seq_length), None))
+            big.unlink()
     minutes, load1 = (time.perf_counter() - t0) / 60, os.getloadavg()
     md = tables(sets)
+    if len(sizes) > 1:
+        md += "\n\n" + growth(sets[1:])
     print(md)
     if ns.no_write:
         return
