@@ -196,7 +196,10 @@ def worker(variant: str, files: list[Path], max_seq_length: int) -> dict:
         load, cpu0 = os.getloadavg()[0], _cpu()
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:  # datasets' JSON reader into Arrow, a cold cache
-            ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train", cache_dir=cache)
+            # one file at a time: the real files' other columns differ (datasets would refuse to cast one to the other)
+            ds = datasets.concatenate_datasets([
+                datasets.load_dataset("json", data_files=str(f), split="train", cache_dir=cache).select_columns("messages")
+                for f in files])
             rows = trainer._prepare_dataset(ds, tok, args, True, None, "train")
             labels_col = rows.data.column("labels")
         seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
