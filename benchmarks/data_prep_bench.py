@@ -375,6 +375,11 @@ def scale(sizes: list[int], rounds: int, max_seq_length: int, baseline: Path | N
         t0, m0, a0 = med[c, base]
         out.append(f"| {c} | {n:,} | {len(rs)} | {t:.2f} | {t / t0:.2f}x | {m:.0f} | {m - m0:+.0f} MB | {a:.0f} | "
                    f"{a - a0:+.0f} MB | {min(loads):.1f}–{max(loads):.1f} |")
+    if baseline:  # per round, the two runs of a size are next to each other in time
+        out += ["", "| chats | baseline time / this commit's time, per round | median (min–max) |", "|---|---|---|"]
+        for n in sizes:
+            ratios = [b["seconds"] / a["seconds"] for a, b in zip(runs["this commit", n], runs["baseline", n])]
+            out.append(f"| {n:,} | {', '.join(f'{r:.2f}x' for r in ratios)} | {_spread(ratios, '{:.2f}x')} |")
     return "\n".join(out)
 
 
@@ -395,6 +400,9 @@ def main() -> None:
     ap.add_argument("--max-seq-length", type=int, default=2048, help="row length (every real chat fits in 2,048)")
     ap.add_argument("--scale", default="", help="comma-separated sizes: measure growth with the corpus instead")
     ap.add_argument("--baseline", type=Path, help="with --scale: a checkout of another commit, run alternately")
+    ap.add_argument("--section", default="data-prep-scale", help="with --scale: the RESULTS.md section to write")
+    ap.add_argument("--title", default="Data preparation as the corpus grows: time per chat and peak memory "
+                    "(packlora default)", help="with --scale: the section's heading")
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     ns = ap.parse_args()
     started, load0 = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()
@@ -407,8 +415,9 @@ def main() -> None:
             from packing_bench import write_section
 
             minutes, load1 = (time.perf_counter() - t0) / 60, os.getloadavg()
-            body = ("## Data preparation as the corpus grows: time per chat and peak memory (packlora default)\n\n"
+            body = (f"## {ns.title}\n\n"
                     f"`python benchmarks/data_prep_bench.py --scale {ns.scale} --rounds {ns.rounds}"
+                    + (f" --section {ns.section}" if ns.section != "data-prep-scale" else "")
                     + (f" --baseline {ns.baseline.name}` (baseline: commit {_commit(ns.baseline)}) " if ns.baseline else "` ")
                     + f"(this commit: {_commit(REPO)}) "
                     f"— {started}, {minutes:.0f} min, {os.cpu_count()} CPU cores shared with other work (load average "
@@ -420,7 +429,7 @@ def main() -> None:
                     "and its tokenising workers, sampled every 50 ms. Goals (issue 22): peak RSS "
                     "grows by at most 150 MB from 20k to 80k chats; from 100k to 1M chats time per chat within 15% "
                     "and peak RSS at most 2.5 GB.\n\n" + md + "\n")
-            write_section(REPO / "benchmarks" / "RESULTS.md", "data-prep-scale", body)
+            write_section(REPO / "benchmarks" / "RESULTS.md", ns.section, body)
             print(f"\nwrote {REPO / 'benchmarks' / 'RESULTS.md'}")
         return
     check = _spawn(["--check", *map(str, REAL)])

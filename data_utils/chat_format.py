@@ -161,6 +161,22 @@ class EncodedChat:
     control_text_messages: int = 0
 
 
+@dataclass(frozen=True)
+class _ChatPlan:
+    """A chat rendered and split, before the tokenizer (``ChatFormat._plan_chat``): per example its
+    pieces (None: certainly too long), index of its last message and rendering; the chat's messages
+    (``plain``), whether they spell no control token (``unmarked``), and its counts."""
+
+    example: str
+    pieces: tuple[list[tuple[str, bool]] | None, ...]
+    ends: tuple[int, ...]
+    renders: tuple[str, ...]
+    plain: list[dict]
+    unmarked: bool
+    turns_per_example: tuple[int, ...]
+    control_text: int
+
+
 def detect_format(tokenizer: Any) -> str:
     """The known format a tokenizer's chat template writes (``chatml``, ``qwen3``, ``llama3``), else
     ``generic``.
@@ -398,6 +414,53 @@ class ChatFormat:
                 while thinking is off (``reasoning_with_thinking_off``), or the template refused the
                 chat (``template_error``, its ``raise_exception``).
         """
+        [out] = self.encode_chats([messages], [example], max_length)
+        if isinstance(out, LabelError):
+            raise out
+        return out
+
+    def encode_chats(self, chats: Sequence[Sequence[Mapping]], examples: Sequence[str],
+                     max_length: int | None = None) -> list[EncodedChat | LabelError]:
+        """``encode_chat`` of every chat (``examples``: their names), a chat that cannot be labelled
+        giving its ``LabelError`` in its place instead of raising. The text of all the chats goes to
+        the tokenizer in one batch (``_encode_pieces``) and the audit decodes all their examples in one
+        call: the same ids, labels and counts as one ``encode_chat`` per chat (a text's ids do not
+        depend on its batch), without a tokenizer call per chat (``tokenize_batch`` passes a
+        ``datasets`` batch)."""
+        plans: list[_ChatPlan | LabelError] = []
+        for messages, example in zip(chats, examples):
+            try:
+                plans.append(self._plan_chat(messages, example, max_length))
+            except LabelError as e:
+                plans.append(e)
+        flat = [(text, k == 0) for p in plans if isinstance(p, _ChatPlan)
+                for pieces in p.pieces if pieces is not None for k, (text, _) in enumerate(pieces)]
+        encoded = self._encode_pieces(flat)
+        out: list[EncodedChat | LabelError] = []
+        audit: list[tuple[int, list[int], str]] = []  # (chat, ids, the rendering they must decode to)
+        at = 0
+        for p in plans:
+            if isinstance(p, LabelError):
+                out.append(p)
+                continue
+            start, at = at, at + sum(len(pieces) for pieces in p.pieces if pieces is not None)
+            try:
+                segs, checks = self._finish_chat(p, encoded[start:at])
+            except LabelError as e:
+                out.append(e)
+                continue
+            audit += [(len(out), ids, expected) for ids, expected in checks]
+            out.append(EncodedChat(tuple(segs), p.turns_per_example, len(segs) > 1, 0, p.control_text))
+        for (chat, _, expected), text in zip(audit, self._decode_many([ids for _, ids, _ in audit])):
+            if text != expected:
+                c = out[chat]
+                out[chat] = EncodedChat(c.examples, c.turns_per_example, c.per_turn, c.render_mismatch + 1,
+                                        c.control_text_messages)
+        return out
+
+    def _plan_chat(self, messages: Sequence[Mapping], example: str, max_length: int | None) -> _ChatPlan:
+        """Everything of ``encode_chat`` before the tokenizer: the pieces of each example (None for one
+        certainly over ``max_length``), rendered and split (see ``encode_chat`` for the errors)."""
         plain = self._prepare(messages, example)
         marked = self._mark(plain)
         turns = [i for i, m in enumerate(plain) if m["role"] == "assistant"]
@@ -409,24 +472,48 @@ class ChatFormat:
             raise LabelError(f"{example}: the chat template refused this chat ({e}); fix the chat or the template (or "
                              "set data.on_error: skip to leave such chats out, counted)", "template_error") from None
         pieces_by_example, ends, renders = split
-        examples, mismatch = [], 0
         turns_per_example = tuple(sum(is_reply for _, is_reply in pieces) for pieces in pieces_by_example)
         # no control-token text (``_mark`` returned every string itself): the renderings above serve the audit
         unmarked = all(v is m[k] for mm, m in zip(marked, plain) for k, v in mm.items())
-        for pieces, last, rendered in zip(pieces_by_example, ends, renders):
-            if max_length is not None and self.min_tokens(rendered) > max_length:
-                examples.append(None)  # certainly too long: not tokenised (a 20 MB message costs no tokenizer time)
-                continue
-            seg = self._label(pieces, example)
-            expected = rendered if unmarked else self._render(plain[: last + 1], False)
-            if self._decode(list(seg.input_ids)) != expected:
-                mismatch += 1
-            examples.append(seg)
+        # certainly too long: not tokenised (a 20 MB message costs no tokenizer time)
+        pieces = tuple(None if max_length is not None and self.min_tokens(rendered) > max_length else p
+                       for p, rendered in zip(pieces_by_example, renders))
         control_text = sum(
             self.spells_control_token(m["content"]) or self.spells_control_token(m.get("reasoning_content") or "")
             for m in plain
         )
-        return EncodedChat(tuple(examples), turns_per_example, len(examples) > 1, mismatch, control_text)
+        return _ChatPlan(example, pieces, tuple(ends), tuple(renders), plain, unmarked, turns_per_example,
+                         control_text)
+
+    def _finish_chat(self, plan: _ChatPlan, encoded: list[list[int]]
+                     ) -> tuple[list[Segment | None], list[tuple[list[int], str]]]:
+        """The segments of a planned chat from its pieces' ids (in order), and for the audit each
+        tokenised one's ``(ids, the rendering they must decode to)``.
+
+        Raises:
+            LabelError: a reply not closed by the end-of-turn token (``no_end_of_turn``).
+        """
+        segs: list[Segment | None] = []
+        checks: list[tuple[list[int], str]] = []
+        at = 0
+        for pieces, last, rendered in zip(plan.pieces, plan.ends, plan.renders):
+            if pieces is None:
+                segs.append(None)
+                continue
+            seg = self._label_encoded(encoded[at: at + len(pieces)], pieces, plan.example)
+            at += len(pieces)
+            expected = rendered if plan.unmarked else self._render(plan.plain[: last + 1], False)
+            checks.append((list(seg.input_ids), expected))
+            segs.append(seg)
+        return segs, checks
+
+    def _decode_many(self, ids: list[list[int]]) -> list[str]:
+        """``_decode`` of each, in one ``decode_batch`` call where ``_decode`` uses the backend."""
+        if not ids:
+            return []
+        if self._batch_backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return [self._decode(i) for i in ids]
+        return self._batch_backend.decode_batch(ids, skip_special_tokens=False)
 
     def _split_by_prefixes(self, marked: list[dict], turns: list[int], example: str):
         """``(pieces of each example, index of its last message, its rendering)``: for every assistant
@@ -647,10 +734,11 @@ class ChatFormat:
         control token."""
         return self._encode_texts([(text, True)])[0]
 
-    def _label(self, pieces: list[tuple[str, bool]], example: str) -> Segment:
+    def _label_encoded(self, encoded: list[list[int]], pieces: list[tuple[str, bool]], example: str) -> Segment:
+        """The segment of one example from its pieces' ids: replies (through their end of turn) trained,
+        the rest -100."""
         ids: list[int] = []
         labels: list[int] = []
-        encoded = self._encode_pieces([(text, k == 0) for k, (text, _) in enumerate(pieces)])
         for piece, (text, is_reply) in zip(encoded, pieces):
             ids += piece
             if not is_reply:

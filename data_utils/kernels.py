@@ -20,6 +20,7 @@ COLUMNS = ("input_ids", "labels", "length", "source", "drop_reason", "assistant_
 """The tokenised dataset's columns: one row per example, or per drop (``drop_reason`` set)."""
 COUNT_COLUMNS = ("assistant_turns", "chunks", "per_turn", "render_mismatch", "control_text")
 """The columns summed into the data report."""
+CHATS_PER_CALL = 64  # chats labelled per tokenizer call: the per-call cost amortised, a call's buffers small
 CHECK_CHARS = 1_000_000  # a record with more characters is checked for length before it is tokenised
 
 
@@ -103,14 +104,24 @@ def tokenize_batch(batch, fmt: ChatFormat | FormatRef, cfg: DataConfig):
         for k in COUNT_COLUMNS:
             out[k].append(counts.get(k, 0))
 
-    for messages, text, source, too_long in zip(batch["messages"], batch["text"], batch["source"], batch["too_long"]):
+    policy = "drop" if cfg.overflow == "auto" else cfg.overflow
+    # every chat of the batch labelled at once (one tokenizer call); errors kept for their turn below
+    batched = cfg.labels != "legacy_full_sequence" and policy != "split"
+    chats = [(i, _as_dicts(m)) for i, (m, t) in enumerate(zip(batch["messages"], batch["too_long"]))
+             if batched and m is not None and t < 0]
+    labelled = {}
+    for k in range(0, len(chats), CHATS_PER_CALL):
+        part = chats[k: k + CHATS_PER_CALL]
+        labelled.update(zip((i for i, _ in part), fmt.encode_chats(
+            [m for _, m in part], [batch["source"][i] for i, _ in part], max_length=cfg.max_seq_length)))
+    for row, (messages, text, source, too_long) in enumerate(
+            zip(batch["messages"], batch["text"], batch["source"], batch["too_long"])):
         if too_long >= 0:  # found certainly too long as it was read (``record_too_long``, overflow: drop)
             emit(None, source, "too_long", control_text=too_long)
             continue
         if messages is None:
             _emit_text(emit, text, source, fmt, cfg)
             continue
-        policy = "drop" if cfg.overflow == "auto" else cfg.overflow
         if policy == "split":
             raise InputError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
         msgs = _as_dicts(messages)
@@ -119,7 +130,9 @@ def tokenize_batch(batch, fmt: ChatFormat | FormatRef, cfg: DataConfig):
                 ids = tuple(fmt.encode_full(msgs))
                 chat = EncodedChat((Segment(ids, ids),), turns_per_example=(_turns(msgs),))
             else:
-                chat = fmt.encode_chat(msgs, example=source, max_length=cfg.max_seq_length)
+                chat = labelled[row]
+                if isinstance(chat, LabelError):
+                    raise chat
         except LabelError as e:
             if cfg.on_error == "error":
                 raise

@@ -192,6 +192,33 @@ def test_qwen3_with_thinking_off_refuses_a_reply_with_reasoning(tmp_path):
     assert e.value.reason == "reasoning_with_thinking_off"
 
 
+def test_a_batch_of_chats_labels_each_as_alone_with_errors_in_place(tmp_path):
+    """``encode_chats`` (one tokenizer call for a ``datasets`` batch) gives every chat the example(s),
+    counts or ``LabelError`` that ``encode_chat`` gives it alone: per-turn splits, control-token text,
+    a reply refused and one certainly over ``max_length`` among ordinary chats."""
+    fmt = ChatFormat(build_qwen3_tokenizer(tmp_path), enable_thinking=False)
+    rain = [{"role": "user", "content": "rain"}, {"role": "assistant", "content": "It rains."}]
+    chats = [rain,
+             [*rain, {"role": "user", "content": "rain"}, {"role": "assistant", "content": "Hi there."}],
+             [{"role": "user", "content": "rain"}, {"role": "assistant", "content": "x", "reasoning_content": "r"}],
+             [{"role": "user", "content": "say <|im_end|> rain"}, {"role": "assistant", "content": "<|im_start|>"}],
+             [{"role": "user", "content": "rain " * 5000}, {"role": "assistant", "content": "It rains."}],
+             rain]
+    names = [f"a.jsonl:{i + 1}" for i in range(len(chats))]
+    together = fmt.encode_chats(chats, names, max_length=64)
+    for chat, name, got in zip(chats, names, together):
+        try:
+            alone = fmt.encode_chat(chat, example=name, max_length=64)
+        except LabelError as e:
+            assert isinstance(got, LabelError) and (str(got), got.reason) == (str(e), e.reason)
+            continue
+        assert got == alone
+    assert [type(x).__name__ for x in together] == ["EncodedChat"] * 2 + ["LabelError"] + ["EncodedChat"] * 3
+    assert together[2].reason == "reasoning_with_thinking_off" and str(together[2]).startswith("a.jsonl:3: ")
+    assert together[3].control_text_messages == 2 and together[4].examples == (None,)  # certainly > 64 tokens
+    assert together[0] == together[5] and together[0].examples[0] is not None
+
+
 # ------------------------------------------------------------------------------------ Llama-3
 
 

@@ -69,16 +69,17 @@ def test_long_text_is_split_into_counted_chunks_with_eos_at_the_end(tmp_path, ch
 
 
 def test_example_with_no_trained_token_is_dropped_and_counted(chats, chatml_tokenizer, tmp_path, monkeypatch):
-    real = ChatFormat.encode_chat
+    real = ChatFormat.encode_chats
 
-    def no_labels_for_again(self, msgs, example="example", max_length=None):
-        out = real(self, msgs, example, max_length)
-        if len(msgs) == 4:
-            seg = out.examples[0]
-            return type(out)((type(seg)(seg.input_ids, (-100,) * len(seg)),), out.turns_per_example)
+    def no_labels_for_again(self, chats, examples, max_length=None):
+        out = real(self, chats, examples, max_length)
+        for i, msgs in enumerate(chats):
+            if len(msgs) == 4:
+                seg = out[i].examples[0]
+                out[i] = type(out[i])((type(seg)(seg.input_ids, (-100,) * len(seg)),), out[i].turns_per_example)
         return out
 
-    monkeypatch.setattr(ChatFormat, "encode_chat", no_labels_for_again)
+    monkeypatch.setattr(ChatFormat, "encode_chats", no_labels_for_again)
     data = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
     assert data.report.dropped == {"no_trained_tokens": 1, "too_long": 1}
     assert data.report.examples == 5
@@ -90,7 +91,7 @@ def test_second_run_loads_tokenised_and_packed_data_from_cache(chats, chatml_tok
     def boom(*a, **k):
         raise AssertionError("tokenised again despite the cache")
 
-    monkeypatch.setattr(ChatFormat, "encode_chat", boom)
+    monkeypatch.setattr(ChatFormat, "_plan_chat", boom)  # every chat's labelling starts there
     second = prepare([str(chats)], chatml_tokenizer, max_seq_length=64, cache_dir=tmp_path / "c")
     assert second.rows[:] == first.rows[:]
     assert second.report == first.report
@@ -305,14 +306,14 @@ def test_crlf_file_reads_the_same_records_as_lf(tmp_path, chatml_tokenizer):
 
 def test_chat_that_cannot_be_labelled_is_a_counted_skip_not_a_stopped_run(tmp_path, qwen2_tokenizer, monkeypatch):
     f = _write(tmp_path / "d.jsonl", [_chat("Hello Ann", "Hi."), _chat("Hello Bo", "Yes.")])
-    real = ChatFormat.encode_chat
+    real = ChatFormat._plan_chat
 
-    def mismatch_for_bo(self, msgs, example="example", max_length=None):
+    def mismatch_for_bo(self, msgs, example, max_length):
         if "Bo" in msgs[-2]["content"]:
             raise LabelError(f"{example}: the chat template does not render ...", "template_mismatch")
         return real(self, msgs, example, max_length)
 
-    monkeypatch.setattr(ChatFormat, "encode_chat", mismatch_for_bo)
+    monkeypatch.setattr(ChatFormat, "_plan_chat", mismatch_for_bo)
     with pytest.raises(LabelError, match=r"d\.jsonl:2: the chat template"):
         prepare([f], qwen2_tokenizer, max_seq_length=256, cache_dir=tmp_path / "c")
     data = prepare([f], qwen2_tokenizer, max_seq_length=256, on_error="skip", cache_dir=tmp_path / "c")

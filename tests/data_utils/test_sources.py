@@ -113,7 +113,7 @@ def test_parallel_tokenisation_gives_the_same_rows_and_reuses_the_cache(files, c
     def boom(*a, **k):
         raise AssertionError("tokenised again though only num_proc changed")
 
-    monkeypatch.setattr(ChatFormat, "encode_chat", boom)
+    monkeypatch.setattr(ChatFormat, "_plan_chat", boom)  # every chat's labelling starts there
     again = _prepare(chatml_tokenizer, [str(files / "chats.jsonl")], tmp_path / "b", num_proc=1)
     assert again.rows[:] == one.rows[:]
     with pytest.raises(AssertionError, match="tokenised again"):  # max_seq_length changes a token: rebuilt
