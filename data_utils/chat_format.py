@@ -76,8 +76,9 @@ import hashlib
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from packlora.core.errors import InputError
@@ -451,11 +452,10 @@ class ChatFormat:
                 continue
             audit += [(len(out), ids, expected) for ids, expected in checks]
             out.append(EncodedChat(tuple(segs), p.turns_per_example, len(segs) > 1, 0, p.control_text))
-        for (chat, _, expected), text in zip(audit, self._decode_many([ids for _, ids, _ in audit])):
-            if text != expected:
-                c = out[chat]
-                out[chat] = EncodedChat(c.examples, c.turns_per_example, c.per_turn, c.render_mismatch + 1,
-                                        c.control_text_messages)
+        decoded = self._decode_many([ids for _, ids, _ in audit])
+        mismatches = Counter(chat for (chat, _, expected), text in zip(audit, decoded) if text != expected)
+        for chat, n in mismatches.items():
+            out[chat] = replace(out[chat], render_mismatch=n)
         return out
 
     def _plan_chat(self, messages: Sequence[Mapping], example: str, max_length: int | None) -> _ChatPlan:

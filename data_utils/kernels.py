@@ -124,9 +124,9 @@ def tokenize_batch(batch, fmt: ChatFormat | FormatRef, cfg: DataConfig):
             continue
         if policy == "split":
             raise InputError(f"{source}: data.overflow=split would cut a chat mid-answer; use drop or error for chats")
-        msgs = _as_dicts(messages)
         try:
             if cfg.labels == "legacy_full_sequence":
+                msgs = _as_dicts(messages)  # the batched path converted its chats above
                 ids = tuple(fmt.encode_full(msgs))
                 chat = EncodedChat((Segment(ids, ids),), turns_per_example=(_turns(msgs),))
             else:
@@ -195,11 +195,10 @@ def certainly_too_long(messages: list[dict] | None, text: str | None, fmt: ChatF
         return 0 if fmt.min_tokens(text) + 1 > cfg.max_seq_length else None
     if sum(len(m["content"]) + len(m.get("reasoning_content") or "") for m in messages) <= CHECK_CHARS:
         return None
-    msgs = messages
-    if not fmt.certainly_longer(msgs, cfg.max_seq_length):
+    if not fmt.certainly_longer(messages, cfg.max_seq_length):
         return None
     return sum(fmt.spells_control_token(m["content"]) or fmt.spells_control_token(m.get("reasoning_content") or "")
-               for m in msgs)
+               for m in messages)
 
 
 def _turns(msgs) -> int:
